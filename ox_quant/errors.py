@@ -1,0 +1,9 @@
+"""The one exception type that means "the user's input or environment is wrong"."""
+
+
+class OxQuantError(Exception):
+    """A problem with the user's input or environment.
+
+    The CLI reports it as one line on stderr and exits with code 1. Anything else
+    that escapes is a bug in ox-quant and is shown with its traceback.
+    """
