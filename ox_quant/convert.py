@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from ox_quant.config import Format, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.formats import FormatChoice, choose_format, granularity_block_size
+from ox_quant.formats import FormatChoice, check_granularity_fits, choose_format, granularity_block_size
 from ox_quant.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     MAX_IR_VERSION,
@@ -194,8 +194,16 @@ def convert(
 
     sites, skips = find_sites(model.graph, options.exclude)
     plan: list[tuple[WeightSite, FormatChoice]] = []
+    misfits: list[Skip] = []
     for site in sites:
+        misfit = check_granularity_fits(config, site.k, site.n)
+        if misfit:
+            misfits.append(Skip(site.name, misfit))
+            continue
         plan.append((site, choose_format(config, site.k, site.n, site.dtype)))
+    if misfits and not plan:
+        raise OxQuantError(f"{misfits[0].reason} for every weight (e.g. {misfits[0].name})")
+    skips = skips + misfits
 
     uses_qdq = any(choice.format is Format.QDQ for _, choice in plan)
     if uses_qdq:

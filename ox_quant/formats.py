@@ -72,10 +72,8 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
     """Resolve ``config.format`` (``auto`` included) for a ``[K, N]`` weight.
 
     Raises ``OxQuantError`` with every format's reason when none can express it.
+    The caller checks :func:`check_granularity_fits` first.
     """
-    misfit = check_granularity_fits(config, k, n)
-    if misfit:
-        raise OxQuantError(misfit)
     nbits_no = matmulnbits_rejects(config, k, n, dtype)
     qdq_no = qdq_rejects(config, k, n, dtype)
     if config.format is Format.MATMULNBITS:
