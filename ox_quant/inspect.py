@@ -123,7 +123,7 @@ def _describe_nbits(node: ir.Node, fmt: str) -> QuantizedTensorInfo | None:
     group = attrs["channel_group_size"].as_int() if "channel_group_size" in attrs else None
     if group:
         granularity, block = ("channel-group", group)
-    elif bs >= k:
+    elif fmt == "custom" and bs >= k:  # ox-quant writes per-channel as one block of K
         granularity, block = ("channel", -1)
     else:
         granularity, block = ("block", bs)

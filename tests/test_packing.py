@@ -52,9 +52,12 @@ def test_zero_points_round_trip(data):
     n_blocks, n = zp.shape
     assert packed.shape == (n * -(-n_blocks * bits // 8),)
     np.testing.assert_array_equal(packing.unpack_zero_points(packed, bits, n_blocks, n), zp)
-    # each channel is its own bitstream
-    row0 = packing.pack_bitstream_reference(zp[:, 0], bits)
-    np.testing.assert_array_equal(packed[: row0.size], row0)
+    # each channel is its own bitstream, padded with the default zero point 2**(bits-1)
+    row_bytes = -(-n_blocks * bits // 8)
+    slots = row_bytes * 8 // bits
+    row0 = np.full(slots, 1 << (bits - 1), dtype=np.uint8)
+    row0[:n_blocks] = zp[:, 0]
+    np.testing.assert_array_equal(packed[:row_bytes], packing.pack_bitstream_reference(row0, bits)[:row_bytes])
 
 
 def test_four_bit_low_nibble_first():

@@ -44,7 +44,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     if report.quantized:
         table = Table(title=f"{len(report.quantized)} weights quantized", title_justify="left")
         for column in ("weight", "op", "shape", "config", "format", "bpw"):

@@ -22,7 +22,7 @@ def inspect_cmd(model: str, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in sorted(info.opsets.items()))
     console.print(f"{info.path}: IR {info.ir_version}, opsets {opsets}, {info.num_nodes} nodes, {format_bytes(info.model_bytes)}")
     if info.quantized:
