@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 HIDDEN = 2048
 MLP = 5504
@@ -30,46 +29,9 @@ MLP = 5504
 
 def build_model(path: Path, layers: int, seed: int = 0) -> int:
     """Write the benchmark model (external data) and return its weight bytes."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from ox_quant.examples import llm_shaped_model
 
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    x = "x"
-    for i in range(layers):
-        p = f"layer{i}."
-
-        def weight(name: str, k: int, n: int) -> str:
-            w = (rng.standard_normal((k, n), dtype=np.float32) * (1.0 / np.sqrt(k))).astype(np.float32)
-            inits.append(numpy_helper.from_array(w, p + name + ".weight"))
-            return p + name + ".weight"
-
-        for proj in ("q", "k", "v"):
-            nodes.append(helper.make_node("MatMul", [x, weight(proj, HIDDEN, HIDDEN)], [p + proj], name=p + proj + "_proj"))
-        nodes.append(helper.make_node("Sum", [p + "q", p + "k", p + "v"], [p + "qkv"]))
-        nodes.append(helper.make_node("MatMul", [p + "qkv", weight("o", HIDDEN, HIDDEN)], [p + "attn"], name=p + "o_proj"))
-        nodes.append(helper.make_node("Add", [x, p + "attn"], [p + "h"]))
-        nodes.append(helper.make_node("MatMul", [p + "h", weight("gate", HIDDEN, MLP)], [p + "gate"], name=p + "gate_proj"))
-        nodes.append(helper.make_node("MatMul", [p + "h", weight("up", HIDDEN, MLP)], [p + "up"], name=p + "up_proj"))
-        nodes.append(helper.make_node("Sigmoid", [p + "gate"], [p + "sig"]))
-        nodes.append(helper.make_node("Mul", [p + "gate", p + "sig"], [p + "silu"]))
-        nodes.append(helper.make_node("Mul", [p + "silu", p + "up"], [p + "act"]))
-        nodes.append(helper.make_node("MatMul", [p + "act", weight("down", MLP, HIDDEN)], [p + "down"], name=p + "down_proj"))
-        out = "y" if i == layers - 1 else p + "out"
-        nodes.append(helper.make_node("Add", [p + "h", p + "down"], [out]))
-        x = out
-    graph = helper.make_graph(
-        nodes,
-        "llm_shaped",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
-    return sum(t.dims[0] * t.dims[1] * 4 for t in inits)
+    return llm_shaped_model(path, layers=layers, hidden=HIDDEN, mlp=MLP, seed=seed, external=True)
 
 
 def _vm_hwm(pid: int) -> int | None:
