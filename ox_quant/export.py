@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -146,6 +147,37 @@ def _count_matmul_weights(graph) -> tuple[int, int]:
     return sum(1 for n in nodes if len(n.input) > 1 and n.input[1] in initializers), len(nodes)
 
 
+_FX_ARGS = re.compile(r"args = \(%(\w+), %(\w+)")
+
+
+def name_folded_weights(program: Any) -> int:
+    """Give MatMul/Gemm weights that constant folding produced (``val_12`` = the folded
+    ``Transpose`` of a Linear's ``[N, K]`` weight) the name of their parameter plus ``.T``,
+    e.g. ``q.weight.T``, using the exporter's FX metadata. Returns how many were renamed."""
+    placeholders = program.exported_program.graph_signature.inputs_to_parameters
+    graph = program.model.graph
+    renamed = 0
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        weight = node.inputs[1]
+        if not weight.is_initializer() or weight.name in placeholders.values():
+            continue
+        match = _FX_ARGS.search(node.metadata_props.get("pkg.torch.onnx.fx_node", ""))
+        if not match or match.group(2) not in placeholders or "linear" not in node.metadata_props.get(
+            "pkg.torch.onnx.fx_node", ""
+        ):
+            continue
+        new_name = placeholders[match.group(2)] + ".T"
+        if new_name in graph.initializers or len(weight.uses()) != 1:
+            continue
+        graph.initializers.pop(weight.name)
+        weight.name = new_name
+        graph.register_initializer(weight)
+        renamed += 1
+    return renamed
+
+
 def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset, optimize, external) -> None:
     import torch
 
@@ -166,6 +198,8 @@ def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset,
         verbose=False,
         external_data=external,
     )
+    if optimize:
+        name_folded_weights(program)
     program.model.ir_version = min(program.model.ir_version, max_ir_version())
     program.save(str(path), external_data=external)
 
@@ -236,7 +270,8 @@ def export_model(
     ``dynamic_axes=None`` applies ``auto_dynamic_axes``; ``[]`` exports static shapes.
     ``external_data=None`` stores weights externally (``OUTPUT.data``) above 1 GiB.
     ``optimize`` runs the onnxscript optimizer (constant folding, dead code), which keeps
-    weights as initializers. ``dynamo=False`` goes straight to the TorchScript exporter.
+    weights as initializers, then names folded weights after their parameters
+    (``name_folded_weights``). ``dynamo=False`` goes straight to the TorchScript exporter.
     """
     import onnx
 
