@@ -92,8 +92,7 @@ def _pair_outputs(ref_names, ref_arrays, cand_names) -> tuple[list[np.ndarray], 
         return [by_name[n] for n in cand_names], None
     if len(ref_arrays) != len(cand_names):
         raise OxQuantError(f"the reference has {len(ref_arrays)} outputs, the candidate {len(cand_names)}")
-    note = "outputs matched by position" + (" (names differ)" if ref_names is not None else "")
-    return list(ref_arrays), note
+    return list(ref_arrays), None if ref_names is None else "outputs matched by position (names differ)"
 
 
 def _failures(metrics: tuple[OutputMetrics, ...], thresholds: Thresholds) -> list[str]:
