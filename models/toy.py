@@ -1,7 +1,8 @@
 """Small synthetic models for tests and examples: tiny, deterministic, fast on 2 CPU cores.
 
 Every factory returns ``(module, example_inputs)`` with the module in eval mode and its
-weights drawn from a fixed seed (the global torch RNG is left untouched). The ``nn.Linear``
+weights drawn from a fixed seed (the global torch RNG is left untouched); Linear weights
+are heavy-tailed with uneven channels, like trained ones (see ``_trained_like_``). The ``nn.Linear``
 layers have K (input features) divisible by 128 where it matters, so that per-channel,
 per-tensor and block-wise (32/64/128) quantization all apply.
 """
@@ -17,11 +18,26 @@ from torch.nn import functional as F
 SEED = 0
 
 
+def _trained_like_(module: nn.Module) -> nn.Module:
+    """Redraw every ``nn.Linear`` weight ``[N, K]`` the way trained weights look, so that
+    granularities differ measurably: heavy tails (Student-t, 3 degrees of freedom) and
+    output channels of unequal size (log-normal scale per channel, sigma 0.5);
+    ``std ~ 1/sqrt(K)``."""
+    student = torch.distributions.StudentT(3.0)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                n, k = layer.weight.shape
+                channel_scale = torch.exp(0.5 * torch.randn(n, 1))
+                layer.weight.copy_(student.sample((n, k)) * channel_scale / math.sqrt(3.0 * k))
+    return module
+
+
 def _seeded(build):
     """Run ``build()`` with torch's RNG forked and seeded with ``SEED``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return build()
+        return _trained_like_(build())
 
 
 class MLP(nn.Module):
