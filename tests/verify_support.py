@@ -17,17 +17,23 @@ from onnx import TensorProto, helper, numpy_helper
 TOY_MODELS = ("toy-mlp", "toy-transformer", "toy-cnn")
 
 
+_EXPORTED: dict[str, tuple[Path, object]] = {}
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> dict[str, tuple[Path, object]]:
-    """name -> (path of the float ONNX export, ExportReport) for every toy model."""
+    """name -> (path of the float ONNX export, ExportReport) for every toy model.
+
+    Each test module imports this fixture, which makes pytest treat it as one fixture per
+    module; the module-level cache keeps it to one export per model per test session."""
     from ox_quant.export import export_spec
 
-    out_dir = tmp_path_factory.mktemp("exported")
-    result = {}
-    for name in TOY_MODELS:
-        path = out_dir / f"{name}.onnx"
-        result[name] = (path, export_spec(name, path))
-    return result
+    if not _EXPORTED:
+        out_dir = tmp_path_factory.mktemp("exported")
+        for name in TOY_MODELS:
+            path = out_dir / f"{name}.onnx"
+            _EXPORTED[name] = (path, export_spec(name, path))
+    return _EXPORTED
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
