@@ -51,6 +51,14 @@ def check_external_data(model: ir.Model) -> None:
                 )
 
 
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause of an exception chain, as one line."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model; external data stays on disk, memory-mapped on first use."""
     path = Path(path)
@@ -59,7 +67,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf and onnx raise many types for broken files
-        raise OxQuantError(f"{path.name} is not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse error'})") from exc
+        raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
     check_external_data(model)
     return model
 

@@ -52,6 +52,8 @@ class LazyQuantizedArrays:
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
         quantized = quantize(w, self._config, scale_dtype=scale_np)
         del w
+        if isinstance(weight, ir.ExternalTensor):
+            weight.release()  # unmap the input's pages: peak memory stays near one weight
         return self._packer(quantized)
 
     def get(self, key: str) -> np.ndarray:
