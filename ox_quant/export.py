@@ -213,6 +213,11 @@ def _export_torchscript(module, inputs, path: Path, names, output_names, axes, o
     dynamic = {}
     for axis in axes:
         dynamic.setdefault(axis.input, {})[axis.axis] = axis.name
+    try:  # the TorchScript exporter stops at an older opset than dynamo (20 in torch 2.13)
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as ts_max
+    except ImportError:
+        ts_max = opset
+    opset = min(opset, ts_max)
     scratch = path.with_name(path.name + ".ts")
     scratch.mkdir()
     try:
