@@ -179,51 +179,83 @@ __attribute__((target("avx2,fma"))) inline __m256 load_tail(const float* a, int 
   return _mm256_load_ps(t);
 }
 
-template <int NC>
+// dot(a[0..len), codes of one block) for a block that may be partial or near the end of B
+// (every load bounds-checked).
+__attribute__((target("avx2,fma"))) __m256 block_dot_checked(const Problem& p, const float* a, const uint8_t* q,
+                                                            int64_t len, const Unpack8& u) {
+  const int bits = p.s.bits;
+  __m256 acc = _mm256_setzero_ps();
+  const int64_t full = len / 8;
+  for (int64_t g = 0; g < full; ++g)
+    acc = _mm256_fmadd_ps(unpack8(load_group(q + g * bits, p.B_end), u), _mm256_loadu_ps(a + 8 * g), acc);
+  const int rest = static_cast<int>(len - 8 * full);
+  if (rest) acc = _mm256_fmadd_ps(unpack8(load_partial(q + full * bits, rest, bits), u), load_tail(a + 8 * full, rest), acc);
+  return acc;
+}
+
+// sum_b scale[b] * zp[b] * asum[b] over the blocks of one channel group (zp row may be null).
+__attribute__((target("avx2,fma"))) float zero_correction(const Problem& p, const float* sp, const uint8_t* zrow,
+                                                         const Unpack8& zu) {
+  const int bits = p.s.bits;
+  const float* asum = p.asum.data();
+  const int64_t nb = p.nb;
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  if (zrow) {
+    for (; b + 8 <= nb; b += 8)  // 8 zero points = `bits` bytes; the row holds ceil(nb*bits/8) bytes
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b)),
+                            unpack8(load_partial(zrow + (b / 8) * bits, 8, bits), zu), acc);
+    float t = hsum(acc);
+    for (; b < nb; ++b) t += sp[b] * asum[b] * static_cast<float>(bitstream_code(zrow, b, bits));
+    return t;
+  }
+  for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b), acc);
+  float t = hsum(acc);
+  for (; b < nb; ++b) t += sp[b] * asum[b];
+  return t * static_cast<float>(1 << (bits - 1));
+}
+
+// NC columns from n on. Blocks of a multiple of 8 codes that lie wholly inside K take the fast
+// loop (plain 8-byte loads: the caller guarantees they stay inside B for these columns).
+template <int NC, bool kFast>
 __attribute__((target("avx2,fma"))) void m1_avx2_cols(const Problem& p, int64_t n, const Unpack8& u) {
   const int bits = p.s.bits;
+  const int64_t bs = p.s.block_size, nb = p.nb;
+  const int64_t gpb = bs / 8;
+  const int64_t fast_blocks = kFast ? p.s.K / bs : 0;
+  const uint8_t* q[NC];
+  const float* sp[NC];
+  const uint8_t* zp[NC];
   __m256 yv[NC];
   float corr[NC];
   for (int c = 0; c < NC; ++c) {
+    q[c] = p.blob_ptr(n + c, 0);
+    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
+    zp[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
     yv[c] = _mm256_setzero_ps();
-    corr[c] = 0.f;
+    corr[c] = zero_correction(p, sp[c], zp[c], u);
   }
-  for (int64_t b = 0; b < p.nb; ++b) {
-    const int64_t len = p.block_len(b);
-    const int64_t full = len / 8;
-    const float* a = p.A + b * p.s.block_size;
-    const uint8_t* q[NC];
+  int64_t b = 0;
+  for (; b < fast_blocks; ++b) {
     __m256 acc[NC];
-    for (int c = 0; c < NC; ++c) {
-      q[c] = p.blob_ptr(n + c, b);
-      acc[c] = _mm256_setzero_ps();
-    }
-    // Groups whose 8-byte load stays inside B for every column (the last column is the furthest).
-    const int64_t safe_bytes = p.B_end - q[NC - 1] - 8;
-    const int64_t safe = safe_bytes < 0 ? 0 : std::min<int64_t>(full, safe_bytes / bits + 1);
-    int64_t g = 0;
-    for (; g < safe; ++g) {
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+    const float* a = p.A + b * bs;
+    const int64_t off = b * p.blob;
+    for (int64_t g = 0; g < gpb; ++g) {
       const __m256 av = _mm256_loadu_ps(a + 8 * g);
       for (int c = 0; c < NC; ++c) {
-        uint64_t x;
-        std::memcpy(&x, q[c] + g * bits, 8);
-        acc[c] = _mm256_fmadd_ps(unpack8(x, u), av, acc[c]);
+        const __m256i x = _mm256_set1_epi64x(*reinterpret_cast<const long long*>(q[c] + off + g * bits));
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, u.ctl), u.shv), u.mask);
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), av, acc[c]);
       }
     }
-    for (; g < full; ++g) {
-      const __m256 av = _mm256_loadu_ps(a + 8 * g);
-      for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(unpack8(load_group(q[c] + g * bits, p.B_end), u), av, acc[c]);
-    }
-    const int rest = static_cast<int>(len - 8 * full);
-    if (rest) {
-      const __m256 av = load_tail(a + 8 * full, rest);
-      for (int c = 0; c < NC; ++c)
-        acc[c] = _mm256_fmadd_ps(unpack8(load_partial(q[c] + full * bits, rest, bits), u), av, acc[c]);
-    }
+    for (int c = 0; c < NC; ++c) yv[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(sp[c] + b), acc[c], yv[c]);
+  }
+  for (; b < nb; ++b) {
+    const int64_t len = p.block_len(b);
     for (int c = 0; c < NC; ++c) {
-      const float sc = p.scale(n + c, b);
-      yv[c] = _mm256_fmadd_ps(_mm256_set1_ps(sc), acc[c], yv[c]);
-      corr[c] += sc * p.zero(n + c, b) * p.asum[b];
+      const __m256 acc = block_dot_checked(p, p.A + b * bs, q[c] + b * p.blob, len, u);
+      yv[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(sp[c] + b), acc, yv[c]);
     }
   }
   for (int c = 0; c < NC; ++c) p.Y[n + c] = hsum(yv[c]) - corr[c] + (p.bias ? p.bias[n + c] : 0.f);
@@ -231,9 +263,16 @@ __attribute__((target("avx2,fma"))) void m1_avx2_cols(const Problem& p, int64_t 
 
 __attribute__((target("avx2,fma"))) void m1_avx2(const Problem& p, int64_t n0, int64_t n1) {
   const Unpack8 u = make_unpack8(p.s.bits);
+  // Columns before fast_end may use plain 8-byte loads anywhere in their data: such a load
+  // starts at most `bits` bytes before the column's end, so it ends at most 8 - bits bytes
+  // into the following columns.
+  const int64_t col_bytes = p.nb * p.blob;
+  const int64_t spill_cols = (8 + col_bytes - 1) / col_bytes;
+  const int64_t fast_end = (p.s.block_size % 8 == 0) ? std::max<int64_t>(0, p.s.N - spill_cols) : 0;
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) m1_avx2_cols<4>(p, n, u);
-  for (; n < n1; ++n) m1_avx2_cols<1>(p, n, u);
+  for (; n + 4 <= std::min(n1, fast_end); n += 4) m1_avx2_cols<4, true>(p, n, u);
+  for (; n < std::min(n1, fast_end); ++n) m1_avx2_cols<1, true>(p, n, u);
+  for (; n < n1; ++n) m1_avx2_cols<1, false>(p, n, u);
 }
 
 __attribute__((target("avx2,fma"))) void dequant_column_avx2(const Problem& p, int64_t n, float* w, int64_t k8,
