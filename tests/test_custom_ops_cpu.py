@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import onnx
@@ -194,6 +193,3 @@ def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OxQuantError, match="build-ops"):
         make_session(path, "cpu")
 
-
-def test_isa_env_values_are_known():
-    assert os.environ.get("OX_QUANT_OPS_ISA") in (None, "portable")
