@@ -143,9 +143,16 @@ def pack_matmulnbits_reference(codes: np.ndarray, bits: int, block_size: int, pa
 def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
     """Zero points ``[n_blocks, N]`` -> MatMulNBits ``uint8[N * ceil(n_blocks*bits/8)]``.
 
-    Each output channel's zero points are one bitstream row, padded to a whole byte.
+    Each output channel's zero points are one bitstream row, padded to a whole byte with
+    the default zero point ``2**(bits-1)`` (as ONNX Runtime's quantizer does).
     """
-    return pack_bitstream(np.ascontiguousarray(np.asarray(zero_points, dtype=np.uint8).T), bits).reshape(-1)
+    rows = np.ascontiguousarray(np.asarray(zero_points, dtype=np.uint8).T)
+    n, n_blocks = rows.shape
+    slots = math.ceil(n_blocks * bits / 8) * 8 // bits
+    if slots > n_blocks:
+        pad = np.full((n, slots - n_blocks), 1 << (bits - 1), dtype=np.uint8)
+        rows = np.concatenate([rows, pad], axis=1)
+    return pack_bitstream(rows, bits).reshape(-1)
 
 
 def unpack_zero_points(packed: np.ndarray, bits: int, n_blocks: int, n: int) -> np.ndarray:
