@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "demo": "ox_quant.commands.demo:demo_cmd",
     "export": "ox_quant.commands.export:export_cmd",
     "verify": "ox_quant.commands.verify:verify_cmd",
+    "build-ops": "ox_quant.commands.build_ops:build_ops_cmd",
 }
 
 
