@@ -12,7 +12,8 @@ channel-group G    --                              ``axis=1``, scale ``[N]`` (ea
 =================  ==============================  ==========================================
 
 MatMulNBits takes bits 2, 4, 8 (ONNX Runtime's CPU kernels); DequantizeLinear takes
-INT4/UINT4/INT8/UINT8, so 4 and 8 bits. Other bit widths need ox-quant's custom ops.
+INT4/UINT4/INT8/UINT8, so 4 and 8 bits. ox-quant's own ``ox_quant.MatMulNBits`` (custom-op
+library, ``custom_ops/``) takes any bits 2..8 and every granularity of a MatMul weight.
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
     return None
 
 
+def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
+    """Why ox-quant's own ``ox_quant.MatMulNBits`` cannot hold this config (None when it can).
+
+    It takes any bits 2..8 and every granularity: block B, per-channel (one block of K),
+    channel-group G (one block of K, G channels per scale), per-tensor (K and N).
+    """
+    if dtype not in FLOAT_DTYPES:
+        return f"ox_quant.MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
+    return None
+
+
+def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
+    """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
+    g = config.granularity
+    if isinstance(g, Block):
+        return g.size, 1
+    if isinstance(g, PerChannel):
+        return k, 1
+    if isinstance(g, ChannelGroup):
+        return k, g.size
+    if isinstance(g, PerTensor):
+        return k, n
+    raise TypeError(g)
+
+
 def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
     """Resolve ``config.format`` (``auto`` included) for a MatMul weight ``[K, N]``.
 
@@ -87,13 +113,18 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
         if qdq_no:
             raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
         return FormatChoice("qdq", "requested")
+    custom_no = custom_rejects(config, k, n, dtype)
     if config.format is Format.CUSTOM:
-        raise OxQuantError("--format custom needs ox-quant's custom-op library, which this build does not write yet")
+        if custom_no:
+            raise OxQuantError(f"--format custom cannot express {config.describe()}: {custom_no}")
+        return FormatChoice("custom", "requested")
     if nbits_no is None:
         return FormatChoice("matmulnbits", "ONNX Runtime's MatMulNBits kernel accepts this config")
     if qdq_no is None:
         return FormatChoice("qdq", nbits_no)
-    raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}")
+    if custom_no is None:
+        return FormatChoice("custom", f"{nbits_no}; {qdq_no}: ox-quant's custom op (needs its library at run time)")
+    raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}; {custom_no}")
 
 
 def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
@@ -120,7 +151,7 @@ def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOA
             raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
         return FormatChoice("qdq", "requested")
     if config.format is Format.CUSTOM:
-        raise OxQuantError("--format custom has no Gather op")
+        raise OxQuantError("--format custom has no Gather op (ox-quant's custom op is a MatMul)")
     if gbq_no is None:
         return FormatChoice("gather_block_quantized", "ONNX Runtime's GatherBlockQuantized accepts this config")
     if config.format is Format.MATMULNBITS:
