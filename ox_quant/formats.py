@@ -40,19 +40,22 @@ class FormatChoice:
     reason: str
 
 
+def _ms_block_op_rejects(op: str, config: QuantConfig, dtype: str, along: str) -> str | None:
+    """The limits ONNX Runtime's CPU kernels of MatMulNBits and GatherBlockQuantized share."""
+    if config.bits not in MATMULNBITS_BITS:
+        return f"{op} takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
+    if not isinstance(config.granularity, Block):
+        return f"{op} needs block scales along {along}, not {config.granularity.name} scales"
+    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
+        return f"{op} block size must be a power of two from 16 to 256, not {config.granularity.size}"
+    if dtype not in FLOAT_DTYPES:
+        return f"{op} takes float32/float16 weights, not {dtype.lower()}"
+    return None
+
+
 def matmulnbits_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
     """Why MatMulNBits cannot hold this config (None when it can)."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"MatMulNBits takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
-        return f"MatMulNBits needs block scales along K, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return (
-            f"MatMulNBits block size must be a power of two from 16 to 256, not {config.granularity.size}"
-        )
-    if dtype not in FLOAT_DTYPES:
-        return f"MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
-    return None
+    return _ms_block_op_rejects("MatMulNBits", config, dtype, "K")
 
 
 def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
@@ -129,17 +132,10 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
 
 def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
     """Why ``com.microsoft.GatherBlockQuantized`` cannot hold a table ``[V=N, D=K]``."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"GatherBlockQuantized takes 2/4/8 bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
-        return f"GatherBlockQuantized needs block scales along the embedding, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return f"GatherBlockQuantized block size must be a power of two from 16 to 256, not {config.granularity.size}"
-    if (k * config.bits) % 8:
+    rejected = _ms_block_op_rejects("GatherBlockQuantized", config, dtype, "the embedding")
+    if rejected is None and (k * config.bits) % 8:
         return f"embedding width {k} x {config.bits} bits is not a whole number of bytes"
-    if dtype not in FLOAT_DTYPES:
-        return f"GatherBlockQuantized takes float32/float16 tables, not {dtype.lower()}"
-    return None
+    return rejected
 
 
 def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:

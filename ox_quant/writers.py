@@ -118,12 +118,12 @@ class Writer:
         self.site = site
         self.config = config
         self.graph = site.graph
-        self._used = used_names
+        self.used_names = used_names
         self._on_done = on_done
         self.created: list[ir.Value] = []
 
     def name(self, suffix: str) -> str:
-        return _fresh_name(self.graph, self._used, self.site.name + suffix)
+        return _fresh_name(self.graph, self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
         return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
@@ -223,29 +223,35 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
 def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
     assert isinstance(config.granularity, Block)
-    w = Writer(site, config, used_names, on_done)
-    lazy = w.lazy(pack_for_matmulnbits(config))
-    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
-    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
-    inputs = {
-        key: w.add(lazy, key, dtypes[key], shape, suffix[key])
-        for key, shape in matmulnbits_shapes(site.k, site.n, config).items()
-    }
     attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
     if config.accuracy_level is not None:
         attributes["accuracy_level"] = config.accuracy_level
-    for use in site.uses:
+    w = Writer(site, config, used_names, on_done)
+    shapes = matmulnbits_shapes(site.k, site.n, config)
+    return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
+
+
+def _write_nbits_nodes(
+    w: Writer, packer: Packer, shapes: dict[str, tuple[int, ...]], op_type: str, domain: str, attributes: dict[str, int]
+) -> int:
+    """Add B/scales/zero points and replace every MatMul/Gemm use by ``domain.op_type``
+    with MatMulNBits' input order ``(A, B, scales, zero_points, g_idx, bias)``."""
+    lazy = w.lazy(packer)
+    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
+    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
+    inputs = {key: w.add(lazy, key, dtypes[key], shape, suffix[key]) for key, shape in shapes.items()}
+    for use in w.site.uses:
         node = use.node
         new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
         if use.kind == "gemm":
-            bias = gemm_bias(node, site.n)
+            bias = gemm_bias(node, w.site.n)
             if isinstance(bias, np.ndarray):
                 new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
         while new_inputs[-1] is None:
             new_inputs.pop()
-        name = w.name("_MatMulNBits") if not node.name else _fresh_name(w.graph, used_names, node.name + "_MatMulNBits")
-        new = ir.node("MatMulNBits", new_inputs, attributes, domain=MS_DOMAIN, name=name)
-        w.replace_node(node, new)
+        prefix = "" if domain == MS_DOMAIN else domain + "_"
+        name = _fresh_name(w.graph, w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+        w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
     return w.finish()
 
 
@@ -394,21 +400,5 @@ def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on
         zps = None if q.symmetric else q.zero_points
         return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
 
-    w = Writer(site, config, used_names, on_done)
-    lazy = w.lazy(packer)
     shapes, attributes = custom_shapes(site.k, site.n, config)
-    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
-    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
-    inputs = {key: w.add(lazy, key, dtypes[key], shape, suffix[key]) for key, shape in shapes.items()}
-    for use in site.uses:
-        node = use.node
-        new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
-        if use.kind == "gemm":
-            bias = gemm_bias(node, site.n)
-            if isinstance(bias, np.ndarray):
-                new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
-        while new_inputs[-1] is None:
-            new_inputs.pop()
-        name = _fresh_name(w.graph, used_names, (node.name or site.name) + "_oxq_MatMulNBits")
-        w.replace_node(node, ir.node(OP_TYPE, new_inputs, attributes, domain=DOMAIN, name=name))
-    return w.finish()
+    return _write_nbits_nodes(Writer(site, config, used_names, on_done), packer, shapes, OP_TYPE, DOMAIN, attributes)
