@@ -153,19 +153,40 @@ def _check_paths(input_path: Path, output: Path, model: ir.Model) -> None:
         raise OxQuantError(f"output directory {parent} is not writable")
 
 
+def _default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
 def _ensure_opset(model: ir.Model, needed: int) -> None:
-    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    """Upgrade the model's ai.onnx opset to ``needed`` (QDQ with INT4 or blocks needs 21).
+
+    Uses onnxscript's converter where it has adapters and ONNX's C++ converter otherwise
+    (on the graph without its weights); a model it cannot upgrade is refused.
+    """
+    current = _default_opset(model)
     if current >= needed:
         return
+    import logging
+
     from onnxscript import version_converter
 
+    quiet = logging.getLogger("onnxscript.version_converter")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        version_converter.convert_version(model, target_version=needed)
+        version_converter.convert_version(model, target_version=needed, fallback=True)
     except Exception as exc:
         raise OxQuantError(
             f"QDQ output needs opset {needed} but the model is opset {current} and could not be upgraded "
             f"({type(exc).__name__}); try --format matmulnbits"
         ) from exc
+    finally:
+        quiet.setLevel(level)
+    if _default_opset(model) < needed:
+        raise OxQuantError(
+            f"QDQ output needs opset {needed} but the model is opset {current} and ONNX's version converter "
+            "could not upgrade it; try --format matmulnbits, or upgrade the model first"
+        )
 
 
 def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, FormatChoice] | Skip:
@@ -223,6 +244,43 @@ def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightS
     return chosen, skips
 
 
+Plan = list[tuple[WeightSite, QuantConfig, FormatChoice]]
+
+
+def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
+    """Every weight site with its config and format, and the skips (with reasons).
+
+    Raises ``OxQuantError`` when no weight can be written (each failed for the same reason).
+    """
+    selection = options.selection
+    found, skips = find_sites(model, selection.include_ops)
+    sites, filtered = _select(found, selection)
+    skips = skips + filtered
+    plan: Plan = []
+    site_skips: list[Skip] = []
+    errors: list[tuple[WeightSite, OxQuantError]] = []
+    for site in sites:
+        config = config_for(site, options.config, selection.rules)
+        if config is None:
+            site_skips.append(Skip(site.name, "skipped by the recipe"))
+            continue
+        try:
+            planned = plan_site(site, config)
+        except OxQuantError as exc:
+            errors.append((site, exc))
+            continue
+        if isinstance(planned, Skip):
+            site_skips.append(planned)
+        else:
+            plan.append((site, *planned))
+    if errors and not plan:
+        raise errors[0][1]
+    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
+        misfit = site_skips[0]
+        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
+    return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
+
+
 def _all_names(model: ir.Model) -> set[str]:
     names: set[str] = set()
     for graph in model.graphs():
@@ -256,37 +314,13 @@ def convert(
     input_is_external = bool(external_files(model))
 
     fold_constant_weights(model)
-    found, skips = find_sites(model, selection.include_ops)
-    sites, filtered = _select(found, selection)
-    skips = skips + filtered
-
-    plan: list[tuple[WeightSite, QuantConfig, FormatChoice]] = []
-    site_skips: list[Skip] = []
-    errors: list[tuple[WeightSite, OxQuantError]] = []
-    for site in sites:
-        config = config_for(site, options.config, selection.rules)
-        if config is None:
-            site_skips.append(Skip(site.name, "skipped by the recipe"))
-            continue
-        try:
-            planned = plan_site(site, config)
-        except OxQuantError as exc:
-            errors.append((site, exc))
-            continue
-        if isinstance(planned, Skip):
-            site_skips.append(planned)
-        else:
-            plan.append((site, *planned))
-    if errors and not plan:
-        raise errors[0][1]
-    if site_skips and not plan and not errors:
-        misfit = site_skips[0]
-        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
-    skips = skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
-
+    plan, skips = _plan(model, options)
     formats = {choice.format for _, _, choice in plan}
-    if "qdq" in formats:
+    if "qdq" in formats and _default_opset(model) < QDQ_MIN_OPSET:
+        # The upgrade may rebuild the graph: plan again on the upgraded one.
         _ensure_opset(model, QDQ_MIN_OPSET)
+        plan, skips = _plan(model, options)
+        formats = {choice.format for _, _, choice in plan}
     if formats & {"matmulnbits", "gather_block_quantized"}:
         model.opset_imports[MS_DOMAIN] = 1
     if "custom" in formats:

@@ -400,3 +400,22 @@ def test_inspect_agrees_with_convert_on_every_format(mixed_model, tmp_path):
     gathered = next(q for q in info.quantized if q.format == "gather_block_quantized")
     assert (gathered.bits, gathered.granularity, gathered.block_size, gathered.shape) == (4, "block", 16, (50, 64))
     assert info.bits_per_weight == pytest.approx(report.bits_per_weight)
+
+
+def test_old_opset_model_is_upgraded_for_qdq(tmp_path):
+    """Opset 12 (ReduceMean with an axes attribute): QDQ needs opset 21, so the whole graph
+    is upgraded (axes become an input) before the weights are rewritten."""
+    w = weight(64, 32)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["c"]), helper.make_node("MatMul", ["c", "W"], ["y"])]
+    src = save(tmp_path / "op12.onnx", nodes, [fin("x", 2, 64)], [fin("y", 2, 32)], [numpy_helper.from_array(w, "W")],
+               opset=12)
+    config = QuantConfig(bits=4, granularity=PerChannel())
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    assert [q.format for q in report.quantized] == ["qdq"]
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    assert "DequantizeLinear" in [n.op_type for n in model.graph.node]
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    c = x.astype(np.float64) - x.astype(np.float64).mean(axis=-1, keepdims=True)
+    assert relative_error(run(tmp_path / "q.onnx", {"x": x})[0], c @ deq_kn(w, config)) <= 1e-5
