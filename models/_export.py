@@ -16,13 +16,22 @@ from typing import Any, Mapping, Sequence
 MAX_IR_VERSION = 10
 
 
-def _cap_ir_version(path: Path) -> None:
+TORCHSCRIPT_OPSET = 17  # written with IR version 8
+
+
+def _cap_ir_version(model) -> None:
+    """Lower an ``onnx_ir.Model``'s IR version to ``MAX_IR_VERSION`` (never below its opsets' need)."""
     import onnx
 
-    proto = onnx.load(str(path))
-    needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
-    proto.ir_version = max(needed, min(proto.ir_version, MAX_IR_VERSION))
-    onnx.save(proto, str(path))
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.ir_version = max(needed, min(model.ir_version, MAX_IR_VERSION))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export_onnx(
@@ -36,8 +45,11 @@ def export_onnx(
 ) -> Path:
     """Write ``module`` to ``path`` (a single file; fine below 2 GB).
 
-    ``dynamic_axes`` maps an input or output name to ``{axis: dim_name}``. The file
-    is written under a temporary name and renamed into place.
+    ``dynamic_axes`` maps an input or output name to ``{axis: dim_name}``. ``dynamo``
+    selects ``torch.onnx.export(dynamo=True)`` (opset 18+); ``False`` uses the
+    TorchScript exporter at opset 17, which is several times faster on large models
+    (SmolLM2-135M: 23 s against 170 s on 2 cores). The file is written under a
+    temporary name and renamed into place.
     """
     import torch
 
@@ -61,14 +73,15 @@ def export_onnx(
                     output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                     dynamo=True, external_data=False, verbose=False,
                 )
+                _cap_ir_version(program.model)
                 program.save(str(tmp), external_data=False)
             else:
                 torch.onnx.export(
                     module, example_inputs, str(tmp), input_names=list(input_names),
                     output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}),
-                    dynamo=False, opset_version=17,
+                    dynamo=False, opset_version=TORCHSCRIPT_OPSET,
                 )
-        _cap_ir_version(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     finally:
         if tmp.exists():

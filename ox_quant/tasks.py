@@ -119,3 +119,27 @@ class TaskResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def runner_for(
+    target: Any,
+    load_torch: Callable[[], Any],
+    input_names: Sequence[str],
+    provider: str = "cpu",
+) -> Runner:
+    """A runner for ``target``: ``None`` (``load_torch()``), a torch module, or an ONNX path."""
+    if target is None:
+        return TorchRunner(load_torch(), input_names)
+    if isinstance(target, (str, os.PathLike)):
+        path = Path(target)
+        if not path.is_file():
+            raise OxQuantError(f"model file {path} does not exist")
+        return OrtRunner(path, provider=provider)
+    return TorchRunner(target, input_names)
+
+
+def target_label(target: Any, default: str) -> str:
+    """How a result names what was evaluated: the file name, or ``default``."""
+    if isinstance(target, (str, os.PathLike)):
+        return Path(target).name
+    return default
