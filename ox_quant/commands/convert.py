@@ -1,0 +1,176 @@
+"""``ox-quant convert``: quantize the weights of an ONNX model."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from ox_quant.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
+from ox_quant.errors import OxQuantError
+
+DEFAULT_BLOCK_SIZE = 128
+
+
+def resolve_granularity(granularity: str | None, block_size: int | None) -> Granularity:
+    """Combine ``--granularity`` and ``--block-size`` per the CLI contract.
+
+    ``--block-size N`` alone means block N (-1: per-channel); neither means block 128.
+    """
+    if granularity is None:
+        if block_size == -1:
+            return PerChannel()
+        return parse_granularity("block", block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
+    kind = granularity.split(":", 1)[0]
+    if kind in ("tensor", "channel") and block_size is not None and block_size != -1:
+        raise OxQuantError(f"--block-size applies to block and channel-group granularity, not {kind}")
+    if kind in ("block", "channel-group") and ":" not in granularity and block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    return parse_granularity(granularity, block_size)
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    if report.quantized:
+        table = Table(title=f"{len(report.quantized)} weights quantized", title_justify="left")
+        for column in ("weight", "op", "shape", "config", "format", "bpw"):
+            table.add_column(column, justify="right" if column == "bpw" else "left")
+        rows = report.quantized if len(report.quantized) <= 40 else report.quantized[:40]
+        for q in rows:
+            config = f"int{q.bits} {q.granularity}" + (f":{q.block_size}" if q.block_size and q.block_size > 0 else "")
+            config += "" if q.symmetric else " asym"
+            table.add_row(q.name, q.op, "x".join(map(str, q.shape)), config, q.format, f"{q.bits_per_weight:.3f}")
+        if len(report.quantized) > len(rows):
+            table.add_row(f"... {len(report.quantized) - len(rows)} more", "", "", "", "", "")
+        console.print(table)
+        reasons = sorted({f"{q.format}: {q.format_reason}" for q in report.quantized})
+        for reason in reasons:
+            console.print(f"  format {reason}")
+    else:
+        console.print("no weights quantized")
+    if report.skipped:
+        console.print(f"{len(report.skipped)} skipped:")
+        for s in report.skipped:
+            console.print(f"  {s.name}: {s.reason}")
+    bpw = report.bits_per_weight
+    console.print(
+        f"size {format_bytes(report.input_bytes)} -> {format_bytes(report.output_bytes)}"
+        + (f", {bpw:.3f} bits per quantized weight" if bpw is not None else "")
+        + f", {elapsed:.1f} s"
+    )
+    console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
+
+
+@click.command("convert")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code, 2 to 8.")
+@click.option("--block-size", type=int, default=None, help="Block size along K (default 128); -1 = per-channel. Alone, implies --granularity block.")
+@click.option(
+    "--granularity",
+    metavar="tensor|channel|block[:B]|channel-group[:G]",
+    default=None,
+    help="How scales are shared (block and channel-group take their size from --block-size).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in Format]),
+    default="auto",
+    show_default=True,
+    help="auto: MatMulNBits where ONNX Runtime's CPU kernel accepts the config, QDQ otherwise.",
+)
+@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
+@click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
+@click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
+@click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
+@click.option("--exclude-op", multiple=True, metavar="OP", help="Leave weights of these ops alone (repeatable).")
+@click.option("--min-elements", type=int, default=0, show_default=True, help="Skip weights with fewer elements.")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="JSON/YAML file of per-weight rules (bits, block size, format, skip) for mixed precision.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
+def convert(
+    input_path: str,
+    output: str | None,
+    bits: int,
+    block_size: int | None,
+    granularity: str | None,
+    fmt: str,
+    symmetric: bool,
+    accuracy_level: int | None,
+    exclude: tuple[str, ...],
+    include: tuple[str, ...],
+    include_op: tuple[str, ...],
+    exclude_op: tuple[str, ...],
+    min_elements: int,
+    recipe: str | None,
+    as_json: bool,
+) -> None:
+    """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
+
+    \b
+    Example: ox-quant convert model.onnx --block-size 128
+    writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
+    """
+    from ox_quant.convert import ConvertOptions, convert as run_convert
+    from ox_quant.selection import Selection, load_recipe, resolve_ops
+
+    config = QuantConfig(
+        bits=bits,
+        granularity=resolve_granularity(granularity, block_size),
+        symmetric=symmetric,
+        format=Format(fmt),
+        accuracy_level=accuracy_level,
+    )
+    if min_elements < 0:
+        raise OxQuantError(f"--min-elements must be >= 0, got {min_elements}")
+    selection = Selection(
+        include=include,
+        exclude=exclude,
+        include_ops=resolve_ops(include_op, exclude_op),
+        min_elements=min_elements,
+        rules=load_recipe(recipe) if recipe else (),
+    )
+    options = ConvertOptions(config=config, selection=selection)
+    started = time.perf_counter()
+    show_progress = sys.stderr.isatty()
+    if show_progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("quantizing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("", total=None)
+
+            def progress(name: str, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total, description=name)
+
+            report = run_convert(input_path, output, options, progress)
+    else:
+        report = run_convert(input_path, output, options)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        print_summary(report, elapsed)

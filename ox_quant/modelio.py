@@ -1,0 +1,132 @@
+"""Loading models with memory-mapped external data, and saving them atomically.
+
+Outputs are written into a temporary folder beside the destination and renamed into
+place (external data first, then the model), so a failure leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from ox_quant.errors import OxQuantError
+
+# Newest IR version the supported ONNX Runtime (>= 1.31) loads; onnx 1.23 writes 14.
+MAX_IR_VERSION = 13
+# Outputs whose initializers exceed this many bytes always use external data.
+EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """Absolute paths of the external-data files a loaded model's initializers refer to."""
+    files: set[Path] = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                files.add(Path(tensor.path).resolve())
+    return files
+
+
+def check_external_data(model: ir.Model) -> None:
+    """Every external tensor's file exists and is long enough (reads no data)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            path = Path(tensor.path)
+            if not path.is_file():
+                raise OxQuantError(f"external data file {path.name} of tensor {value.name!r} is missing")
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+            if path.stat().st_size < end:
+                raise OxQuantError(
+                    f"external data file {path.name} is too short for tensor {value.name!r} "
+                    f"({path.stat().st_size} bytes, needs {end})"
+                )
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause of an exception chain, as one line."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; external data stays on disk, memory-mapped on first use."""
+    path = Path(path)
+    if not path.is_file():
+        raise OxQuantError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf and onnx raise many types for broken files
+        raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
+    check_external_data(model)
+    return model
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Size of a model file plus every external-data file it refers to."""
+    import onnx
+
+    path = Path(path)
+    total = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    seen: set[str] = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data = path.parent / entry.value
+                if data.is_file():
+                    total += data.stat().st_size
+    return total
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
+    )
+
+
+def save_model_atomically(
+    model: ir.Model,
+    output: Path,
+    external: bool,
+    on_tensor: Callable[[str, int, int], None] | None = None,
+) -> Path | None:
+    """Write ``model`` to ``output`` (and ``<output>.data`` when ``external``).
+
+    ``on_tensor(name, index, total)`` is called before each external tensor is written.
+    Returns the external-data path, if any.
+    """
+    output = output.resolve()
+    data_name = output.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".ox-quant-", dir=output.parent))
+    try:
+        tmp_model = tmp_dir / output.name
+        callback = None
+        if on_tensor is not None:
+            def callback(tensor, info) -> None:  # type: ignore[no-untyped-def]
+                on_tensor(tensor.name or "", info.index, info.total)
+        ir.save(
+            model,
+            tmp_model,
+            external_data=data_name if external else None,
+            callback=callback if external else None,
+        )
+        data_path = None
+        if external and (tmp_dir / data_name).exists():
+            data_path = output.parent / data_name
+            os.replace(tmp_dir / data_name, data_path)
+        os.replace(tmp_model, output)
+        return data_path
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

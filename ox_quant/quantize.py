@@ -1,0 +1,186 @@
+"""Round-to-nearest quantization of a weight ``W[K, N]`` for every granularity and bit width.
+
+Formulas (``qmax = 2**bits - 1``, ``mid = 2**(bits-1)``), per group ``g`` of weights:
+
+* symmetric:  ``scale = absmax(g) / (mid - 1)``, ``zp = mid``,
+  ``q = clip(round(w / scale), -(mid-1), mid-1) + mid``
+* asymmetric: ``lo = min(min(g), 0)``, ``hi = max(max(g), 0)``, ``scale = (hi - lo) / qmax``,
+  ``zp = clip(round(-lo / scale), 0, qmax)``, ``q = clip(round(w / scale) + zp, 0, qmax)``
+* dequantized: ``w' = (q - zp) * scale`` and ``|w - w'| <= scale / 2`` for every element.
+
+A group whose range is zero gets ``scale = 0`` and codes ``zp``: it dequantizes to exact
+zeros, never NaN or Inf. For 2-bit symmetric, ``mid - 1 = 1``: codes are {-1, 0, 1} + mid.
+
+Scales are rounded to ``scale_dtype`` (the activation dtype a format stores) *before* the
+codes are computed, so the bound holds for the stored scale. Rounding is half-to-even.
+
+:func:`quantize_reference` loops over groups one at a time (slow, obvious);
+:func:`quantize` is the vectorised version held to it by tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ox_quant.config import Block, ChannelGroup, Granularity, PerChannel, PerTensor, QuantConfig
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """The quantized form of ``W[K, N]``.
+
+    codes:       ``uint8[K, N]``, values in ``[0, 2**bits - 1]``
+    scales:      ``scale_dtype[R, C]`` with ``(R, C) = granularity.scale_shape(K, N)``
+    zero_points: ``uint8[R, C]``; for symmetric configs every entry is ``2**(bits-1)``
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    bits: int
+    granularity: Granularity
+    symmetric: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape  # type: ignore[return-value]
+
+    def expand(self, per_group: np.ndarray) -> np.ndarray:
+        """Broadcast a ``[R, C]`` per-group array to ``[K, N]``."""
+        k, n = self.shape
+        return expand_groups(per_group, self.granularity, k, n)
+
+    def dequantize(self, dtype: type = np.float64) -> np.ndarray:
+        """``(q - zp) * scale`` as ``dtype[K, N]``."""
+        scales = self.expand(self.scales.astype(dtype))
+        zps = self.expand(self.zero_points.astype(dtype))
+        return (self.codes.astype(dtype) - zps) * scales
+
+
+def group_sizes(granularity: Granularity, k: int, n: int) -> tuple[int, int]:
+    """``(rows, cols)`` of weights sharing one scale (the last group may be partial)."""
+    if isinstance(granularity, PerTensor):
+        return k, n
+    if isinstance(granularity, PerChannel):
+        return k, 1
+    if isinstance(granularity, Block):
+        return granularity.size, 1
+    if isinstance(granularity, ChannelGroup):
+        return k, granularity.size
+    raise TypeError(f"unknown granularity {granularity!r}")
+
+
+def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: int) -> np.ndarray:
+    """Repeat a ``[R, C]`` per-group array so that element ``[i, j]`` is its group's value."""
+    gk, gn = group_sizes(granularity, k, n)
+    return np.repeat(np.repeat(per_group, gk, axis=0)[:k], gn, axis=1)[:, :n]
+
+
+# ----------------------------------------------------------------------------------
+# Reference
+
+
+def _group_params_reference(group: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> tuple[float, int]:
+    """(stored scale, zero point) of one group, scalar arithmetic in float32."""
+    f32 = np.float32
+    if config.symmetric:
+        absmax = f32(np.max(np.abs(group)))
+        scale = f32(absmax / f32(config.mid - 1))
+        return f32(np.asarray(scale, dtype=scale_dtype)), config.mid
+    lo = f32(min(f32(np.min(group)), f32(0)))
+    hi = f32(max(f32(np.max(group)), f32(0)))
+    scale = f32(np.asarray(f32((hi - lo) / f32(config.qmax)), dtype=scale_dtype))
+    if scale == 0:
+        return f32(0), 0
+    zp = int(np.clip(np.round(f32(-lo / scale)), 0, config.qmax))
+    return scale, zp
+
+
+def _code_reference(w: np.float32, scale: np.float32, zp: int, config: QuantConfig) -> int:
+    if scale == 0:
+        return zp
+    r = int(np.round(np.float32(w / scale)))
+    if config.symmetric:
+        return min(max(r, -(config.mid - 1)), config.mid - 1) + config.mid
+    return min(max(r + zp, 0), config.qmax)
+
+
+def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
+    """Slow reference: one group, then one element at a time. ``weight`` is ``[K, N]``."""
+    w = np.asarray(weight, dtype=np.float32)
+    k, n = w.shape
+    gk, gn = group_sizes(config.granularity, k, n)
+    rows, cols = math.ceil(k / gk), math.ceil(n / gn)
+    scales = np.zeros((rows, cols), dtype=scale_dtype)
+    zps = np.zeros((rows, cols), dtype=np.uint8)
+    codes = np.zeros((k, n), dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            group = w[r * gk : (r + 1) * gk, c * gn : (c + 1) * gn]
+            scale, zp = _group_params_reference(group, config, np.dtype(scale_dtype))
+            scales[r, c] = scale
+            zps[r, c] = zp
+            for i in range(group.shape[0]):
+                for j in range(group.shape[1]):
+                    codes[r * gk + i, c * gn + j] = _code_reference(group[i, j], scale, zp, config)
+    return QuantizedWeight(codes, scales, zps, config.bits, config.granularity, config.symmetric)
+
+
+# ----------------------------------------------------------------------------------
+# Fast
+
+
+def _grouped_view(w: np.ndarray, gk: int, gn: int) -> np.ndarray:
+    """Zero-pad ``w[K, N]`` to whole groups and view it as ``[R, gk, C, gn]``.
+
+    Zero padding does not change any group's range: both formulas include 0.
+    """
+    k, n = w.shape
+    rows, cols = math.ceil(k / gk), math.ceil(n / gn)
+    if rows * gk != k or cols * gn != n:
+        w = np.pad(w, ((0, rows * gk - k), (0, cols * gn - n)))
+    return w.reshape(rows, gk, cols, gn)
+
+
+def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
+    """Vectorised round-to-nearest quantization of ``weight[K, N]`` (see module docstring)."""
+    w = np.asarray(weight, dtype=np.float32)
+    k, n = w.shape
+    gk, gn = group_sizes(config.granularity, k, n)
+    grouped = _grouped_view(w, gk, gn)
+    f32 = np.float32
+    if config.symmetric:
+        absmax = np.abs(grouped).max(axis=(1, 3))
+        scales_f = (absmax / f32(config.mid - 1)).astype(scale_dtype).astype(f32)
+        zps = np.full(scales_f.shape, config.mid, dtype=np.uint8)
+    else:
+        lo = np.minimum(grouped.min(axis=(1, 3)), f32(0))
+        hi = np.maximum(grouped.max(axis=(1, 3)), f32(0))
+        scales_f = ((hi - lo) / f32(config.qmax)).astype(scale_dtype).astype(f32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp_f = np.where(scales_f > 0, np.round(-lo / scales_f), 0)
+        zps = np.clip(zp_f, 0, config.qmax).astype(np.uint8)
+
+    safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
+    q = np.round(grouped / safe)
+    if config.symmetric:
+        np.clip(q, -(config.mid - 1), config.mid - 1, out=q)
+        q += f32(config.mid)
+    else:
+        q += zps[:, None, :, None].astype(f32)
+        np.clip(q, 0, config.qmax, out=q)
+    # zero-range groups: every code is the zero point
+    q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
+    rows, cols = scales_f.shape
+    codes = q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n]
+    return QuantizedWeight(
+        np.ascontiguousarray(codes),
+        scales_f.astype(scale_dtype),
+        zps,
+        config.bits,
+        config.granularity,
+        config.symmetric,
+    )

@@ -1,0 +1,365 @@
+"""Building the quantized replacement of a weight site in the graph.
+
+The new initializers are ``onnx_ir.LazyTensor``s: a weight is read (memory-mapped),
+quantized and packed only when the saver asks for its first tensor, and its large arrays
+are dropped once handed out, so peak memory stays near one weight, not the model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
+from ox_quant.quantize import QuantizedWeight, quantize
+from ox_quant.sites import Use, WeightSite
+
+MS_DOMAIN = "com.microsoft"
+KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
+
+Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
+ProgressHook = Callable[[str], None]
+
+SCALE_DTYPES = {
+    "FLOAT": (np.float32, ir.DataType.FLOAT),
+    "FLOAT16": (np.float16, ir.DataType.FLOAT16),
+    "BFLOAT16": (ml_dtypes.bfloat16, ir.DataType.BFLOAT16),
+}
+
+
+class LazyQuantizedArrays:
+    """The packed arrays of one weight, computed on first request.
+
+    Thread-safe; a large array is released after it is handed out and recomputed only if
+    asked for again (the saver asks once).
+    """
+
+    def __init__(self, site: WeightSite, config: QuantConfig, packer: Packer, on_done: ProgressHook | None):
+        self._site = site
+        self._config = config
+        self._packer = packer
+        self._on_done = on_done
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._reported = False
+
+    def _compute(self) -> dict[str, np.ndarray]:
+        weight = self._site.value.const_value
+        assert weight is not None
+        w = self._site.normalise(np.asarray(weight.numpy()))
+        scale_np, _ = SCALE_DTYPES[self._site.dtype]
+        quantized = quantize(w, self._config, scale_dtype=scale_np)
+        del w
+        if isinstance(weight, ir.ExternalTensor):
+            weight.release()  # unmap the input's pages: peak memory stays near one weight
+        return self._packer(quantized)
+
+    def get(self, key: str) -> np.ndarray:
+        with self._lock:
+            arrays = self._arrays if self._arrays is not None else self._compute()
+            array = arrays[key]
+            if array.nbytes >= KEEP_BYTES:
+                arrays = {k: v for k, v in arrays.items() if k != key}
+            self._arrays = arrays
+            if not self._reported and self._on_done is not None:
+                self._reported = True
+                self._on_done(self._site.name)
+            return array
+
+    def tensor(self, key: str, dtype: ir.DataType, shape: tuple[int, ...], name: str) -> ir.LazyTensor:
+        def load() -> ir.Tensor:
+            array = self.get(key)
+            if dtype == ir.DataType.INT4:
+                array = array.astype(ml_dtypes.int4)
+            elif dtype == ir.DataType.UINT4:
+                array = array.astype(ml_dtypes.uint4)
+            return ir.Tensor(array.reshape(shape), dtype=dtype, name=name)
+
+        return ir.LazyTensor(load, dtype, ir.Shape(shape), name=name)
+
+
+def _fresh_name(graph: ir.Graph, used: set[str], base: str) -> str:
+    name = base
+    i = 1
+    while name in used:
+        name = f"{base}_{i}"
+        i += 1
+    used.add(name)
+    return name
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def stored_nbytes(values: list[ir.Value]) -> int:
+    """Bytes the values' tensors occupy on disk (4-bit types packed two per byte)."""
+    total = 0
+    for v in values:
+        tensor = v.const_value
+        assert tensor is not None
+        total += math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)
+    return total
+
+
+class Writer:
+    """Adds the quantized tensors of one site to its graph and rewires its uses."""
+
+    def __init__(self, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None):
+        self.site = site
+        self.config = config
+        self.graph = site.graph
+        self._used = used_names
+        self._on_done = on_done
+        self.created: list[ir.Value] = []
+
+    def name(self, suffix: str) -> str:
+        return _fresh_name(self.graph, self._used, self.site.name + suffix)
+
+    def lazy(self, packer: Packer) -> LazyQuantizedArrays:
+        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
+
+    def add(self, lazy: LazyQuantizedArrays, key: str, dtype: ir.DataType, shape: tuple[int, ...], suffix: str) -> ir.Value:
+        value = _initializer(self.graph, lazy.tensor(key, dtype, shape, self.name(suffix)))
+        self.created.append(value)
+        return value
+
+    def add_array(self, array: np.ndarray, dtype: ir.DataType, suffix: str) -> ir.Value:
+        value = _initializer(self.graph, ir.Tensor(array, dtype=dtype, name=self.name(suffix)))
+        self.created.append(value)
+        return value
+
+    @property
+    def scale_dtype(self) -> ir.DataType:
+        return SCALE_DTYPES[self.site.dtype][1]
+
+    def replace_node(self, old: ir.Node, new: ir.Node) -> None:
+        ir.convenience.replace_nodes_and_values(old.graph or self.graph, old, [old], [new], old.outputs, new.outputs)
+
+    def finish(self) -> int:
+        _drop_if_unused(self.graph, self.site.value)
+        return stored_nbytes(self.created)
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+        graph.initializers.pop(value.name)
+
+
+# ----------------------------------------------------------------------------------
+# MatMulNBits (MatMul, and Gemm without alpha/transA)
+
+
+def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[int, ...]]:
+    """Input shapes of MatMulNBits: B ``[N, nb, blob]``, scales ``[N*nb]``, zero points."""
+    assert isinstance(config.granularity, Block)
+    bs = config.granularity.size
+    nb = math.ceil(k / bs)
+    shapes = {"B": (n, nb, math.ceil(bs * config.bits / 8)), "scales": (n * nb,)}
+    if not config.symmetric:
+        shapes["zero_points"] = (n * math.ceil(nb * config.bits / 8),)
+    return shapes
+
+
+def pack_for_matmulnbits(config: QuantConfig) -> Packer:
+    """Codes/scales/zero points ``[nb, N]`` -> MatMulNBits inputs (N-major)."""
+    assert isinstance(config.granularity, Block)
+    bs = config.granularity.size
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        out = {
+            "B": pack_matmulnbits(q.codes, q.bits, bs, pad_code=0),
+            "scales": np.ascontiguousarray(q.scales.T).reshape(-1),
+        }
+        if not q.symmetric:
+            out["zero_points"] = pack_zero_points(q.zero_points, q.bits)
+        return out
+
+    return packer
+
+
+def gemm_bias(node: ir.Node, n: int) -> np.ndarray | None | str:
+    """Gemm's ``beta * C`` as a ``[N]`` bias for MatMulNBits; None without C; else why not."""
+    alpha = node.attributes.get("alpha")
+    if alpha is not None and alpha.as_float() != 1.0:
+        return "Gemm has alpha != 1"
+    trans_a = node.attributes.get("transA")
+    if trans_a is not None and trans_a.as_int():
+        return "Gemm has transA=1"
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is None:
+        return None
+    if c.const_value is None or c.is_graph_input():
+        return "Gemm bias is not a constant"
+    bias = np.asarray(c.const_value.numpy())
+    if bias.size != n or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+        return f"Gemm bias has shape {list(bias.shape)}, not [N]"
+    beta = node.attributes.get("beta")
+    scale = beta.as_float() if beta is not None else 1.0
+    return (bias.reshape(n).astype(np.float64) * scale).astype(bias.dtype)
+
+
+def matmulnbits_blocker(site: WeightSite) -> str | None:
+    """Why a site's uses cannot all become MatMulNBits nodes (None when they can)."""
+    for use in site.uses:
+        if use.kind == "gemm":
+            bias = gemm_bias(use.node, site.n)
+            if isinstance(bias, str):
+                return bias
+        elif use.kind != "matmul":
+            return f"{use.op} cannot read a MatMulNBits weight"
+    return None
+
+
+def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+    """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
+    assert isinstance(config.granularity, Block)
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(pack_for_matmulnbits(config))
+    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
+    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
+    inputs = {
+        key: w.add(lazy, key, dtypes[key], shape, suffix[key])
+        for key, shape in matmulnbits_shapes(site.k, site.n, config).items()
+    }
+    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
+    if config.accuracy_level is not None:
+        attributes["accuracy_level"] = config.accuracy_level
+    for use in site.uses:
+        node = use.node
+        new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
+        if use.kind == "gemm":
+            bias = gemm_bias(node, site.n)
+            if isinstance(bias, np.ndarray):
+                new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
+        while new_inputs[-1] is None:
+            new_inputs.pop()
+        name = w.name("_MatMulNBits") if not node.name else _fresh_name(w.graph, used_names, node.name + "_MatMulNBits")
+        new = ir.node("MatMulNBits", new_inputs, attributes, domain=MS_DOMAIN, name=name)
+        w.replace_node(node, new)
+    return w.finish()
+
+
+# ----------------------------------------------------------------------------------
+# GatherBlockQuantized (embedding tables read only by Gather)
+
+
+def write_gather_block_quantized(
+    site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
+) -> int:
+    """Replace each ``Gather(table, ids)`` by ``com.microsoft.GatherBlockQuantized``.
+
+    Table ``[V, D]`` (``W = table.T``: K = D, N = V): data ``uint8[V, D*bits/8]`` (each row a
+    bitstream), scales ``[V, ceil(D/B)]``, zero points ``uint8[V, ceil(nb*bits/8)]``.
+    """
+    assert isinstance(config.granularity, Block)
+    v, d = site.n, site.k
+    nb = math.ceil(d / config.granularity.size)
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        out = {"data": pack_bitstream(np.ascontiguousarray(q.codes.T), q.bits), "scales": np.ascontiguousarray(q.scales.T)}
+        if not q.symmetric:
+            out["zero_points"] = pack_zero_points(q.zero_points, q.bits).reshape(v, -1)
+        return out
+
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(packer)
+    data = w.add(lazy, "data", ir.DataType.UINT8, (v, d * config.bits // 8), "_Q")
+    scales = w.add(lazy, "scales", w.scale_dtype, (v, nb), "_scales")
+    inputs: list[ir.Value | None] = [data, None, scales]
+    if not config.symmetric:
+        inputs.append(w.add(lazy, "zero_points", ir.DataType.UINT8, (v, math.ceil(nb * config.bits / 8)), "_zp"))
+    attributes = {"block_size": config.granularity.size, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
+    for use in site.uses:
+        node = use.node
+        node_inputs = list(inputs)
+        node_inputs[1] = node.inputs[1]
+        name = _fresh_name(w.graph, used_names, (node.name or site.name) + "_GatherBlockQuantized")
+        new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
+        w.replace_node(node, new)
+    return w.finish()
+
+
+# ----------------------------------------------------------------------------------
+# DequantizeLinear (QDQ): any use, the weight keeps its stored layout
+
+
+def qdq_layout(site: WeightSite, config: QuantConfig) -> tuple[dict[str, int], tuple[int, ...]]:
+    """DequantizeLinear attributes and scale shape for the weight *as stored*.
+
+    ``KN`` (``[K, N]``): channel axis 1, blocks along axis 0 -> scale ``[nb, N]``.
+    ``NK`` (``[N, K]`` or Conv ``[N, ...]``): channel axis 0, blocks along axis 1 -> ``[N, nb]``.
+    """
+    g = config.granularity
+    n_axis, k_axis = (1, 0) if site.layout == "KN" else (0, 1)
+    if isinstance(g, PerTensor):
+        return {}, ()
+    if isinstance(g, (PerChannel, ChannelGroup)):
+        return {"axis": n_axis}, (site.n,)
+    if isinstance(g, Block):
+        if len(site.stored_shape) != 2:
+            raise ValueError("block scales need a rank-2 weight")
+        nb = math.ceil(site.k / g.size)
+        return {"axis": k_axis, "block_size": g.size}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
+    raise TypeError(g)
+
+
+def qdq_dtype(config: QuantConfig) -> ir.DataType:
+    """INT4/INT8 (symmetric: codes - mid, zero point 0) or UINT4/UINT8 (asymmetric)."""
+    if config.bits == 4:
+        return ir.DataType.INT4 if config.symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if config.symmetric else ir.DataType.UINT8
+
+
+def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
+    _, param_shape = qdq_layout(site, config)
+    nk = site.layout == "NK"
+
+    def params(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
+        if isinstance(q.granularity, ChannelGroup):  # one value per channel, repeated G times
+            a = np.repeat(a[0], q.granularity.size)[: site.n]
+        elif nk and a.ndim == 2:
+            a = a.T
+        return np.ascontiguousarray(a).reshape(param_shape)
+
+    def stored(codes: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(codes.T).reshape(site.stored_shape) if nk else codes
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        if q.symmetric:
+            codes = (q.codes.astype(np.int16) - config.mid).astype(np.int8)
+            return {"q": stored(codes), "scale": params(q.scales, q)}
+        return {"q": stored(q.codes), "scale": params(q.scales, q), "zero_point": params(q.zero_points, q)}
+
+    return packer
+
+
+def write_qdq(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+    """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` read by every use."""
+    attributes, param_shape = qdq_layout(site, config)
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(pack_for_qdq(site, config))
+    q_dtype = qdq_dtype(config)
+    inputs = [w.add(lazy, "q", q_dtype, site.stored_shape, "_Q"), w.add(lazy, "scale", w.scale_dtype, param_shape, "_scale")]
+    if not config.symmetric:
+        inputs.append(w.add(lazy, "zero_point", q_dtype, param_shape, "_zp"))
+    meta = {"ox_quant.granularity": str(config.granularity), "ox_quant.bits": str(config.bits)}
+    dq = ir.node("DequantizeLinear", inputs, attributes, name=w.name("_DequantizeLinear"), metadata_props=meta)
+    dq.outputs[0].name = w.name("_dq")
+    dq.outputs[0].dtype = site.value.dtype
+    dq.outputs[0].shape = ir.Shape(site.stored_shape)
+    if len(w.graph) > 0:
+        w.graph.insert_before(w.graph.node(0), dq)
+    else:
+        w.graph.append(dq)
+    for use in site.uses:
+        use.node.replace_input_with(use.index, dq.outputs[0])
+    return w.finish()

@@ -1,0 +1,113 @@
+"""Every configuration the converter writes runs on ONNX Runtime (CPU EP) and matches a
+float64 computation with the dequantized weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from helpers import matmul_model, random_weights, relative_error, run
+from ox_quant.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.convert import ConvertOptions, convert
+from ox_quant.errors import OxQuantError
+from ox_quant.quantize import quantize
+
+K0, K1, N1 = 200, 96, 48  # K0 is not a multiple of 32, 48, 64 or 128
+
+QDQ_CASES = [
+    (Format.QDQ, g, bits, sym)
+    for g, bits, sym in itertools.product(
+        [PerTensor(), PerChannel(), Block(32), Block(48), Block(96), ChannelGroup(8)], [4, 8], [True, False]
+    )
+]
+NBITS_CASES = [
+    (Format.MATMULNBITS, Block(bs), bits, sym)
+    for bs, bits, sym in itertools.product([16, 32, 64], [2, 4, 8], [True, False])
+]
+AUTO_CASES = [
+    (Format.AUTO, Block(32), 4, True),
+    (Format.AUTO, PerChannel(), 8, True),
+    (Format.AUTO, ChannelGroup(16), 4, False),
+    (Format.AUTO, Block(64), 2, False),
+]
+
+
+def _id(case):
+    fmt, g, bits, sym = case
+    return f"{fmt.value}-{g}-int{bits}-{'sym' if sym else 'asym'}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    weights = random_weights(rng, K0, K1, N1)
+    path = matmul_model(tmp_path_factory.mktemp("m") / "model.onnx", weights)
+    x = rng.standard_normal((2, 3, K0)).astype(np.float32)
+    return path, weights, x
+
+
+@pytest.mark.parametrize("case", QDQ_CASES + NBITS_CASES + AUTO_CASES, ids=_id)
+def test_ort_matches_float64_dequantized_reference(model, tmp_path, case):
+    path, weights, x = model
+    fmt, granularity, bits, symmetric = case
+    config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric, format=fmt)
+    out = tmp_path / "q.onnx"
+    report = convert(path, out, ConvertOptions(config=config))
+    assert [q.name for q in report.quantized] == ["W0", "W1"]
+    expected_format = {Format.QDQ: "qdq", Format.MATMULNBITS: "matmulnbits"}.get(fmt)
+    if expected_format:
+        assert {q.format for q in report.quantized} == {expected_format}
+
+    (y,) = run(out, {"x": x})
+    reference = x.astype(np.float64)
+    for w in weights.values():
+        reference = reference @ quantize(w, config).dequantize(np.float64)
+    assert y.shape == reference.shape
+    assert np.isfinite(y).all()
+    assert relative_error(y, reference) <= 1e-5
+
+
+def test_auto_picks_matmulnbits_when_ort_accepts_and_qdq_otherwise(model, tmp_path):
+    path, _, _ = model
+    cases = {
+        Block(128): "matmulnbits",
+        Block(48): "qdq",
+        PerChannel(): "qdq",
+        ChannelGroup(8): "qdq",
+    }
+    for granularity, fmt in cases.items():
+        report = convert(path, tmp_path / "a.onnx", ConvertOptions(config=QuantConfig(granularity=granularity)))
+        assert {q.format for q in report.quantized} == {fmt}, granularity
+        if fmt == "qdq":
+            assert "MatMulNBits" in report.quantized[0].format_reason
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (QuantConfig(bits=3), "no format can express int3"),
+        (QuantConfig(bits=5, granularity=PerChannel()), "no format can express int5"),
+        (QuantConfig(bits=2, granularity=PerChannel()), "no format can express int2"),
+        (QuantConfig(bits=2, format=Format.QDQ), "--format qdq cannot express"),
+        (QuantConfig(bits=4, granularity=PerChannel(), format=Format.MATMULNBITS), "--format matmulnbits cannot"),
+        (QuantConfig(bits=4, granularity=Block(100), format=Format.MATMULNBITS), "power of two"),
+        (QuantConfig(bits=4, granularity=Block(512)), "larger than K=200 for every weight"),
+    ],
+)
+def test_inexpressible_configs_are_refused_and_nothing_written(model, tmp_path, config, message):
+    path, _, _ = model
+    out = tmp_path / "refused.onnx"
+    with pytest.raises(OxQuantError, match=message):
+        convert(path, out, ConvertOptions(config=config))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_larger_than_some_weights_skips_those_with_reason(model, tmp_path):
+    path, _, x = model
+    report = convert(path, tmp_path / "b.onnx", ConvertOptions(config=QuantConfig(granularity=Block(128))))
+    assert [q.name for q in report.quantized] == ["W0"]
+    assert [(s.name, s.reason) for s in report.skipped] == [("W1", "block size 128 is larger than K=96")]
+    (y,) = run(tmp_path / "b.onnx", {"x": x})
+    assert np.isfinite(y).all()
