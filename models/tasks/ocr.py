@@ -78,7 +78,8 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = no_progress) -> TaskResult:
+def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,
+             progress: Progress = no_progress) -> TaskResult:
     """CER of ``target``: None (the package's ONNX as shipped) or an ONNX path."""
     start = time.perf_counter()
     if target is not None and not is_onnx_path(target):
@@ -86,9 +87,9 @@ def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = 
     path = ppocr.onnx_path() if target is None else Path(target)
     if not path.is_file():
         raise OxQuantError(f"model file {path} does not exist")
-    runner = OrtRunner(path, provider=provider)
+    runner = OrtRunner(path, provider=provider, exact=exact)
     charset = ppocr.characters(path)
-    errors, chars, exact = 0, 0, 0
+    errors, chars, read_exactly = 0, 0, 0
     predictions = []
     for i, line in enumerate(LINES):
         progress(i, len(LINES), f"line {i + 1}/{len(LINES)}")
@@ -97,14 +98,14 @@ def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = 
         predictions.append(text)
         errors += edit_distance(text, line)
         chars += len(line)
-        exact += text == line
+        read_exactly += text == line
     progress(len(LINES), len(LINES), "done")
     return TaskResult(
         task="ppocr-rec",
         model=target_label(target, "ppocr-rec (package ONNX, fp32)"),
         backend=runner.backend,
         primary="cer",
-        metrics={"cer": errors / chars, "line_accuracy": exact / len(LINES), "characters": chars},
+        metrics={"cer": errors / chars, "line_accuracy": read_exactly / len(LINES), "characters": chars},
         details={"lines": len(LINES), "predictions": predictions},
         seconds=time.perf_counter() - start,
     )

@@ -63,7 +63,8 @@ def load_token_lists(text: str | os.PathLike | None, max_tokens: int) -> tuple[l
     return lists, [p.name for p in paths]
 
 
-def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = no_progress,
+def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,
+             progress: Progress = no_progress,
              text: str | os.PathLike | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
              context: int = DEFAULT_CONTEXT) -> TaskResult:
     """Perplexity of ``target`` (None = fp32 torch SmolLM2, a module, or an ONNX path)."""
@@ -74,7 +75,7 @@ def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = 
     start = time.perf_counter()
     token_lists, names = load_token_lists(text, max_tokens)
     batches = windows(token_lists, context)
-    runner = runner_for(target, smollm2.load, smollm2.INPUT_NAMES, provider)
+    runner = runner_for(target, smollm2.load, smollm2.INPUT_NAMES, provider, exact)
     total_nll, count = 0.0, 0
     for i, ids in enumerate(batches):
         progress(i, len(batches), f"window {i + 1}/{len(batches)}")

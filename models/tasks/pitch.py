@@ -62,11 +62,12 @@ def decode_cents(activations: np.ndarray, radius: int = 4) -> np.ndarray:
     return (weights * cents).sum(-1) / np.maximum(weights.sum(-1), 1e-12)
 
 
-def evaluate(target: Any = None, *, provider: str = "cpu", progress: Progress = no_progress) -> TaskResult:
+def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,
+             progress: Progress = no_progress) -> TaskResult:
     """Pitch accuracy of ``target`` (None = fp32 torch CREPE tiny, a module, or an ONNX path)."""
     start = time.perf_counter()
     frames, f0 = tones()
-    runner = runner_for(target, crepe.load, crepe.INPUT_NAMES, provider)
+    runner = runner_for(target, crepe.load, crepe.INPUT_NAMES, provider, exact)
     progress(0, 1, f"{len(frames)} frames")
     activations = runner({"frames": frames})[0]
     progress(1, 1, "done")
