@@ -3,8 +3,10 @@
 The model maps ``x [B, 3, 48, W] float32`` (RGB scaled to [-1, 1]) to per-column
 character probabilities ``[B, W/8, 6625]``; class 0 is the CTC blank, classes
 1..6623 are the lines of the ``character`` metadata entry and the last class is a
-space. Its weights are stored in Constant nodes; :func:`prepare` writes a copy
-with them hoisted into initializers so that the quantizer can find MatMul weights.
+space. Its weights are stored in Constant nodes and its opset is 12; :func:`prepare`
+writes a copy with them hoisted into initializers (so that the quantizer finds MatMul
+and Conv weights) and converted to opset ``PREPARED_OPSET`` with ``onnx.version_converter``
+(DequantizeLinear with ``block_size`` and INT4 needs opset 21).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ REC_MODEL = "models/ch_PP-OCRv4_rec_infer.onnx"
 HEIGHT = 48
 MIN_WIDTH = 320
 BLANK = "<blank>"
+PREPARED_OPSET = 21
 
 
 def onnx_path() -> Path:
@@ -61,11 +64,14 @@ def hoist_constants(model) -> int:
 
 
 def prepare(out: str | os.PathLike) -> Path:
-    """Write the recogniser to ``out`` with its Constant weights as initializers (atomic)."""
+    """Write the recogniser to ``out``: Constant weights as initializers, opset 21 (atomic)."""
     import onnx
+    from onnx import version_converter
 
     proto = onnx.load(str(onnx_path()))
-    hoist_constants(proto)
+    proto = version_converter.convert_version(proto, PREPARED_OPSET)
+    hoist_constants(proto)  # after conversion, which adds Constant nodes (e.g. ReduceMean axes)
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent, prefix=f".{target.stem}.")
