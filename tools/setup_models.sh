@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+export PIP_ROOT_USER_ACTION=ignore
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then

@@ -26,6 +26,10 @@ from ox_quant.textdata import read_text, text_files
 
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_CONTEXT = 512
+#: Characters read per wanted token before falling back to the whole file (English text
+#: averages about 4 characters per token); the last token of a prefix may be cut, so one
+#: more token than needed is asked for.
+CHARS_PER_TOKEN_BOUND = 12
 
 
 def windows(token_lists: list[list[int]], context: int) -> list[np.ndarray]:
@@ -56,7 +60,12 @@ def load_token_lists(text: str | os.PathLike | None, max_tokens: int) -> tuple[l
     share = math.ceil(max_tokens / len(paths))
     lists = []
     for path in paths:
-        ids = tok.encode(read_text(path)).ids[:share]
+        text = read_text(path)
+        prefix = text[:share * CHARS_PER_TOKEN_BOUND]  # tokenising whole novels costs seconds
+        ids = tok.encode(prefix).ids
+        if len(ids) < share + 1 and len(prefix) < len(text):
+            ids = tok.encode(text).ids
+        ids = ids[:share]
         if len(ids) < 2:
             raise OxQuantError(f"text file {path} has fewer than 2 tokens")
         lists.append(ids)
