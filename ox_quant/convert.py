@@ -34,11 +34,13 @@ from ox_quant.modelio import (
     model_bytes,
     save_model_atomically,
 )
+from ox_quant.runtime import CUSTOM_DOMAIN
 from ox_quant.selection import Selection, config_for
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
+    write_custom,
     write_gather_block_quantized,
     write_matmulnbits,
     write_qdq,
@@ -189,8 +191,8 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
         blocker = matmulnbits_blocker(site)
         if blocker is None:
             return config, choose_format(config, site.k, site.n, site.dtype)
-        if config.format is Format.MATMULNBITS:
-            return Skip(site.name, f"--format matmulnbits: {blocker}")
+        if config.format in (Format.MATMULNBITS, Format.CUSTOM):
+            return Skip(site.name, f"--format {config.format.value}: {blocker}")
         return config, choose_qdq_only(config, blocker)
     if "gather" in kinds:
         return config, choose_qdq_only(config, "tied weight: one DequantizeLinear serves the Gather and the MatMul")
@@ -201,6 +203,7 @@ WRITERS = {
     "matmulnbits": write_matmulnbits,
     "qdq": write_qdq,
     "gather_block_quantized": write_gather_block_quantized,
+    "custom": write_custom,
 }
 
 
@@ -286,6 +289,8 @@ def convert(
         _ensure_opset(model, QDQ_MIN_OPSET)
     if formats & {"matmulnbits", "gather_block_quantized"}:
         model.opset_imports[MS_DOMAIN] = 1
+    if "custom" in formats:
+        model.opset_imports[CUSTOM_DOMAIN] = 1
 
     used_names = _all_names(model)
     total = len(plan)

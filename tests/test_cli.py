@@ -116,7 +116,8 @@ def test_external_data_input_and_output(tmp_path, capsys):
     "args, message",
     [
         (["--bits", "9"], "bits must be between 2 and 8"),
-        (["--bits", "3"], "no format can express int3"),
+        (["--bits", "3", "--format", "qdq"], "--format qdq cannot express int3"),
+        (["--bits", "3", "--format", "matmulnbits"], "MatMulNBits takes 2/4/8 bits, not 3"),
         (["--block-size", "100", "--format", "matmulnbits"], "power of two"),
         (["--block-size", "4096"], "larger than K"),
         (["--granularity", "rows"], "unknown granularity"),
@@ -164,3 +165,29 @@ def test_console_script_runs(model, tmp_path):
     assert json.loads(result.stdout)["output"] == str(tmp_path / "s.onnx")
     result = subprocess.run([sys.executable, "-m", "ox_quant.cli", "convert", "--help"], capture_output=True, text=True)
     assert "--block-size" in result.stdout and "--granularity" in result.stdout
+
+
+def test_demo_runs_the_whole_job_on_the_builtin_model(tmp_path, capsys):
+    code, out, err = cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["quantized"] == 14 and result["config"] == "int4 block:128 sym"
+    assert result["output_bytes"] < result["input_bytes"] / 6
+    assert 0.8 < result["cosine"] < 1.0 and result["sqnr_db"] > 3
+    assert Path(result["output"]).is_file()
+
+
+@pytest.mark.parametrize("granularity, expected", [
+    ("tensor", ("tensor", None)), ("channel", ("channel", -1)), ("channel-group:16", ("channel-group", 16)),
+    ("block:32", ("block", 32)),
+])
+def test_inspect_reads_custom_op_models(model, tmp_path, capsys, granularity, expected):
+    out = tmp_path / "c.onnx"
+    code, stdout, err = cli(capsys, "convert", str(model), "-o", str(out), "--bits", "3", "--granularity", granularity, "--json")
+    assert code == 0, err
+    converted = json.loads(stdout)
+    code, stdout, _ = cli(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert [(q["format"], q["bits"], q["granularity"], q["block_size"]) for q in info["quantized"]] == [
+        ("custom", 3, *expected)] * 2
+    assert info["bits_per_weight"] == pytest.approx(converted["bits_per_weight"])
