@@ -6,7 +6,7 @@ import pytest
 
 from real_models import convert_int8_per_channel, require
 
-pytestmark = require("rapidocr_onnxruntime", "rapidocr-onnxruntime")
+needs_package = require("rapidocr_onnxruntime", "rapidocr-onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_edit_distance():
     assert edit_distance("same", "same") == 0
 
 
+@needs_package
 def test_fp32_reads_rendered_lines():
     from models.tasks.ocr import evaluate
 
@@ -43,6 +44,7 @@ def test_fp32_reads_rendered_lines():
     assert result.metrics["line_accuracy"] >= 0.75
 
 
+@needs_package
 def test_hoisted_constants_give_same_predictions(hoisted):
     import onnx
 
@@ -54,6 +56,7 @@ def test_hoisted_constants_give_same_predictions(hoisted):
     assert evaluate(hoisted).details["predictions"] == evaluate().details["predictions"]
 
 
+@needs_package
 def test_int8_per_channel_still_reads(hoisted, tmp_path):
     from models.tasks.ocr import evaluate
 
