@@ -9,7 +9,6 @@ Its symmetric mode uses a signed scale that reaches all ``2**bits`` levels (docs
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     kwargs = dict(arguments)
     kwargs["quant_format"] = getattr(QuantFormat, kwargs["quant_format"])
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), **kwargs)
@@ -78,12 +76,13 @@ def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any
             return Row(**base, status="not supported", convert_seconds=seconds,
                        reason=f"{PEER_NAME} quantized no weight (it handles MatMul weights only)")
         scales, count, numel = scale_bytes(out)
-        layout = layout_of([(q.op, q.format, q.granularity + (f":{q.block_size}" if q.granularity == "block" else ""))
-                            for q in info.quantized])
+        if arguments.get("channel_wised_quantize"):  # DequantizeLinear(axis=1, block_size=K) on W^T, then Transpose
+            layout = f"MatMul: qdq channel x{count} (channel_wised_quantize)"
+        else:
+            layout = layout_of([("MatMul", q.format, f"{q.granularity}:{q.block_size}") for q in info.quantized])
         row = _measured_row(base, scorer, out, fp32_value)
-        mode = "QDQ channel_wised_quantize" if arguments.get("channel_wised_quantize") else "QOperator"
         return Row(**{**row.as_dict(), "bits_per_weight": info.bits_per_weight, "scale_bytes": scales,
-                      "weights_quantized": count, "params_quantized": numel, "layout": f"{layout} ({mode})",
+                      "weights_quantized": count, "params_quantized": numel, "layout": layout,
                       "convert_seconds": seconds})
     except OxQuantError as exc:
         return Row(**base, status="failed", reason=str(exc), convert_seconds=seconds)

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from ox_quant.config import Format
 from ox_quant.errors import OxQuantError
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers while the study runs (the peer warns about opsets it upgrades)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _command_line() -> str:
@@ -84,7 +100,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     if out.exists() and not out.is_dir():
         raise OxQuantError(f"--out {out} exists and is not a directory")
     stderr = Console(stderr=True)
-    with quiet_torch(load=model != "ppocr-rec"), contextlib.redirect_stdout(sys.stderr), \
+    with _quiet_loggers("onnxruntime.quantization", "onnx_ir"), quiet_torch(load=model != "ppocr-rec"), contextlib.redirect_stdout(sys.stderr), \
             Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                      TextColumn("{task.description}"), console=stderr, transient=True,
                      disable=not stderr.is_terminal) as bar:
