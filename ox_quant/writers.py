@@ -387,6 +387,8 @@ def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[
     attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
     if group != 1:
         attributes["channel_group_size"] = group
+    if config.accuracy_level is not None:
+        attributes["accuracy_level"] = config.accuracy_level
     return shapes, attributes
 
 
