@@ -61,13 +61,20 @@ def main(argv: list[str] | None = None) -> None:
     except OxQuantError as exc:
         if debug:
             raise
-        click.echo(f"ox-quant: error: {exc}", err=True)
+        click.echo(f"ox-quant: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("ox-quant: interrupted", err=True)
         sys.exit(130)
     except MemoryError:
         click.echo("ox-quant: error: out of memory", err=True)
+        sys.exit(1)
+    except Exception as exc:  # last resort: a bug in ox-quant, still reported on one line
+        if debug:
+            raise
+        from ox_quant.modelio import one_line, root_cause
+
+        click.echo(f"ox-quant: internal error: {one_line(root_cause(exc))} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(0)
 

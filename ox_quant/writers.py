@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.errors import OxQuantError
 from ox_quant.packing import pack_matmulnbits, pack_zero_points
 from ox_quant.quantize import QuantizedWeight, quantize
 from ox_quant.sites import WeightSite
@@ -27,6 +28,22 @@ Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
 ProgressHook = Callable[[str], None]
 
 SCALE_DTYPES = {"FLOAT": (np.float32, ir.DataType.FLOAT), "FLOAT16": (np.float16, ir.DataType.FLOAT16)}
+
+
+def nonfinite_message(name: str, w: np.ndarray, scale_dtype: type) -> str:
+    """Why weight ``name`` has a non-finite scale: NaN/Inf values, or a range too wide."""
+    bad = ~np.isfinite(w)
+    count = int(bad.sum())
+    if count:
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"weight {name!r} contains {count} NaN/Inf value{'s' if count > 1 else ''} "
+            f"(first at {list(where)}); fix the model or skip it with --exclude"
+        )
+    return (
+        f"weight {name!r} spans a range too wide for {np.dtype(scale_dtype).name} scales "
+        f"(max |w| = {float(np.abs(w).max()):.3g}); skip it with --exclude"
+    )
 
 
 class LazyQuantizedArrays:
@@ -50,7 +67,12 @@ class LazyQuantizedArrays:
         assert weight is not None
         w = np.asarray(weight.numpy()).reshape(self._site.k, self._site.n)
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
-        quantized = quantize(w, self._config, scale_dtype=scale_np)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
+            quantized = quantize(w, self._config, scale_dtype=scale_np)
+        # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
+        # costs one pass over [groups], not another pass over the weight.
+        if not np.isfinite(quantized.scales).all():
+            raise OxQuantError(nonfinite_message(self._site.name, w, scale_np))
         del w
         if isinstance(weight, ir.ExternalTensor):
             weight.release()  # unmap the input's pages: peak memory stays near one weight
