@@ -7,6 +7,7 @@ registered in ``COMMANDS`` below.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 1."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if not debug:  # libraries' log records must not reach stderr through logging's last resort
+        root = logging.getLogger()
+        if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+            root.addHandler(logging.NullHandler())
     try:
         cli.main(args=args, prog_name="ox-quant", standalone_mode=False)
     except click.exceptions.Abort:
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # last resort: a bug in ox-quant, still reported on one line
         if debug:
             raise
-        from ox_quant.modelio import one_line, root_cause
+        from ox_quant.errors import one_line
+        from ox_quant.modelio import root_cause
 
         click.echo(f"ox-quant: internal error: {one_line(root_cause(exc))} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)

@@ -10,23 +10,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import onnx_ir as ir
 
 from ox_quant.errors import OxQuantError
 
-if TYPE_CHECKING:
-    import onnx
-
 # Newest IR version the supported ONNX Runtime (>= 1.31) loads; onnx 1.23 writes 14.
 MAX_IR_VERSION = 13
-# Oldest IR version accepted: IR 3 introduced opset imports.
-MIN_IR_VERSION = 3
-# Oldest ai.onnx opset ONNX Runtime supports (older models "may run", it warns); convert
-# rejects older ones rather than guess.
-MIN_OPSET = 7
-ONNX_DOMAINS = ("", "ai.onnx")
 # Outputs whose initializers exceed this many bytes always use external data.
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
 
@@ -40,35 +31,6 @@ def external_files(model: ir.Model) -> set[Path]:
             if isinstance(tensor, ir.ExternalTensor):
                 files.add(Path(tensor.path).resolve())
     return files
-
-
-def check_external_data(model: ir.Model) -> None:
-    """Every external tensor's file exists and is long enough (reads no data)."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            path = Path(tensor.path)
-            if not path.is_file():
-                raise OxQuantError(f"external data file {path.name} of tensor {value.name!r} is missing")
-            if tensor.length is not None and tensor.length != tensor.nbytes:
-                raise OxQuantError(
-                    f"tensor {value.name!r} declares {tensor.length} bytes of external data, "
-                    f"but its shape {list(tensor.shape)} and dtype {tensor.dtype.name} need {tensor.nbytes}"
-                )
-            end = (tensor.offset or 0) + tensor.nbytes
-            if (tensor.offset or 0) < 0 or path.stat().st_size < end:
-                raise OxQuantError(
-                    f"external data file {path.name} is too short for tensor {value.name!r} "
-                    f"({path.stat().st_size} bytes, needs {end})"
-                )
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` with all whitespace runs collapsed to one space, cut to ``limit`` characters."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def find_error(exc: BaseException) -> OxQuantError | None:
@@ -91,86 +53,30 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
-    """The IR version and ai.onnx opset are ones ox-quant can read (and, when ``runnable``,
-    ones the installed ONNX Runtime can run)."""
-    import onnx
-
-    ir_version = proto.ir_version
-    if ir_version > onnx.IR_VERSION:
-        raise OxQuantError(
-            f"{name} has IR version {ir_version}, newer than the installed onnx {onnx.__version__} reads "
-            f"(up to {onnx.IR_VERSION})"
-        )
-    if ir_version < MIN_IR_VERSION:
-        raise OxQuantError(f"{name} has IR version {ir_version}; ox-quant reads IR {MIN_IR_VERSION} and newer")
-    versions = [entry.version for entry in proto.opset_import if entry.domain in ONNX_DOMAINS]
-    if not versions:
-        raise OxQuantError(f"{name} does not import the ai.onnx opset (opset_import has no entry for it)")
-    if len(versions) > 1:
-        raise OxQuantError(f"{name} imports the ai.onnx opset {len(versions)} times")
-    opset = versions[0]
-    newest = onnx.defs.onnx_opset_version()
-    if opset > newest:
-        raise OxQuantError(f"{name} uses ai.onnx opset {opset}, newer than the installed onnx {onnx.__version__} knows (up to {newest})")
-    if not runnable:
-        return
-    if opset < MIN_OPSET:
-        raise OxQuantError(
-            f"{name} uses ai.onnx opset {opset}; ox-quant converts opset {MIN_OPSET} and newer "
-            "(upgrade it first, e.g. with onnx.version_converter)"
-        )
-    from ox_quant.runtime import onnxruntime_supports_opset
-
-    if not onnxruntime_supports_opset(opset):
-        import onnxruntime
-
-        raise OxQuantError(
-            f"{name} uses ai.onnx opset {opset}, which the installed onnxruntime {onnxruntime.__version__} cannot run"
-        )
-
-
-def check_structure(path: Path) -> None:
-    """ONNX's checker with strict shape and type inference, on the graph file only.
-
-    Given a path, the checker parses the graph itself and never reads external data, so the
-    cost is that of the graph file, not the weights.
-    """
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise OxQuantError(f"{path.name} is not a valid ONNX model: {one_line(str(exc))}") from exc
-
-
 def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
     """Load and validate an ONNX model; external data stays on disk, memory-mapped on first use.
 
-    Validation reads the graph, not the weights: the protobuf parses, IR version and opset
-    are supported (by ONNX Runtime too when ``runnable``), every external-data file exists
-    and is long enough, and ONNX's checker (strict shape/type inference) passes.
+    Validation (``ox_quant.validate``) reads the graph, not the weights. ``runnable``: the
+    model is to be converted, so ONNX Runtime must accept it as well.
     """
     import onnx
+
+    from ox_quant.validate import validate
 
     path = Path(path)
     if not path.is_file():
         raise OxQuantError(f"{path}: no such file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
-    if not proto.HasField("graph"):
-        raise OxQuantError(f"{path.name} is not an ONNX model: it has no graph")
-    check_versions(proto, path.name, runnable)
+    validate(proto, path, runnable, min(proto.ir_version, MAX_IR_VERSION))
     try:
         model = ir.serde.deserialize_model(proto)
-    except Exception as exc:  # deserialisation of a proto the checker has not vetted yet
+    except Exception as exc:  # a proto the checks above let through but the IR cannot hold
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    check_external_data(model)
-    check_structure(path)
     return model
 
 
