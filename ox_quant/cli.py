@@ -20,6 +20,8 @@ from ox_quant.errors import OxQuantError
 COMMANDS: dict[str, str] = {
     "convert": "ox_quant.commands.convert:convert",
     "inspect": "ox_quant.commands.inspect:inspect_cmd",
+    "export": "ox_quant.commands.export:export_cmd",
+    "verify": "ox_quant.commands.verify:verify_cmd",
 }
 
 

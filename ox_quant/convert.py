@@ -6,18 +6,25 @@ a temporary name beside its destination and renamed into place.
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import onnx_ir as ir
 
-from ox_quant.config import Format, QuantConfig
+from ox_quant.config import Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.formats import FormatChoice, check_granularity_fits, choose_format, granularity_block_size
+from ox_quant.fold import fold_constant_weights
+from ox_quant.formats import (
+    FormatChoice,
+    check_granularity_fits,
+    choose_format,
+    choose_gather_format,
+    choose_qdq_only,
+    granularity_block_size,
+    qdq_rejects,
+)
 from ox_quant.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     MAX_IR_VERSION,
@@ -27,8 +34,15 @@ from ox_quant.modelio import (
     model_bytes,
     save_model_atomically,
 )
-from ox_quant.sites import Skip, WeightSite, find_sites
-from ox_quant.writers import MS_DOMAIN, matmulnbits_shapes, qdq_layout, write_matmulnbits, write_qdq
+from ox_quant.selection import Selection, config_for
+from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
+from ox_quant.writers import (
+    MS_DOMAIN,
+    matmulnbits_blocker,
+    write_gather_block_quantized,
+    write_matmulnbits,
+    write_qdq,
+)
 
 QDQ_MIN_OPSET = 21  # INT4/UINT4 and block_size on DequantizeLinear
 
@@ -38,7 +52,7 @@ class ConvertOptions:
     """Everything ``convert`` needs besides the paths."""
 
     config: QuantConfig = field(default_factory=QuantConfig)
-    exclude: tuple[str, ...] = ()
+    selection: Selection = field(default_factory=Selection)
 
 
 @dataclass(frozen=True)
@@ -110,22 +124,6 @@ class ConvertReport:
         }
 
 
-def stored_bytes(site: WeightSite, config: QuantConfig, choice: FormatChoice) -> int:
-    """Bytes a quantized weight occupies in the output: codes + scales + zero points."""
-    scale_bytes = 2 if site.dtype == "FLOAT16" else 4
-    if choice.format is Format.MATMULNBITS:
-        shapes = matmulnbits_shapes(site.k, site.n, config)
-        total = math.prod(shapes["B"]) + math.prod(shapes["scales"]) * scale_bytes
-        if "zero_points" in shapes:
-            total += math.prod(shapes["zero_points"])
-        return total
-    _, param_shape = qdq_layout(site.k, site.n, config)
-    params = math.prod(param_shape)
-    code_bytes = math.ceil(site.numel * config.bits / 8)
-    zp_bytes = 0 if config.symmetric else math.ceil(params * config.bits / 8)
-    return code_bytes + params * scale_bytes + zp_bytes
-
-
 def default_output_path(input_path: Path, config: QuantConfig) -> Path:
     """``model.onnx`` -> ``model.int4-block128.onnx`` (beside the input)."""
     tag = f"int{config.bits}-{str(config.granularity).replace(':', '')}"
@@ -180,6 +178,72 @@ def _ensure_opset(model: ir.Model, needed: int) -> None:
         ) from exc
 
 
+def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, FormatChoice] | Skip:
+    """The effective config and format for one site, or a skip with the reason.
+
+    Raises ``OxQuantError`` when the config itself is impossible (no format expresses it).
+    """
+    kinds = site.kinds
+    if kinds == {"conv"}:
+        if not isinstance(config.granularity, (PerTensor, PerChannel)):
+            config = replace(config, granularity=PerChannel())
+        if qdq_rejects(config, site.k, site.n):
+            return Skip(site.name, f"Conv weights are written as QDQ, which takes 4 or 8 bits, not {config.bits}")
+        return config, FormatChoice("qdq", "Conv weights are quantized per output channel (QDQ)")
+    misfit = check_granularity_fits(config, site.k, site.n)
+    if misfit:
+        return Skip(site.name, misfit)
+    if site.dtype == "BFLOAT16":
+        return config, choose_qdq_only(config, "bfloat16 weights: only DequantizeLinear takes bfloat16 scales")
+    if kinds == {"gather"}:
+        return config, choose_gather_format(config, site.k, site.n, site.dtype)
+    if kinds <= {"matmul", "gemm"}:
+        blocker = matmulnbits_blocker(site)
+        if blocker is None:
+            return config, choose_format(config, site.k, site.n, site.dtype)
+        if config.format is Format.MATMULNBITS:
+            return Skip(site.name, f"--format matmulnbits: {blocker}")
+        return config, choose_qdq_only(config, blocker)
+    if "gather" in kinds:
+        return config, choose_qdq_only(config, "tied weight: one DequantizeLinear serves the Gather and the MatMul")
+    return config, choose_qdq_only(config, "the MatMul reads the weight through a Transpose")
+
+
+WRITERS = {
+    "matmulnbits": write_matmulnbits,
+    "qdq": write_qdq,
+    "gather_block_quantized": write_gather_block_quantized,
+}
+
+
+def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightSite], list[Skip]]:
+    include, exclude = selection.compiled()
+    chosen, skips = [], []
+    for site in sites:
+        hit = name_matches(exclude, site)
+        if hit is not None:
+            skips.append(Skip(site.name, f"excluded by --exclude {hit!r}"))
+        elif include and name_matches(include, site) is None:
+            skips.append(Skip(site.name, "not matched by --include"))
+        elif site.numel < selection.min_elements:
+            skips.append(Skip(site.name, f"{site.numel} elements, fewer than --min-elements {selection.min_elements}"))
+        else:
+            chosen.append(site)
+    return chosen, skips
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    names: set[str] = set()
+    for graph in model.graphs():
+        names |= {n for n in graph.initializers if n}
+        names |= {v.name for v in graph.inputs if v.name}
+        for node in graph:
+            if node.name:
+                names.add(node.name)
+            names |= {o.name for o in node.outputs if o.name}
+    return names
+
+
 def convert(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,
@@ -192,43 +256,50 @@ def convert(
     Raises ``OxQuantError`` for bad input, impossible configurations or unwritable output.
     """
     options = options or ConvertOptions()
-    config = options.config
-    for pattern in options.exclude:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise OxQuantError(f"--exclude {pattern!r} is not a valid regular expression: {exc}") from None
+    selection = options.selection
+    selection.compiled()  # validate regexes before touching any file
     src = Path(input_path)
     model = load_model(src, runnable=True)
-    out = Path(output_path) if output_path is not None else default_output_path(src, config)
+    out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
     _check_paths(src, out, model)
     input_is_external = bool(external_files(model))
 
-    sites, skips = find_sites(model.graph, options.exclude)
-    plan: list[tuple[WeightSite, FormatChoice]] = []
-    misfits: list[Skip] = []
-    for site in sites:
-        misfit = check_granularity_fits(config, site.k, site.n)
-        if misfit:
-            misfits.append(Skip(site.name, misfit))
-            continue
-        plan.append((site, choose_format(config, site.k, site.n, site.dtype)))
-    if misfits and not plan:
-        raise OxQuantError(f"{misfits[0].reason} for every weight (e.g. {misfits[0].name})")
-    skips = skips + misfits
+    fold_constant_weights(model)
+    found, skips = find_sites(model, selection.include_ops)
+    sites, filtered = _select(found, selection)
+    skips = skips + filtered
 
-    uses_qdq = any(choice.format is Format.QDQ for _, choice in plan)
-    if uses_qdq:
+    plan: list[tuple[WeightSite, QuantConfig, FormatChoice]] = []
+    site_skips: list[Skip] = []
+    errors: list[tuple[WeightSite, OxQuantError]] = []
+    for site in sites:
+        config = config_for(site, options.config, selection.rules)
+        if config is None:
+            site_skips.append(Skip(site.name, "skipped by the recipe"))
+            continue
+        try:
+            planned = plan_site(site, config)
+        except OxQuantError as exc:
+            errors.append((site, exc))
+            continue
+        if isinstance(planned, Skip):
+            site_skips.append(planned)
+        else:
+            plan.append((site, *planned))
+    if errors and not plan:
+        raise errors[0][1]
+    if site_skips and not plan and not errors:
+        misfit = site_skips[0]
+        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
+    skips = skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
+
+    formats = {choice.format for _, _, choice in plan}
+    if "qdq" in formats:
         _ensure_opset(model, QDQ_MIN_OPSET)
-    if any(choice.format is Format.MATMULNBITS for _, choice in plan):
+    if formats & {"matmulnbits", "gather_block_quantized"}:
         model.opset_imports[MS_DOMAIN] = 1
 
-    used_names = {v.name for v in model.graph.initializers.values() if v.name}
-    used_names |= {n.name for n in model.graph if n.name}
-    for node in model.graph:
-        used_names |= {o.name for o in node.outputs if o.name}
-    used_names |= {v.name for v in model.graph.inputs if v.name}
-
+    used_names = _all_names(model)
     total = len(plan)
     done = [0]
 
@@ -238,9 +309,8 @@ def convert(
             progress(name, done[0], total)
 
     entries = []
-    for site, choice in plan:
-        writer = write_matmulnbits if choice.format is Format.MATMULNBITS else write_qdq
-        writer(model.graph, site, config, used_names, on_done)
+    for site, config, choice in plan:
+        nbytes = WRITERS[choice.format](site, config, used_names, on_done)
         entries.append(
             QuantizedEntry(
                 name=site.name,
@@ -250,13 +320,13 @@ def convert(
                 granularity=config.granularity.name,
                 block_size=granularity_block_size(config),
                 symmetric=config.symmetric,
-                format=choice.format.value,
+                format=choice.format,
                 format_reason=choice.reason,
-                stored_bytes=stored_bytes(site, config, choice),
+                stored_bytes=nbytes,
             )
         )
 
-    needed_ir = 10 if uses_qdq else model.ir_version
+    needed_ir = 10 if "qdq" in formats else model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), MAX_IR_VERSION)
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_path = save_model_atomically(model, out, external)
@@ -269,4 +339,3 @@ def convert(
         input_bytes=model_bytes(src),
         output_bytes=model_bytes(out),
     )
-

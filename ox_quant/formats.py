@@ -28,11 +28,14 @@ QDQ_BITS = (4, 8)
 FLOAT_DTYPES = ("FLOAT", "FLOAT16")  # activation dtypes MatMulNBits accepts on CPU
 
 
+WRITTEN_FORMATS = ("matmulnbits", "qdq", "gather_block_quantized", "custom")
+
+
 @dataclass(frozen=True)
 class FormatChoice:
-    """The format a weight is written in, and the one-line reason for it."""
+    """The format a weight is written in (one of ``WRITTEN_FORMATS``) and why."""
 
-    format: Format
+    format: str
     reason: str
 
 
@@ -69,7 +72,7 @@ def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
 
 
 def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
-    """Resolve ``config.format`` (``auto`` included) for a ``[K, N]`` weight.
+    """Resolve ``config.format`` (``auto`` included) for a MatMul weight ``[K, N]``.
 
     Raises ``OxQuantError`` with every format's reason when none can express it.
     The caller checks :func:`check_granularity_fits` first.
@@ -79,18 +82,60 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
     if config.format is Format.MATMULNBITS:
         if nbits_no:
             raise OxQuantError(f"--format matmulnbits cannot express {config.describe()}: {nbits_no}")
-        return FormatChoice(Format.MATMULNBITS, "requested")
+        return FormatChoice("matmulnbits", "requested")
     if config.format is Format.QDQ:
         if qdq_no:
             raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
-        return FormatChoice(Format.QDQ, "requested")
+        return FormatChoice("qdq", "requested")
     if config.format is Format.CUSTOM:
         raise OxQuantError("--format custom needs ox-quant's custom-op library, which this build does not write yet")
     if nbits_no is None:
-        return FormatChoice(Format.MATMULNBITS, "ONNX Runtime's MatMulNBits kernel accepts this config")
+        return FormatChoice("matmulnbits", "ONNX Runtime's MatMulNBits kernel accepts this config")
     if qdq_no is None:
-        return FormatChoice(Format.QDQ, nbits_no)
+        return FormatChoice("qdq", nbits_no)
     raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}")
+
+
+def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
+    """Why ``com.microsoft.GatherBlockQuantized`` cannot hold a table ``[V=N, D=K]``."""
+    if config.bits not in MATMULNBITS_BITS:
+        return f"GatherBlockQuantized takes 2/4/8 bits, not {config.bits}"
+    if not isinstance(config.granularity, Block):
+        return f"GatherBlockQuantized needs block scales along the embedding, not {config.granularity.name} scales"
+    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
+        return f"GatherBlockQuantized block size must be a power of two from 16 to 256, not {config.granularity.size}"
+    if (k * config.bits) % 8:
+        return f"embedding width {k} x {config.bits} bits is not a whole number of bytes"
+    if dtype not in FLOAT_DTYPES:
+        return f"GatherBlockQuantized takes float32/float16 tables, not {dtype.lower()}"
+    return None
+
+
+def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
+    """Format for an embedding table read only by Gather (``[V, D]``, blocks along D)."""
+    gbq_no = gather_rejects(config, k, n, dtype)
+    qdq_no = qdq_rejects(config, k, n, dtype)
+    if config.format is Format.QDQ:
+        if qdq_no:
+            raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
+        return FormatChoice("qdq", "requested")
+    if config.format is Format.CUSTOM:
+        raise OxQuantError("--format custom has no Gather op")
+    if gbq_no is None:
+        return FormatChoice("gather_block_quantized", "ONNX Runtime's GatherBlockQuantized accepts this config")
+    if config.format is Format.MATMULNBITS:
+        raise OxQuantError(f"GatherBlockQuantized cannot express {config.describe()}: {gbq_no}")
+    if qdq_no is None:
+        return FormatChoice("qdq", gbq_no)
+    raise OxQuantError(f"no format can express {config.describe()} for an embedding: {gbq_no}; {qdq_no}")
+
+
+def choose_qdq_only(config: QuantConfig, why: str) -> FormatChoice:
+    """QDQ, the one format that can serve every use (tied weights, Conv, general Gemm)."""
+    qdq_no = qdq_rejects(config, 0, 0)
+    if qdq_no:
+        raise OxQuantError(f"{why}, and {qdq_no}")
+    return FormatChoice("qdq", why)
 
 
 def granularity_block_size(config: QuantConfig) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from ox_quant.errors import OxQuantError
 
@@ -101,10 +101,14 @@ def make_session(
     provider: str = "cpu",
     exact: bool = True,
     threads: int | None = None,
+    *,
+    initializers: Mapping[str, Any] | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` on ``provider`` ("cpu" or "cuda").
 
     Registers ox-quant's custom-op library when the model uses the ``ox_quant`` domain.
+    ``initializers`` (name -> numpy array) replace the model's initializers of those names
+    for this session only (ORT ``add_initializer``; the file is not touched).
     Raises ``OxQuantError`` with a one-line reason when the model cannot be loaded.
     """
     import onnxruntime as ort
@@ -115,6 +119,11 @@ def make_session(
     if provider == "cuda" and not cuda_available():
         raise OxQuantError("the CUDA execution provider is not available on this machine (no GPU or no CUDA runtime)")
     options = make_session_options(exact=exact, threads=threads)
+    kept_values = []
+    for name, array in (initializers or {}).items():
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        kept_values.append(value)  # ORT reads them during the session's whole life
     if CUSTOM_DOMAIN in model_domains(path):
         from ox_quant.custom_ops import register_library
 
@@ -123,7 +132,35 @@ def make_session(
     if provider == "cuda":
         providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OxQuantError(f"ONNX Runtime cannot load {path.name}: {first}") from exc
+    session._ox_quant_kept_initializers = kept_values
+    return session
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads (probed once with a
+    one-node model, newest first)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    options = make_session_options()
+    for version in range(onnx.IR_VERSION, 6, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        probe.ir_version = version
+        try:
+            ort.InferenceSession(probe.SerializeToString(), sess_options=options, providers=[PROVIDERS["cpu"]])
+        except Exception:
+            continue
+        return version
+    raise OxQuantError("the installed onnxruntime loads none of the ONNX IR versions 7..%d" % onnx.IR_VERSION)

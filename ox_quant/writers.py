@@ -17,9 +17,9 @@ import onnx_ir as ir
 
 from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.packing import pack_matmulnbits, pack_zero_points
+from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
 from ox_quant.quantize import QuantizedWeight, quantize
-from ox_quant.sites import WeightSite
+from ox_quant.sites import Use, WeightSite
 
 MS_DOMAIN = "com.microsoft"
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
@@ -27,7 +27,11 @@ KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be
 Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
 ProgressHook = Callable[[str], None]
 
-SCALE_DTYPES = {"FLOAT": (np.float32, ir.DataType.FLOAT), "FLOAT16": (np.float16, ir.DataType.FLOAT16)}
+SCALE_DTYPES = {
+    "FLOAT": (np.float32, ir.DataType.FLOAT),
+    "FLOAT16": (np.float16, ir.DataType.FLOAT16),
+    "BFLOAT16": (ml_dtypes.bfloat16, ir.DataType.BFLOAT16),
+}
 
 
 def nonfinite_message(name: str, w: np.ndarray, scale_dtype: type) -> str:
@@ -65,7 +69,7 @@ class LazyQuantizedArrays:
     def _compute(self) -> dict[str, np.ndarray]:
         weight = self._site.value.const_value
         assert weight is not None
-        w = np.asarray(weight.numpy()).reshape(self._site.k, self._site.n)
+        w = self._site.normalise(np.asarray(weight.numpy()))
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
             quantized = quantize(w, self._config, scale_dtype=scale_np)
@@ -112,10 +116,59 @@ def _fresh_name(graph: ir.Graph, used: set[str], base: str) -> str:
     return name
 
 
-def _initializer(graph: ir.Graph, tensor: ir.LazyTensor) -> ir.Value:
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
     value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def stored_nbytes(values: list[ir.Value]) -> int:
+    """Bytes the values' tensors occupy on disk (4-bit types packed two per byte)."""
+    total = 0
+    for v in values:
+        tensor = v.const_value
+        assert tensor is not None
+        total += math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)
+    return total
+
+
+class Writer:
+    """Adds the quantized tensors of one site to its graph and rewires its uses."""
+
+    def __init__(self, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None):
+        self.site = site
+        self.config = config
+        self.graph = site.graph
+        self._used = used_names
+        self._on_done = on_done
+        self.created: list[ir.Value] = []
+
+    def name(self, suffix: str) -> str:
+        return _fresh_name(self.graph, self._used, self.site.name + suffix)
+
+    def lazy(self, packer: Packer) -> LazyQuantizedArrays:
+        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
+
+    def add(self, lazy: LazyQuantizedArrays, key: str, dtype: ir.DataType, shape: tuple[int, ...], suffix: str) -> ir.Value:
+        value = _initializer(self.graph, lazy.tensor(key, dtype, shape, self.name(suffix)))
+        self.created.append(value)
+        return value
+
+    def add_array(self, array: np.ndarray, dtype: ir.DataType, suffix: str) -> ir.Value:
+        value = _initializer(self.graph, ir.Tensor(array, dtype=dtype, name=self.name(suffix)))
+        self.created.append(value)
+        return value
+
+    @property
+    def scale_dtype(self) -> ir.DataType:
+        return SCALE_DTYPES[self.site.dtype][1]
+
+    def replace_node(self, old: ir.Node, new: ir.Node) -> None:
+        ir.convenience.replace_nodes_and_values(old.graph or self.graph, old, [old], [new], old.outputs, new.outputs)
+
+    def finish(self) -> int:
+        _drop_if_unused(self.graph, self.site.value)
+        return stored_nbytes(self.created)
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
@@ -124,7 +177,7 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# MatMulNBits
+# MatMulNBits (MatMul, and Gemm without alpha/transA)
 
 
 def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[int, ...]]:
@@ -155,51 +208,129 @@ def pack_for_matmulnbits(config: QuantConfig) -> Packer:
     return packer
 
 
-def write_matmulnbits(
-    graph: ir.Graph, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
-) -> None:
-    """Replace each ``MatMul(A, W)`` of ``site`` by ``com.microsoft.MatMulNBits``."""
+def gemm_bias(node: ir.Node, n: int) -> np.ndarray | None | str:
+    """Gemm's ``beta * C`` as a ``[N]`` bias for MatMulNBits; None without C; else why not."""
+    alpha = node.attributes.get("alpha")
+    if alpha is not None and alpha.as_float() != 1.0:
+        return "Gemm has alpha != 1"
+    trans_a = node.attributes.get("transA")
+    if trans_a is not None and trans_a.as_int():
+        return "Gemm has transA=1"
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is None:
+        return None
+    if c.const_value is None or c.is_graph_input():
+        return "Gemm bias is not a constant"
+    bias = np.asarray(c.const_value.numpy())
+    if bias.size != n or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+        return f"Gemm bias has shape {list(bias.shape)}, not [N]"
+    beta = node.attributes.get("beta")
+    scale = beta.as_float() if beta is not None else 1.0
+    return (bias.reshape(n).astype(np.float64) * scale).astype(bias.dtype)
+
+
+def matmulnbits_blocker(site: WeightSite) -> str | None:
+    """Why a site's uses cannot all become MatMulNBits nodes (None when they can)."""
+    for use in site.uses:
+        if use.kind == "gemm":
+            bias = gemm_bias(use.node, site.n)
+            if isinstance(bias, str):
+                return bias
+        elif use.kind != "matmul":
+            return f"{use.op} cannot read a MatMulNBits weight"
+    return None
+
+
+def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+    """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
     assert isinstance(config.granularity, Block)
-    lazy = LazyQuantizedArrays(site, config, pack_for_matmulnbits(config), on_done)
-    _, scale_ir = SCALE_DTYPES[site.dtype]
-    dtypes = {"B": ir.DataType.UINT8, "scales": scale_ir, "zero_points": ir.DataType.UINT8}
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(pack_for_matmulnbits(config))
+    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
     suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
     inputs = {
-        key: _initializer(graph, lazy.tensor(key, dtypes[key], shape, _fresh_name(graph, used_names, site.name + suffix[key])))
+        key: w.add(lazy, key, dtypes[key], shape, suffix[key])
         for key, shape in matmulnbits_shapes(site.k, site.n, config).items()
     }
-    attributes: dict[str, int] = {
-        "K": site.k,
-        "N": site.n,
-        "bits": config.bits,
-        "block_size": config.granularity.size,
-    }
+    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
     if config.accuracy_level is not None:
         attributes["accuracy_level"] = config.accuracy_level
-    for node, _ in site.consumers:
-        new_inputs = [node.inputs[0], inputs["B"], inputs["scales"]]
-        if "zero_points" in inputs:
-            new_inputs.append(inputs["zero_points"])
-        name = _fresh_name(graph, used_names, (node.name or site.name) + "_MatMulNBits")
+    for use in site.uses:
+        node = use.node
+        new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
+        if use.kind == "gemm":
+            bias = gemm_bias(node, site.n)
+            if isinstance(bias, np.ndarray):
+                new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
+        while new_inputs[-1] is None:
+            new_inputs.pop()
+        name = w.name("_MatMulNBits") if not node.name else _fresh_name(w.graph, used_names, node.name + "_MatMulNBits")
         new = ir.node("MatMulNBits", new_inputs, attributes, domain=MS_DOMAIN, name=name)
-        new.outputs[0].name = None  # replaced below by the old output's name
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
-    _drop_if_unused(graph, site.value)
+        w.replace_node(node, new)
+    return w.finish()
 
 
 # ----------------------------------------------------------------------------------
-# DequantizeLinear (QDQ)
+# GatherBlockQuantized (embedding tables read only by Gather)
 
 
-def qdq_layout(k: int, n: int, config: QuantConfig) -> tuple[dict[str, int], tuple[int, ...]]:
-    """DequantizeLinear attributes and the scale/zero-point shape for ``W[K, N]``."""
+def write_gather_block_quantized(
+    site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
+) -> int:
+    """Replace each ``Gather(table, ids)`` by ``com.microsoft.GatherBlockQuantized``.
+
+    Table ``[V, D]`` (``W = table.T``: K = D, N = V): data ``uint8[V, D*bits/8]`` (each row a
+    bitstream), scales ``[V, ceil(D/B)]``, zero points ``uint8[V, ceil(nb*bits/8)]``.
+    """
+    assert isinstance(config.granularity, Block)
+    v, d = site.n, site.k
+    nb = math.ceil(d / config.granularity.size)
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        out = {"data": pack_bitstream(np.ascontiguousarray(q.codes.T), q.bits), "scales": np.ascontiguousarray(q.scales.T)}
+        if not q.symmetric:
+            out["zero_points"] = pack_zero_points(q.zero_points, q.bits).reshape(v, -1)
+        return out
+
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(packer)
+    data = w.add(lazy, "data", ir.DataType.UINT8, (v, d * config.bits // 8), "_Q")
+    scales = w.add(lazy, "scales", w.scale_dtype, (v, nb), "_scales")
+    inputs: list[ir.Value | None] = [data, None, scales]
+    if not config.symmetric:
+        inputs.append(w.add(lazy, "zero_points", ir.DataType.UINT8, (v, math.ceil(nb * config.bits / 8)), "_zp"))
+    attributes = {"block_size": config.granularity.size, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
+    for use in site.uses:
+        node = use.node
+        node_inputs = list(inputs)
+        node_inputs[1] = node.inputs[1]
+        name = _fresh_name(w.graph, used_names, (node.name or site.name) + "_GatherBlockQuantized")
+        new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
+        w.replace_node(node, new)
+    return w.finish()
+
+
+# ----------------------------------------------------------------------------------
+# DequantizeLinear (QDQ): any use, the weight keeps its stored layout
+
+
+def qdq_layout(site: WeightSite, config: QuantConfig) -> tuple[dict[str, int], tuple[int, ...]]:
+    """DequantizeLinear attributes and scale shape for the weight *as stored*.
+
+    ``KN`` (``[K, N]``): channel axis 1, blocks along axis 0 -> scale ``[nb, N]``.
+    ``NK`` (``[N, K]`` or Conv ``[N, ...]``): channel axis 0, blocks along axis 1 -> ``[N, nb]``.
+    """
     g = config.granularity
+    n_axis, k_axis = (1, 0) if site.layout == "KN" else (0, 1)
     if isinstance(g, PerTensor):
         return {}, ()
     if isinstance(g, (PerChannel, ChannelGroup)):
-        return {"axis": 1}, (n,)
+        return {"axis": n_axis}, (site.n,)
     if isinstance(g, Block):
-        return {"axis": 0, "block_size": g.size}, (math.ceil(k / g.size), n)
+        if len(site.stored_shape) != 2:
+            raise ValueError("block scales need a rank-2 weight")
+        nb = math.ceil(site.k / g.size)
+        return {"axis": k_axis, "block_size": g.size}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
     raise TypeError(g)
 
 
@@ -210,45 +341,47 @@ def qdq_dtype(config: QuantConfig) -> ir.DataType:
     return ir.DataType.INT8 if config.symmetric else ir.DataType.UINT8
 
 
-def pack_for_qdq(config: QuantConfig, k: int, n: int) -> Packer:
-    _, param_shape = qdq_layout(k, n, config)
+def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
+    _, param_shape = qdq_layout(site, config)
+    nk = site.layout == "NK"
 
-    def per_axis(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
+    def params(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
         if isinstance(q.granularity, ChannelGroup):  # one value per channel, repeated G times
-            a = np.repeat(a[0], q.granularity.size)[:n]
-        return a.reshape(param_shape)
+            a = np.repeat(a[0], q.granularity.size)[: site.n]
+        elif nk and a.ndim == 2:
+            a = a.T
+        return np.ascontiguousarray(a).reshape(param_shape)
+
+    def stored(codes: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(codes.T).reshape(site.stored_shape) if nk else codes
 
     def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
         if q.symmetric:
             codes = (q.codes.astype(np.int16) - config.mid).astype(np.int8)
-            return {"q": codes, "scale": per_axis(q.scales, q)}
-        return {"q": q.codes, "scale": per_axis(q.scales, q), "zero_point": per_axis(q.zero_points, q)}
+            return {"q": stored(codes), "scale": params(q.scales, q)}
+        return {"q": stored(q.codes), "scale": params(q.scales, q), "zero_point": params(q.zero_points, q)}
 
     return packer
 
 
-def write_qdq(
-    graph: ir.Graph, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
-) -> None:
-    """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` feeding its consumers."""
-    attributes, param_shape = qdq_layout(site.k, site.n, config)
-    lazy = LazyQuantizedArrays(site, config, pack_for_qdq(config, site.k, site.n), on_done)
-    _, scale_ir = SCALE_DTYPES[site.dtype]
+def write_qdq(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+    """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` read by every use."""
+    attributes, param_shape = qdq_layout(site, config)
+    w = Writer(site, config, used_names, on_done)
+    lazy = w.lazy(pack_for_qdq(site, config))
     q_dtype = qdq_dtype(config)
-    q_value = _initializer(graph, lazy.tensor("q", q_dtype, (site.k, site.n), _fresh_name(graph, used_names, site.name + "_Q")))
-    s_value = _initializer(graph, lazy.tensor("scale", scale_ir, param_shape, _fresh_name(graph, used_names, site.name + "_scale")))
-    inputs = [q_value, s_value]
+    inputs = [w.add(lazy, "q", q_dtype, site.stored_shape, "_Q"), w.add(lazy, "scale", w.scale_dtype, param_shape, "_scale")]
     if not config.symmetric:
-        inputs.append(
-            _initializer(graph, lazy.tensor("zero_point", q_dtype, param_shape, _fresh_name(graph, used_names, site.name + "_zp")))
-        )
+        inputs.append(w.add(lazy, "zero_point", q_dtype, param_shape, "_zp"))
     meta = {"ox_quant.granularity": str(config.granularity), "ox_quant.bits": str(config.bits)}
-    name = _fresh_name(graph, used_names, site.name + "_DequantizeLinear")
-    dq = ir.node("DequantizeLinear", inputs, attributes, name=name, metadata_props=meta)
-    dq.outputs[0].name = _fresh_name(graph, used_names, site.name + "_dq")
+    dq = ir.node("DequantizeLinear", inputs, attributes, name=w.name("_DequantizeLinear"), metadata_props=meta)
+    dq.outputs[0].name = w.name("_dq")
     dq.outputs[0].dtype = site.value.dtype
-    dq.outputs[0].shape = ir.Shape([site.k, site.n])
-    graph.insert_before(graph.node(0), dq)
-    for node, index in site.consumers:
-        node.replace_input_with(index, dq.outputs[0])
-    _drop_if_unused(graph, site.value)
+    dq.outputs[0].shape = ir.Shape(site.stored_shape)
+    if len(w.graph) > 0:
+        w.graph.insert_before(w.graph.node(0), dq)
+    else:
+        w.graph.append(dq)
+    for use in site.uses:
+        use.node.replace_input_with(use.index, dq.outputs[0])
+    return w.finish()

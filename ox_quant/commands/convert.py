@@ -97,6 +97,11 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
+@click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
+@click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
+@click.option("--exclude-op", multiple=True, metavar="OP", help="Leave weights of these ops alone (repeatable).")
+@click.option("--min-elements", type=int, default=0, show_default=True, help="Skip weights with fewer elements.")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="JSON/YAML file of per-weight rules (bits, block size, format, skip) for mixed precision.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
 def convert(
     input_path: str,
@@ -108,15 +113,21 @@ def convert(
     symmetric: bool,
     accuracy_level: int | None,
     exclude: tuple[str, ...],
+    include: tuple[str, ...],
+    include_op: tuple[str, ...],
+    exclude_op: tuple[str, ...],
+    min_elements: int,
+    recipe: str | None,
     as_json: bool,
 ) -> None:
-    """Quantize the MatMul weights of the ONNX model INPUT.
+    """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
 
     \b
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
     from ox_quant.convert import ConvertOptions, convert as run_convert
+    from ox_quant.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
         bits=bits,
@@ -125,6 +136,16 @@ def convert(
         format=Format(fmt),
         accuracy_level=accuracy_level,
     )
+    if min_elements < 0:
+        raise OxQuantError(f"--min-elements must be >= 0, got {min_elements}")
+    selection = Selection(
+        include=include,
+        exclude=exclude,
+        include_ops=resolve_ops(include_op, exclude_op),
+        min_elements=min_elements,
+        rules=load_recipe(recipe) if recipe else (),
+    )
+    options = ConvertOptions(config=config, selection=selection)
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:
@@ -145,9 +166,9 @@ def convert(
             def progress(name: str, done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, description=name)
 
-            report = run_convert(input_path, output, ConvertOptions(config=config, exclude=exclude), progress)
+            report = run_convert(input_path, output, options, progress)
     else:
-        report = run_convert(input_path, output, ConvertOptions(config=config, exclude=exclude))
+        report = run_convert(input_path, output, options)
     elapsed = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps(report.as_dict()))

@@ -1,0 +1,154 @@
+"""Which weights are quantized, and with which config: filters and recipe files.
+
+A recipe (JSON or YAML) maps name patterns to per-weight configs, for mixed precision::
+
+    rules:
+      - match: "embed|lm_head"      # regex, searched in the weight name and its node names
+        bits: 8
+        granularity: channel
+      - match: "layers\\.0\\."
+        op: MatMul                  # optional: only weights of this consumer op
+        skip: true
+      - match: "."
+        bits: 4
+        block_size: 64
+        format: qdq
+        symmetric: false
+
+The first rule that matches a weight wins; its fields override the command-line config.
+A weight no rule matches keeps the command-line config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ox_quant.config import Format, QuantConfig, parse_granularity
+from ox_quant.errors import OxQuantError
+from ox_quant.sites import QUANTIZABLE_OPS, WeightSite, name_matches
+
+RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "accuracy_level"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: re.Pattern[str]
+    op: str | None
+    skip: bool
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Filters applied to every weight site.
+
+    include/exclude: regexes searched in weight and node names (exclude wins);
+    include_ops: consumer op types considered; min_elements: smaller weights are skipped.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_ops: tuple[str, ...] = QUANTIZABLE_OPS
+    min_elements: int = 0
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+    def compiled(self) -> tuple[list[re.Pattern[str]], list[re.Pattern[str]]]:
+        return [_compile(p, "--include") for p in self.include], [_compile(p, "--exclude") for p in self.exclude]
+
+
+def _compile(pattern: str, option: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise OxQuantError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def resolve_ops(include_ops: tuple[str, ...], exclude_ops: tuple[str, ...]) -> tuple[str, ...]:
+    """Op types to quantize from ``--include-op``/``--exclude-op`` (case-insensitive)."""
+    canonical = {op.lower(): op for op in QUANTIZABLE_OPS}
+    for op in (*include_ops, *exclude_ops):
+        if op.lower() not in canonical:
+            raise OxQuantError(f"unknown op type {op!r}: choose from {', '.join(QUANTIZABLE_OPS)}")
+    chosen = [canonical[o.lower()] for o in include_ops] if include_ops else list(QUANTIZABLE_OPS)
+    excluded = {canonical[o.lower()] for o in exclude_ops}
+    return tuple(op for op in chosen if op not in excluded)
+
+
+def load_recipe(path: str | Path) -> tuple[Rule, ...]:
+    """Parse a recipe file (``.json``, ``.yaml`` or ``.yml``) into rules."""
+    path = Path(path)
+    if not path.is_file():
+        raise OxQuantError(f"recipe {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OxQuantError(f"recipe {path.name} is not valid {path.suffix.lstrip('.') or 'JSON'}: {first}") from None
+    raw_rules = data.get("rules") if isinstance(data, dict) else data
+    if not isinstance(raw_rules, list):
+        raise OxQuantError(f"recipe {path.name}: expected a list of rules (or {{'rules': [...]}})")
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        where = f"recipe {path.name}, rule {i + 1}"
+        if not isinstance(raw, dict) or "match" not in raw:
+            raise OxQuantError(f"{where}: each rule is a mapping with a 'match' regex")
+        unknown = set(raw) - RULE_KEYS
+        if unknown:
+            raise OxQuantError(f"{where}: unknown keys {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(RULE_KEYS))})")
+        op = raw.get("op")
+        if op is not None and op not in QUANTIZABLE_OPS:
+            raise OxQuantError(f"{where}: op must be one of {', '.join(QUANTIZABLE_OPS)}")
+        overrides = {k: v for k, v in raw.items() if k not in ("match", "op", "skip")}
+        rules.append(Rule(_compile(str(raw["match"]), where), op, bool(raw.get("skip", False)), overrides))
+    return tuple(rules)
+
+
+def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "recipe") -> QuantConfig:
+    """``base`` with a rule's fields applied (validated like the command line)."""
+    if not overrides:
+        return base
+    try:
+        changes: dict[str, Any] = {}
+        if "bits" in overrides:
+            changes["bits"] = int(overrides["bits"])
+        if "symmetric" in overrides:
+            changes["symmetric"] = bool(overrides["symmetric"])
+        if "accuracy_level" in overrides:
+            changes["accuracy_level"] = None if overrides["accuracy_level"] is None else int(overrides["accuracy_level"])
+        if "format" in overrides:
+            changes["format"] = Format(str(overrides["format"]))
+        if "granularity" in overrides or "block_size" in overrides:
+            block = overrides.get("block_size")
+            text = overrides.get("granularity")
+            if text is None:
+                text = "channel" if block == -1 else "block"
+            kind = str(text).split(":")[0]
+            if block is None and kind in ("block", "channel-group") and ":" not in str(text):
+                block = getattr(base.granularity, "size", 128)
+            changes["granularity"] = parse_granularity(str(text), None if block is None else int(block))
+    except (ValueError, TypeError) as exc:
+        raise OxQuantError(f"{where}: {exc}") from None
+    return replace(base, **changes)
+
+
+def config_for(site: WeightSite, base: QuantConfig, rules: tuple[Rule, ...]) -> QuantConfig | None:
+    """The config for ``site`` under ``rules`` (None: a rule says skip)."""
+    for i, rule in enumerate(rules):
+        if rule.op is not None and rule.op not in site.op.split("+"):
+            continue
+        if name_matches([rule.pattern], site) is None:
+            continue
+        if rule.skip:
+            return None
+        return apply_overrides(base, rule.overrides, f"recipe rule {i + 1}")
+    return base
