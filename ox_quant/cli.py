@@ -20,8 +20,10 @@ from ox_quant.errors import OxQuantError
 COMMANDS: dict[str, str] = {
     "convert": "ox_quant.commands.convert:convert",
     "inspect": "ox_quant.commands.inspect:inspect_cmd",
+    "demo": "ox_quant.commands.demo:demo_cmd",
     "export": "ox_quant.commands.export:export_cmd",
     "verify": "ox_quant.commands.verify:verify_cmd",
+    "build-ops": "ox_quant.commands.build_ops:build_ops_cmd",
 }
 
 

@@ -1,11 +1,210 @@
-"""Locating and registering ox-quant's native custom-op library (see custom_ops/)."""
+"""ox-quant's native custom-op library (sources in ``custom_ops/``): finding it,
+registering it with ONNX Runtime, and building the inputs of its op.
+
+The op is ``ox_quant.MatMulNBits`` (domain ``ox_quant``, opset 1): com.microsoft.MatMulNBits'
+inputs and attributes, for any ``bits`` in 2..8 and any ``block_size``, plus the attribute
+``channel_group_size`` G (scales and zero points shared by G consecutive output channels)::
+
+    W[k, n] = (q[k, n] - zp[k // block_size, n // G]) * scale[k // block_size, n // G]
+    Y = A @ W (+ bias)
+
+Two libraries: ``libox_quant_ops.so`` (CPU kernels) and ``libox_quant_ops_cuda.so`` (the same
+CPU kernels plus CUDA kernels). Build them with ``ox-quant build-ops``.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
 from ox_quant.errors import OxQuantError
+from ox_quant.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
+
+DOMAIN = "ox_quant"
+OP_TYPE = "MatMulNBits"
+OPSET_VERSION = 1
+CPU_LIBRARY = "libox_quant_ops.so"
+CUDA_LIBRARY = "libox_quant_ops_cuda.so"
+ENV_LIB = "OX_QUANT_OPS_LIB"
+LIB_DIR = Path(__file__).resolve().parent / "lib"
+BUILD_HINT = "build it with `ox-quant build-ops` (or tools/build_ops.sh), or point OX_QUANT_OPS_LIB at it"
 
 
-def register_library(options, provider: str = "cpu") -> None:
-    raise OxQuantError(
-        "this model uses ox-quant custom ops (domain ox_quant) but the custom-op library is not built"
-    )
+def library_path(provider: str = "cpu") -> Path:
+    """Path of the custom-op library for ``provider`` ("cpu" or "cuda").
+
+    Looks at ``$OX_QUANT_OPS_LIB`` first (the library file itself, or a directory holding
+    it; for "cuda" the CUDA library beside the named file), then ``ox_quant/lib/``.
+    Raises ``OxQuantError`` saying how to build it when it is not there.
+    """
+    name = CUDA_LIBRARY if provider == "cuda" else CPU_LIBRARY
+    candidates: list[Path] = []
+    env = os.environ.get(ENV_LIB)
+    if env:
+        p = Path(env)
+        if p.is_dir():
+            candidates.append(p / name)
+        elif provider == "cuda":
+            candidates.append(p.parent / name)
+        else:
+            candidates.append(p)
+    candidates.append(LIB_DIR / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = ", ".join(str(c) for c in candidates)
+    what = "CUDA custom-op library" if provider == "cuda" else "custom-op library"
+    raise OxQuantError(f"the ox-quant {what} ({name}) is not built (looked in {where}): {BUILD_HINT}")
+
+
+def library_available(provider: str = "cpu") -> bool:
+    """True when :func:`library_path` finds the library for ``provider``."""
+    try:
+        library_path(provider)
+    except OxQuantError:
+        return False
+    return True
+
+
+def register_library(options, provider: str = "cpu") -> Path:
+    """Register the custom-op library with ``onnxruntime.SessionOptions``; return its path.
+
+    For "cuda" only the CUDA library is registered: it holds the CPU kernels as well (so nodes
+    that ONNX Runtime places on the CPU still run), and registering both libraries would
+    define the ``ox_quant`` domain twice.
+    """
+    path = library_path(provider)
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as exc:  # ORT raises its own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OxQuantError(f"ONNX Runtime cannot load {path}: {first}") from exc
+    return path
+
+
+# ----------------------------------------------------------------------------------
+# Op inputs
+
+
+@dataclass(frozen=True)
+class CustomMatMulWeights:
+    """Constant inputs and attributes of one ``ox_quant.MatMulNBits`` node.
+
+    ``B``: uint8[N, n_blocks, blob] (blob = ceil(block_size*bits/8)); ``scales``:
+    [ceil(N/G) * n_blocks] in the activation dtype, index ``g * n_blocks + b``;
+    ``zero_points``: uint8[ceil(N/G) * ceil(n_blocks*bits/8)] or None (then 2**(bits-1)).
+    """
+
+    B: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    attributes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """``{"B", "scales"[, "zero_points"]}``: the node's inputs 1, 2 (and 3), in order."""
+        out = {"B": self.B, "scales": self.scales}
+        if self.zero_points is not None:
+            out["zero_points"] = self.zero_points
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes (packed codes + scales + zero points), for bits-per-weight."""
+        return sum(int(a.nbytes) for a in self.inputs.values())
+
+
+def _grid(values: np.ndarray, n_blocks: int, n_groups: int, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size != n_blocks * n_groups:
+        raise OxQuantError(
+            f"{what} has {arr.size} values, expected n_blocks*n_groups = {n_blocks}*{n_groups} (shape [n_blocks, n_groups])"
+        )
+    return arr.reshape(n_blocks, n_groups)
+
+
+def custom_matmul_initializers(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    bits: int,
+    block_size: int,
+    channel_group_size: int = 1,
+    dtype: np.dtype | type = np.float32,
+) -> CustomMatMulWeights:
+    """Inputs and attributes of ``ox_quant.MatMulNBits`` for ``W = (codes - zp) * scales``.
+
+    ``codes``: unsigned integers uint8[K, N] in [0, 2**bits). ``scales`` and ``zero_points``:
+    [n_blocks, n_groups] with n_blocks = ceil(K / block_size) and n_groups = ceil(N / G)
+    (any shape with that many values in that order: [n_groups] when n_blocks = 1, a scalar for
+    per-tensor). ``zero_points=None`` means the symmetric 2**(bits-1).
+    Granularities: block B -> (block_size=B, G=1); per-channel -> (K, 1);
+    channel-group G -> (K, G); per-tensor -> (K, N).
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise OxQuantError(f"codes must be [K, N], got shape {codes.shape}")
+    if not 2 <= bits <= 8:
+        raise OxQuantError(f"ox_quant.MatMulNBits takes 2..8 bits, got {bits}")
+    k, n = codes.shape
+    if block_size < 1 or channel_group_size < 1:
+        raise OxQuantError("block_size and channel_group_size must be >= 1")
+    if codes.size and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise OxQuantError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
+    n_blocks = math.ceil(k / block_size)
+    n_groups = math.ceil(n / channel_group_size)
+    scale_grid = _grid(scales, n_blocks, n_groups, "scales")
+    packed = pack_matmulnbits(codes.astype(np.uint8), bits, block_size)
+    op_scales = np.ascontiguousarray(scale_grid.T.reshape(-1)).astype(dtype)
+    op_zp = None
+    if zero_points is not None:
+        zp_grid = _grid(zero_points, n_blocks, n_groups, "zero_points")
+        if zp_grid.min() < 0 or zp_grid.max() >= 2**bits:
+            raise OxQuantError(f"zero points must lie in [0, {2**bits - 1}] for {bits} bits")
+        op_zp = pack_zero_points(zp_grid.astype(np.uint8), bits)
+    attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+    if channel_group_size != 1:
+        attributes["channel_group_size"] = channel_group_size
+    return CustomMatMulWeights(B=packed, scales=op_scales, zero_points=op_zp, attributes=attributes)
+
+
+def dequantize_custom_matmul(weights: CustomMatMulWeights) -> np.ndarray:
+    """The float64 weight ``W[K, N]`` that a node with these inputs multiplies by (reference)."""
+    attrs = weights.attributes
+    k, n, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    g = attrs.get("channel_group_size", 1)
+    n_blocks, n_groups = math.ceil(k / bs), math.ceil(n / g)
+    codes = unpack_matmulnbits(np.asarray(weights.B).reshape(n, n_blocks, -1), bits, bs, k).astype(np.float64)
+    scales = np.asarray(weights.scales, dtype=np.float64).reshape(n_groups, n_blocks).T
+    if weights.zero_points is None:
+        zps = np.full((n_blocks, n_groups), 2 ** (bits - 1), dtype=np.float64)
+    else:
+        zps = unpack_zero_points(weights.zero_points, bits, n_blocks, n_groups).astype(np.float64)
+    rows = np.arange(k) // bs
+    cols = np.arange(n) // g
+    return (codes - zps[rows][:, cols]) * scales[rows][:, cols]
+
+
+def make_custom_matmul_node(
+    a: str,
+    y: str,
+    weight_names: dict[str, str],
+    attributes: dict[str, int],
+    bias: str | None = None,
+    name: str | None = None,
+):
+    """An ``onnx.NodeProto`` for ``ox_quant.MatMulNBits`` with inputs
+    (a, B, scales, zero_points or "", "" (g_idx), bias); ``weight_names`` maps the keys of
+    :attr:`CustomMatMulWeights.inputs` to initializer names."""
+    from onnx import helper
+
+    inputs = [a, weight_names["B"], weight_names["scales"], weight_names.get("zero_points", "")]
+    if bias:
+        inputs += ["", bias]
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return helper.make_node(OP_TYPE, inputs, [y], domain=DOMAIN, name=name or "", **attributes)

@@ -196,11 +196,20 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
         if out in ref and ref.shape(out) == qw.values.shape:
             return out, qw.values
         for node in cand_graph.node:
-            if len(node.input) > 1 and node.input[1] == out and node.op_type in ("MatMul", "Gemm"):
-                hit = matmul_weight(ref_producer.get(node.output[0]), _as_kn(node, qw.values))
-                if hit:
-                    return hit
-        return f"no reference initializer named {out!r} and no matching MatMul/Gemm in the reference"
+            for index, name in enumerate(node.input):
+                if name != out or not node.output:
+                    continue
+                # the reference node computing the same output reads the float weight at the same input
+                ref_node = ref_producer.get(node.output[0])
+                if ref_node is not None and index < len(ref_node.input):
+                    ref_name = ref_node.input[index]
+                    if ref_name in ref and ref.shape(ref_name) == qw.values.shape:
+                        return ref_name, qw.values
+                if index == 1 and node.op_type in ("MatMul", "Gemm"):
+                    hit = matmul_weight(ref_producer.get(node.output[0]), _as_kn(node, qw.values))
+                    if hit:
+                        return hit
+        return f"no reference initializer named {out!r} and no matching consumer in the reference"
     node = qw.node
     candidates = [ref_producer.get(node.output[0]), ref_by_name.get(node.name)]
     adds = [n for n in cand_graph.node if n.op_type == "Add" and node.output[0] in n.input]

@@ -164,3 +164,13 @@ def test_console_script_runs(model, tmp_path):
     assert json.loads(result.stdout)["output"] == str(tmp_path / "s.onnx")
     result = subprocess.run([sys.executable, "-m", "ox_quant.cli", "convert", "--help"], capture_output=True, text=True)
     assert "--block-size" in result.stdout and "--granularity" in result.stdout
+
+
+def test_demo_runs_the_whole_job_on_the_builtin_model(tmp_path, capsys):
+    code, out, err = cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["quantized"] == 14 and result["config"] == "int4 block:128 sym"
+    assert result["output_bytes"] < result["input_bytes"] / 6
+    assert 0.8 < result["cosine"] < 1.0 and result["sqnr_db"] > 3
+    assert Path(result["output"]).is_file()

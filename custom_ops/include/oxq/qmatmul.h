@@ -1,0 +1,68 @@
+// ox-quant custom ops: problem description shared by the CPU and CUDA kernels.
+// No ONNX Runtime dependency here: the kernels see plain pointers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace oxq {
+
+// Y[M, N] = A[M, K] @ W[K, N] (+ bias[N]), with
+//   W[k, n] = (q[n, k] - zp[g, b]) * scale[g, b],   b = k / block_size,  g = n / group.
+// q: codes of `bits` bits, packed per column n as n_blocks blobs of `blob` bytes
+//    (LSB-first bitstream, code i of a block at bits [i*bits, (i+1)*bits) of its blob).
+// scale: [n_groups * n_blocks] (index g * n_blocks + b).
+// zp:    packed, n_groups rows of zp_row bytes, each an LSB-first bitstream of n_blocks codes;
+//        nullptr means zp = 2**(bits-1) everywhere.
+struct QMatMulShape {
+  int64_t M = 0;
+  int64_t K = 0;
+  int64_t N = 0;
+  int bits = 4;
+  int64_t block_size = 32;
+  int64_t group = 1;  // channel_group_size: consecutive output channels sharing a scale
+
+  int64_t n_blocks() const { return (K + block_size - 1) / block_size; }
+  int64_t blob() const { return (block_size * bits + 7) / 8; }
+  int64_t n_groups() const { return (N + group - 1) / group; }
+  int64_t zp_row() const { return (n_blocks() * bits + 7) / 8; }
+  int64_t packed_bytes() const { return N * n_blocks() * blob(); }
+  int64_t n_scales() const { return n_groups() * n_blocks(); }
+  int64_t zp_bytes() const { return n_groups() * zp_row(); }
+};
+
+// Code `index` of an LSB-first bitstream of `bits`-bit codes (reads only the bytes it needs).
+inline uint32_t bitstream_code(const uint8_t* row, int64_t index, int bits) {
+  const int64_t bit = index * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = row[byte] >> shift;
+  if (shift + bits > 8) v |= static_cast<uint32_t>(row[byte + 1]) << (8 - shift);
+  return v & ((1u << bits) - 1u);
+}
+
+// Runs fn(data, i) for i in [0, n_tasks), possibly in parallel.
+struct TaskRunner {
+  virtual ~TaskRunner() = default;
+  virtual void run(size_t n_tasks, void (*fn)(void*, size_t), void* data) const = 0;
+};
+
+// Serial runner (tests, fallback).
+struct SerialRunner final : TaskRunner {
+  void run(size_t n_tasks, void (*fn)(void*, size_t), void* data) const override {
+    for (size_t i = 0; i < n_tasks; ++i) fn(data, i);
+  }
+};
+
+// CPU kernel, float32 everywhere. zp and bias may be nullptr.
+void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const float* scales,
+                 const uint8_t* zp, const float* bias, float* Y, const TaskRunner& runner);
+
+// Half <-> float conversions (F16C when the CPU has it).
+void half_to_float(const uint16_t* in, float* out, size_t n);
+void float_to_half(const float* in, uint16_t* out, size_t n);
+
+// Which CPU code path qmatmul_cpu uses: "avx2" or "portable".
+const char* cpu_isa();
+
+}  // namespace oxq

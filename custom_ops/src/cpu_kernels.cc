@@ -1,0 +1,527 @@
+// CPU kernels for ox_quant.MatMulNBits (see custom_ops/README.md for the op's semantics).
+//
+// Two paths, both threaded over output channels N through a TaskRunner:
+//  * M == 1 (decoding): stream the packed weights once. Per column and block,
+//    dot(a_blk, q_blk) is accumulated from codes unpacked 8 at a time, and
+//    y += s * (dot - zp * sum(a_blk)), so neither the scale nor the zero point touch
+//    the inner loop.
+//  * M > 1: dequantize a tile of NT columns once into a float buffer (w = (q - zp) * s),
+//    then a register-blocked dot-product GEMM (4 rows x 3 columns) over K chunks.
+// The AVX2/FMA versions are chosen at run time (__builtin_cpu_supports); a portable C++
+// version runs everywhere else (and when OX_QUANT_OPS_ISA=portable).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "oxq/qmatmul.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define OXQ_X86 1
+#include <immintrin.h>
+#endif
+
+namespace oxq {
+namespace {
+
+constexpr int64_t kTileN = 24;    // columns dequantized per task (M > 1)
+constexpr int64_t kChunkK = 512;  // K chunk of the GEMM (keeps A's chunk in L2)
+constexpr int64_t kColsPerTaskM1 = 16;
+
+struct Problem {
+  QMatMulShape s;
+  int64_t nb, blob, zp_row;
+  const float* A;
+  const uint8_t* B;
+  const uint8_t* B_end;
+  const float* scales;
+  const uint8_t* zp;
+  const float* bias;
+  float* Y;
+  std::vector<float> asum;  // [n_blocks] (M == 1)
+
+  float scale(int64_t n, int64_t b) const { return scales[(n / s.group) * nb + b]; }
+  float zero(int64_t n, int64_t b) const {
+    if (!zp) return static_cast<float>(1 << (s.bits - 1));
+    return static_cast<float>(bitstream_code(zp + (n / s.group) * zp_row, b, s.bits));
+  }
+  int64_t block_len(int64_t b) const { return std::min(s.block_size, s.K - b * s.block_size); }
+  const uint8_t* blob_ptr(int64_t n, int64_t b) const { return B + (n * nb + b) * blob; }
+};
+
+// 8 consecutive bytes at p (fewer near the end of B, zero filled).
+inline uint64_t load_group(const uint8_t* p, const uint8_t* end) {
+  uint64_t x = 0;
+  const int64_t avail = end - p;
+  std::memcpy(&x, p, static_cast<size_t>(avail >= 8 ? 8 : avail));
+  return x;
+}
+
+// Group of `count` (<= 8) codes starting at p: only the bytes they occupy are read.
+inline uint64_t load_partial(const uint8_t* p, int count, int bits) {
+  uint64_t x = 0;
+  std::memcpy(&x, p, static_cast<size_t>((count * bits + 7) / 8));
+  return x;
+}
+
+bool use_avx2() {
+#ifdef OXQ_X86
+  const char* isa = std::getenv("OX_QUANT_OPS_ISA");
+  if (isa && std::strcmp(isa, "portable") == 0) return false;
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------------------
+// Portable path
+
+void m1_portable(const Problem& p, int64_t n0, int64_t n1) {
+  const int bits = p.s.bits;
+  const uint64_t mask = (1u << bits) - 1u;
+  for (int64_t n = n0; n < n1; ++n) {
+    float y = 0.f;
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const int64_t len = p.block_len(b);
+      const float* a = p.A + b * p.s.block_size;
+      const uint8_t* q = p.blob_ptr(n, b);
+      float dot = 0.f;
+      for (int64_t i = 0; i < len; i += 8) {
+        const int cnt = static_cast<int>(std::min<int64_t>(8, len - i));
+        const uint64_t x = cnt == 8 ? load_group(q + (i / 8) * bits, p.B_end) : load_partial(q + (i / 8) * bits, cnt, bits);
+        for (int j = 0; j < cnt; ++j) dot += a[i + j] * static_cast<float>((x >> (j * bits)) & mask);
+      }
+      const float sc = p.scale(n, b);
+      y += sc * (dot - p.zero(n, b) * p.asum[b]);
+    }
+    p.Y[n] = y + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// w[0..K) = dequantized column n, w[K..K8) = 0.
+void dequant_column_portable(const Problem& p, int64_t n, float* w, int64_t k8) {
+  const int bits = p.s.bits;
+  const uint64_t mask = (1u << bits) - 1u;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t len = p.block_len(b);
+    const uint8_t* q = p.blob_ptr(n, b);
+    const float sc = p.scale(n, b), off = -p.zero(n, b) * sc;
+    float* out = w + b * p.s.block_size;
+    for (int64_t i = 0; i < len; i += 8) {
+      const int cnt = static_cast<int>(std::min<int64_t>(8, len - i));
+      const uint64_t x = cnt == 8 ? load_group(q + (i / 8) * bits, p.B_end) : load_partial(q + (i / 8) * bits, cnt, bits);
+      for (int j = 0; j < cnt; ++j) out[i + j] = static_cast<float>((x >> (j * bits)) & mask) * sc + off;
+    }
+  }
+  for (int64_t k = p.s.K; k < k8; ++k) w[k] = 0.f;
+}
+
+// C[i, j] += sum_k A[i, k] * W[j][k] for i < mr, j < nr, k in [k0, k1).
+void micro_portable(const float* A, int64_t lda, const float* const* W, int mr, int nr, int64_t k0, int64_t k1,
+                    float* C, int64_t ldc) {
+  for (int i = 0; i < mr; ++i) {
+    const float* a = A + i * lda;
+    for (int j = 0; j < nr; ++j) {
+      const float* w = W[j];
+      float acc = 0.f;
+      for (int64_t k = k0; k < k1; ++k) acc += a[k] * w[k];
+      C[i * ldc + j] += acc;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------
+// AVX2 path
+#ifdef OXQ_X86
+
+struct Unpack8 {
+  __m256i ctl, shv, mask;
+};
+
+__attribute__((target("avx2,fma"))) Unpack8 make_unpack8(int bits) {
+  alignas(32) uint8_t ctl[32];
+  alignas(32) int32_t shv[8];
+  for (int j = 0; j < 8; ++j) {
+    const int start = (j * bits) / 8;  // first byte of code j (the same 8 bytes sit in both 128-bit halves)
+    for (int t = 0; t < 4; ++t) ctl[4 * j + t] = static_cast<uint8_t>(start + t);
+    shv[j] = (j * bits) % 8;
+  }
+  Unpack8 u;
+  u.ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctl));
+  u.shv = _mm256_load_si256(reinterpret_cast<const __m256i*>(shv));
+  u.mask = _mm256_set1_epi32((1 << bits) - 1);
+  return u;
+}
+
+// 8 codes (LSB-first, `bits` each, in the low bytes of x) as 8 floats.
+__attribute__((target("avx2,fma"))) inline __m256 unpack8(uint64_t x, const Unpack8& u) {
+  __m256i v = _mm256_set1_epi64x(static_cast<long long>(x));
+  v = _mm256_shuffle_epi8(v, u.ctl);
+  v = _mm256_srlv_epi32(v, u.shv);
+  v = _mm256_and_si256(v, u.mask);
+  return _mm256_cvtepi32_ps(v);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load_tail(const float* a, int cnt) {
+  alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int j = 0; j < cnt; ++j) t[j] = a[j];
+  return _mm256_load_ps(t);
+}
+
+// dot(a[0..len), codes of one block) for a block that may be partial or near the end of B
+// (every load bounds-checked).
+__attribute__((target("avx2,fma"))) __m256 block_dot_checked(const Problem& p, const float* a, const uint8_t* q,
+                                                            int64_t len, const Unpack8& u) {
+  const int bits = p.s.bits;
+  __m256 acc = _mm256_setzero_ps();
+  const int64_t full = len / 8;
+  for (int64_t g = 0; g < full; ++g)
+    acc = _mm256_fmadd_ps(unpack8(load_group(q + g * bits, p.B_end), u), _mm256_loadu_ps(a + 8 * g), acc);
+  const int rest = static_cast<int>(len - 8 * full);
+  if (rest) acc = _mm256_fmadd_ps(unpack8(load_partial(q + full * bits, rest, bits), u), load_tail(a + 8 * full, rest), acc);
+  return acc;
+}
+
+// sum_b scale[b] * zp[b] * asum[b] over the blocks of one channel group (zp row may be null).
+__attribute__((target("avx2,fma"))) float zero_correction(const Problem& p, const float* sp, const uint8_t* zrow,
+                                                         const Unpack8& zu) {
+  const int bits = p.s.bits;
+  const float* asum = p.asum.data();
+  const int64_t nb = p.nb;
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  if (zrow) {
+    for (; b + 8 <= nb; b += 8)  // 8 zero points = `bits` bytes; the row holds ceil(nb*bits/8) bytes
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b)),
+                            unpack8(load_partial(zrow + (b / 8) * bits, 8, bits), zu), acc);
+    float t = hsum(acc);
+    for (; b < nb; ++b) t += sp[b] * asum[b] * static_cast<float>(bitstream_code(zrow, b, bits));
+    return t;
+  }
+  for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b), acc);
+  float t = hsum(acc);
+  for (; b < nb; ++b) t += sp[b] * asum[b];
+  return t * static_cast<float>(1 << (bits - 1));
+}
+
+// NC columns from n on. Blocks of a multiple of 8 codes that lie wholly inside K take the fast
+// loop (plain 8-byte loads: the caller guarantees they stay inside B for these columns).
+template <int NC, bool kFast>
+__attribute__((target("avx2,fma"))) void m1_avx2_cols(const Problem& p, int64_t n, const Unpack8& u) {
+  const int bits = p.s.bits;
+  const int64_t bs = p.s.block_size, nb = p.nb;
+  const int64_t gpb = bs / 8;
+  const int64_t fast_blocks = kFast ? p.s.K / bs : 0;
+  const uint8_t* q[NC];
+  const float* sp[NC];
+  const uint8_t* zp[NC];
+  __m256 yv[NC];
+  float corr[NC];
+  for (int c = 0; c < NC; ++c) {
+    q[c] = p.blob_ptr(n + c, 0);
+    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
+    zp[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
+    yv[c] = _mm256_setzero_ps();
+    corr[c] = zero_correction(p, sp[c], zp[c], u);
+  }
+  int64_t b = 0;
+  for (; b < fast_blocks; ++b) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+    const float* a = p.A + b * bs;
+    const int64_t off = b * p.blob;
+    for (int64_t g = 0; g < gpb; ++g) {
+      const __m256 av = _mm256_loadu_ps(a + 8 * g);
+      for (int c = 0; c < NC; ++c) {
+        const __m256i x = _mm256_set1_epi64x(*reinterpret_cast<const long long*>(q[c] + off + g * bits));
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, u.ctl), u.shv), u.mask);
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), av, acc[c]);
+      }
+    }
+    for (int c = 0; c < NC; ++c) yv[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(sp[c] + b), acc[c], yv[c]);
+  }
+  for (; b < nb; ++b) {
+    const int64_t len = p.block_len(b);
+    for (int c = 0; c < NC; ++c) {
+      const __m256 acc = block_dot_checked(p, p.A + b * bs, q[c] + b * p.blob, len, u);
+      yv[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(sp[c] + b), acc, yv[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) p.Y[n + c] = hsum(yv[c]) - corr[c] + (p.bias ? p.bias[n + c] : 0.f);
+}
+
+__attribute__((target("avx2,fma"))) void m1_avx2(const Problem& p, int64_t n0, int64_t n1) {
+  const Unpack8 u = make_unpack8(p.s.bits);
+  // Columns before fast_end may use plain 8-byte loads anywhere in their data: such a load
+  // starts at most `bits` bytes before the column's end, so it ends at most 8 - bits bytes
+  // into the following columns.
+  const int64_t col_bytes = p.nb * p.blob;
+  const int64_t spill_cols = (8 + col_bytes - 1) / col_bytes;
+  const int64_t fast_end = (p.s.block_size % 8 == 0) ? std::max<int64_t>(0, p.s.N - spill_cols) : 0;
+  int64_t n = n0;
+  for (; n + 4 <= std::min(n1, fast_end); n += 4) m1_avx2_cols<4, true>(p, n, u);
+  for (; n < std::min(n1, fast_end); ++n) m1_avx2_cols<1, true>(p, n, u);
+  for (; n < n1; ++n) m1_avx2_cols<1, false>(p, n, u);
+}
+
+__attribute__((target("avx2,fma"))) void dequant_column_avx2(const Problem& p, int64_t n, float* w, int64_t k8,
+                                                            const Unpack8& u) {
+  const int bits = p.s.bits;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t len = p.block_len(b);
+    const int64_t full = len / 8;
+    const uint8_t* q = p.blob_ptr(n, b);
+    const float sc = p.scale(n, b);
+    const __m256 sv = _mm256_set1_ps(sc), ov = _mm256_set1_ps(-p.zero(n, b) * sc);
+    float* out = w + b * p.s.block_size;
+    for (int64_t g = 0; g < full; ++g)
+      _mm256_storeu_ps(out + 8 * g, _mm256_fmadd_ps(unpack8(load_group(q + g * bits, p.B_end), u), sv, ov));
+    const int rest = static_cast<int>(len - 8 * full);
+    if (rest) {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, _mm256_fmadd_ps(unpack8(load_partial(q + full * bits, rest, bits), u), sv, ov));
+      for (int j = 0; j < rest; ++j) out[8 * full + j] = t[j];
+    }
+  }
+  for (int64_t k = p.s.K; k < k8; ++k) w[k] = 0.f;
+}
+
+// C[i, j] += sum_k A[i, k] * W[j][k]; W rows are zero padded to a multiple of 8, A rows are not.
+template <int MR, int NR>
+__attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda, const float* const* W, int64_t k0,
+                                                   int64_t k1, float* C, int64_t ldc) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t kv = k0 + ((k1 - k0) / 8) * 8;
+  for (int64_t k = k0; k < kv; k += 8) {
+    __m256 w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = _mm256_loadu_ps(W[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_loadu_ps(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(a, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float t = hsum(acc[i][j]);
+      for (int64_t k = kv; k < k1; ++k) t += A[i * lda + k] * W[j][k];
+      C[i * ldc + j] += t;
+    }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float* const*, int64_t, int64_t, float*, int64_t);
+const MicroFn kMicro[4][3] = {
+    {micro_avx2<1, 1>, micro_avx2<1, 2>, micro_avx2<1, 3>},
+    {micro_avx2<2, 1>, micro_avx2<2, 2>, micro_avx2<2, 3>},
+    {micro_avx2<3, 1>, micro_avx2<3, 2>, micro_avx2<3, 3>},
+    {micro_avx2<4, 1>, micro_avx2<4, 2>, micro_avx2<4, 3>},
+};
+
+#endif  // OXQ_X86
+
+// ------------------------------------------------------------------------------
+// Tasks
+
+struct TaskData {
+  const Problem* p;
+  bool avx2;
+  int64_t cols;  // columns per task
+};
+
+void m1_task(void* data, size_t task) {
+  const TaskData& t = *static_cast<const TaskData*>(data);
+  const int64_t n0 = static_cast<int64_t>(task) * t.cols;
+  const int64_t n1 = std::min(t.p->s.N, n0 + t.cols);
+#ifdef OXQ_X86
+  if (t.avx2) return m1_avx2(*t.p, n0, n1);
+#endif
+  m1_portable(*t.p, n0, n1);
+}
+
+void gemm_task(void* data, size_t task) {
+  const TaskData& t = *static_cast<const TaskData*>(data);
+  const Problem& p = *t.p;
+  const int64_t M = p.s.M, K = p.s.K, N = p.s.N;
+  const int64_t n0 = static_cast<int64_t>(task) * t.cols;
+  const int64_t nt = std::min(N, n0 + t.cols) - n0;
+  const int64_t k8 = (K + 7) / 8 * 8;
+  thread_local std::vector<float> wbuf, cbuf;
+  wbuf.resize(static_cast<size_t>(nt * k8));
+  cbuf.assign(static_cast<size_t>(M * nt), 0.f);
+#ifdef OXQ_X86
+  const Unpack8 u = t.avx2 ? make_unpack8(p.s.bits) : Unpack8{};
+#endif
+  for (int64_t j = 0; j < nt; ++j) {
+#ifdef OXQ_X86
+    if (t.avx2) {
+      dequant_column_avx2(p, n0 + j, wbuf.data() + j * k8, k8, u);
+      continue;
+    }
+#endif
+    dequant_column_portable(p, n0 + j, wbuf.data() + j * k8, k8);
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+    const int64_t k1 = std::min(K, k0 + kChunkK);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      for (int64_t j0 = 0; j0 < nt; j0 += 3) {
+        const int nr = static_cast<int>(std::min<int64_t>(3, nt - j0));
+        const float* W[3];
+        for (int j = 0; j < nr; ++j) W[j] = wbuf.data() + (j0 + j) * k8;
+        float* C = cbuf.data() + m0 * nt + j0;
+        const float* A = p.A + m0 * K;
+#ifdef OXQ_X86
+        if (t.avx2) {
+          kMicro[mr - 1][nr - 1](A, K, W, k0, k1, C, nt);
+          continue;
+        }
+#endif
+        micro_portable(A, K, W, mr, nr, k0, k1, C, nt);
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < nt; ++j)
+      p.Y[m * N + n0 + j] = cbuf[m * nt + j] + (p.bias ? p.bias[n0 + j] : 0.f);
+}
+
+}  // namespace
+
+const char* cpu_isa() { return use_avx2() ? "avx2" : "portable"; }
+
+void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const float* scales, const uint8_t* zp,
+                 const float* bias, float* Y, const TaskRunner& runner) {
+  if (s.M <= 0 || s.N <= 0) return;
+  Problem p;
+  p.s = s;
+  p.nb = s.n_blocks();
+  p.blob = s.blob();
+  p.zp_row = s.zp_row();
+  p.A = A;
+  p.B = B;
+  p.B_end = B + s.packed_bytes();
+  p.scales = scales;
+  p.zp = zp;
+  p.bias = bias;
+  p.Y = Y;
+  if (s.K == 0) {
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t n = 0; n < s.N; ++n) Y[m * s.N + n] = bias ? bias[n] : 0.f;
+    return;
+  }
+  TaskData t{&p, use_avx2(), 0};
+  if (s.M == 1) {
+    p.asum.assign(static_cast<size_t>(p.nb), 0.f);
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const int64_t len = p.block_len(b);
+      float acc = 0.f;
+      for (int64_t i = 0; i < len; ++i) acc += A[b * s.block_size + i];
+      p.asum[b] = acc;
+    }
+    t.cols = kColsPerTaskM1;
+    runner.run(static_cast<size_t>((s.N + t.cols - 1) / t.cols), m1_task, &t);
+  } else {
+    t.cols = kTileN;
+    runner.run(static_cast<size_t>((s.N + t.cols - 1) / t.cols), gemm_task, &t);
+  }
+}
+
+// ------------------------------------------------------------------------------
+// Half precision conversions
+
+namespace {
+
+float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      uint32_t m = man;
+      do {
+        ++e;
+        m <<= 1;
+      } while ((m & 0x400u) == 0);
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (m & 0x3FFu) << 13;
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | man << 13;
+  } else {
+    bits = sign | (exp + 112u) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
+  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (ax < 0x38800000u) {  // result subnormal or zero: round |f| * 2**24 to an integer, ties to even
+    float mag;
+    std::memcpy(&mag, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(mag * 16777216.0f)));
+  }
+  const uint32_t mant_odd = (ax >> 13) & 1u;
+  const uint32_t rounded = ax + 0xC8000FFFu + mant_odd;  // rebias exponent (-112 << 23) and round to nearest even
+  return static_cast<uint16_t>(sign | (rounded >> 13));
+}
+
+#ifdef OXQ_X86
+bool has_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const uint16_t* in, float* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = half_bits_to_float(in[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* in, uint16_t* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) out[i] = float_to_half_bits(in[i]);
+}
+#endif
+
+}  // namespace
+
+void half_to_float(const uint16_t* in, float* out, size_t n) {
+#ifdef OXQ_X86
+  if (has_f16c()) return half_to_float_f16c(in, out, n);
+#endif
+  for (size_t i = 0; i < n; ++i) out[i] = half_bits_to_float(in[i]);
+}
+
+void float_to_half(const float* in, uint16_t* out, size_t n) {
+#ifdef OXQ_X86
+  if (has_f16c()) return float_to_half_f16c(in, out, n);
+#endif
+  for (size_t i = 0; i < n; ++i) out[i] = float_to_half_bits(in[i]);
+}
+
+}  // namespace oxq
