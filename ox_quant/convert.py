@@ -143,6 +143,13 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_paths(input_path: Path, output: Path, model: ir.Model) -> None:
+    try:
+        _check_output_path(input_path, output, model)
+    except OSError as exc:  # e.g. a name too long, a loop of symbolic links
+        raise OxQuantError(f"cannot use output path {output}: {exc.strerror or exc}") from exc
+
+
+def _check_output_path(input_path: Path, output: Path, model: ir.Model) -> None:
     out = output.resolve()
     data = out.with_name(out.name + ".data")
     if _same_file(out, input_path):
