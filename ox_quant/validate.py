@@ -12,7 +12,9 @@ raising ``OxQuantError`` with a one-line reason:
    bytes as the shape and dtype say;
 4. ONNX's checker with strict shape and type inference, on the file (it never reads
    external data);
-5. com.microsoft MatMulNBits nodes: attributes agree with their constant inputs' shapes;
+5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
+   GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
+   agreeing with their constant inputs' shapes;
 6. for models to be converted: ONNX Runtime builds a session from the graph with every
    initializer turned into a graph input, which checks what onnx's checker cannot (ops of
    other domains such as com.microsoft, their attributes and types) without any weight.
@@ -69,8 +71,10 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
     versions = [entry.version for entry in proto.opset_import if entry.domain in ONNX_DOMAINS]
     if not versions:
         raise OxQuantError(f"{name} does not import the ai.onnx opset (opset_import has no entry for it)")
-    if len(versions) > 1:
-        raise OxQuantError(f"{name} imports the ai.onnx opset {len(versions)} times")
+    domains = [entry.domain or "ai.onnx" for entry in proto.opset_import]
+    for domain in dict.fromkeys(domains):
+        if domains.count(domain) > 1:
+            raise OxQuantError(f"{name} imports the {domain} opset {domains.count(domain)} times")
     opset = versions[0]
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
@@ -80,7 +84,7 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
     if not runnable:
         return
     ms = [entry.version for entry in proto.opset_import if entry.domain == "com.microsoft"]
-    if ms and ms != [1]:
+    if ms and ms[0] != 1:
         raise OxQuantError(f"{name} imports com.microsoft opset {ms[0]}; ONNX Runtime's com.microsoft ops are version 1")
     if opset < MIN_OPSET:
         raise OxQuantError(
@@ -270,13 +274,44 @@ def check_matmulnbits(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) ->
             )
 
 
+def check_gather_block_quantized(node: onnx.NodeProto) -> None:
+    """A ``com.microsoft.GatherBlockQuantized`` node has integer attributes in range."""
+    label = f"GatherBlockQuantized node {node.name or '(unnamed)'!r}"
+    bits = _int_attribute(node, "bits", 4, label)
+    block = _int_attribute(node, "block_size", 128, label)
+    for key in ("gather_axis", "quantize_axis"):
+        _int_attribute(node, key, 0, label)
+    if not 2 <= bits <= 8:
+        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
+    if block < 16 or block & (block - 1):
+        raise OxQuantError(f"{label}: block_size={block} is not a power of two >= 16")
+
+
+def check_custom_node(node: onnx.NodeProto) -> None:
+    """An ``ox_quant`` custom node has the integer attributes its description relies on."""
+    label = f"{node.op_type} node {node.name or '(unnamed)'!r} (domain ox_quant)"
+    k = _int_attribute(node, "K", None, label)
+    n = _int_attribute(node, "N", None, label)
+    bits = _int_attribute(node, "bits", 4, label)
+    block = _int_attribute(node, "block_size", None, label)
+    group = _int_attribute(node, "channel_group_size", 1, label)
+    if min(k, n, block, group) < 1:
+        raise OxQuantError(f"{label}: K, N, block_size and channel_group_size must be positive")
+    if not 2 <= bits <= 8:
+        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
+
+
 def check_quantized_nodes(proto: onnx.ModelProto) -> None:
-    """Quantized nodes ox-quant describes are self-consistent (see :func:`check_matmulnbits`)."""
+    """Quantized nodes that ox-quant describes are self-consistent (see the checks above)."""
     for graph in _graphs(proto.graph):
         dims = {t.name: tuple(t.dims) for t in graph.initializer}
         for node in graph.node:
             if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
                 check_matmulnbits(node, dims)
+            elif node.domain == "com.microsoft" and node.op_type == "GatherBlockQuantized":
+                check_gather_block_quantized(node)
+            elif node.domain == "ox_quant":
+                check_custom_node(node)
 
 
 def check_structure(path: Path) -> None:
@@ -328,6 +363,10 @@ def check_runnable(proto: onnx.ModelProto, name: str, ir_version: int) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if any(node.domain == "ox_quant" for g in _graphs(proto.graph) for node in g.node):
+        from ox_quant.custom_ops import register_library
+
+        register_library(options, "cpu")  # raises, saying how to build it, when it is missing
     data = weightless_copy(proto, ir_version).SerializeToString()
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
 

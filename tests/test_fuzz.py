@@ -92,6 +92,26 @@ def mixed_model(path: Path) -> Path:
     return path
 
 
+def custom_op_model(path: Path) -> Path:
+    """One ``ox_quant.MatMulNBits`` node (channel groups of 4), for inspect: converting it
+    needs the custom-op library."""
+    k, n, block, group = 32, 16, 16, 4
+    blocks = k // block
+    nodes = [helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="ox_quant", name="custom",
+                              K=k, N=n, bits=4, block_size=block, channel_group_size=group)]
+    graph = helper.make_graph(
+        nodes, "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        [numpy_helper.from_array(np.full((n, blocks, block // 2), 0x88, np.uint8), "B"),
+         numpy_helper.from_array(np.full(n // group * blocks, 0.01, np.float32), "S")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ox_quant", 1)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
 def build_bases(folder: Path) -> dict[str, Path]:
     """Valid small models (each loads in ONNX Runtime) that the mutations start from."""
     rng = np.random.default_rng(SEED)
@@ -106,14 +126,19 @@ def build_bases(folder: Path) -> dict[str, Path]:
         "mixed": mixed_model(folder / "mixed.onnx"),
         "external": matmul_model(folder / "external.onnx", weights(64, 16), external=True),
     }
-    for name, flags in (("nbits", ["--block-size", "16"]), ("qdq", ["--block-size", "-1", "--bits", "8"])):
+    for name, src, flags in (
+        ("nbits", "chain", ["--block-size", "16"]),
+        ("qdq", "chain", ["--block-size", "-1", "--bits", "8"]),
+        ("mixed_q", "mixed", ["--block-size", "16"]),  # MatMulNBits, GatherBlockQuantized, QDQ Conv
+    ):
         out = folder / f"{name}.onnx"
         with pytest.raises(SystemExit) as done:
-            main(["convert", str(bases["chain"]), "-o", str(out), *flags])
+            main(["convert", str(bases[src]), "-o", str(out), *flags])
         assert done.value.code == 0
         bases[name] = out
     for path in bases.values():
         make_session(path)  # the starting points are valid
+    bases["custom"] = custom_op_model(folder / "custom.onnx")  # valid, but ORT needs the library
     return bases
 
 
@@ -215,7 +240,7 @@ def odd_attribute(model: onnx.ModelProto, rng: random.Random) -> str:
         elif how == "string":
             attr.s = rng.choice([b"", b"\xff\xfe", b"NOTSET"])
         else:
-            attr.type = rng.choice([0, 1, 2, 3, 4, 5, 7, 99])
+            attr.type = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 13])
         return f"{node.op_type}.{attr.name}: odd {how}"
     name = rng.choice(["K", "N", "bits", "block_size", "axis", "perm", "transA", "alpha", "foo"])
     node.attribute.append(helper.make_attribute(name, rng.choice(ODD_INTS)))
@@ -332,13 +357,23 @@ def external_info(model: onnx.ModelProto, rng: random.Random) -> str:
     return f"{t.name} external {entry.key} = {entry.value}"
 
 
+@_proto_edit
+def metadata(model: onnx.ModelProto, rng: random.Random) -> str:
+    node = _pick(rng, model.graph.node)
+    key = rng.choice(["ox_quant.granularity", "ox_quant.bits", "other"])
+    value = rng.choice(["", "block", "block:", "block:0", "block:-3", "block:x", "channel:7", "rows", "²", "99", "-1"])
+    entry = next((e for e in node.metadata_props if e.key == key), None) or node.metadata_props.add(key=key)
+    entry.value = value
+    return f"{node.name}.metadata[{key}] = {value!r}"
+
+
 BYTE_MUTATIONS: list[Mutation] = [flip_bits, truncate, splice]
 PROTO_MUTATIONS: list[Mutation] = [
     initializer_dims, io_dims, odd_attribute, delete_initializer, duplicate_name, wrong_dtype, versions,
-    op_identity, nonfinite_weight,
+    op_identity, nonfinite_weight, metadata,
 ]
-BASE_NAMES = ["chain", "fp16", "mixed", "external", "nbits", "qdq"]
-N_CASES = 320
+BASE_NAMES = ["chain", "fp16", "mixed", "external", "nbits", "qdq", "mixed_q", "custom"]
+N_CASES = 400
 
 
 def case_plan(i: int) -> tuple[str, str]:
