@@ -329,16 +329,39 @@ def check_structure(path: Path) -> None:
         raise OxQuantError(f"{path.name} is not a valid ONNX model: {one_line(str(exc))}") from exc
 
 
+SMALL_CONSTANT_BYTES = 4096  # Constant nodes up to this size stay (shapes, axes); larger become inputs
+
+
+def _large_constant(node: onnx.NodeProto) -> TensorProto | None:
+    """The tensor of a top-level ``Constant`` node holding a weight-sized (or external) tensor."""
+    if node.op_type != "Constant" or node.domain not in ONNX_DOMAINS or len(node.output) != 1:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            tensor = attr.t
+            if tensor.data_location == TensorProto.EXTERNAL or (expected_nbytes(tensor) or 0) > SMALL_CONSTANT_BYTES:
+                return tensor
+    return None
+
+
 def weightless_copy(proto: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
-    """The model with each top-level initializer turned into a graph input of its type and shape."""
+    """The model with each top-level initializer, and each weight-sized ``Constant`` node,
+    turned into a graph input of its type and shape: the graph without the weights."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = ir_version
     skeleton.opset_import.extend(proto.opset_import)
     skeleton.functions.extend(proto.functions)
     graph, source = skeleton.graph, proto.graph
     graph.name = source.name
-    graph.node.extend(source.node)
+    constants = []
+    for node in source.node:
+        tensor = _large_constant(node)
+        if tensor is None:
+            graph.node.append(node)
+        else:
+            constants.append(onnx.helper.make_tensor_value_info(node.output[0], tensor.data_type, list(tensor.dims)))
     graph.input.extend(source.input)
+    graph.input.extend(constants)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
     inputs = {value.name for value in source.input}
@@ -356,11 +379,14 @@ def weightless_copy(proto: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load model from \S+ failed:)?\s*")
 
 
-def check_runnable(proto: onnx.ModelProto, name: str, ir_version: int) -> None:
+def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
     """ONNX Runtime accepts the graph (ops, attributes, types, domains), weights left out."""
     import onnxruntime as ort
 
+    name = path.name
     options = ort.SessionOptions()
+    # subgraphs keep their (small) initializers; external ones are found beside the model
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if any(node.domain == "ox_quant" for g in _graphs(proto.graph) for node in g.node):
@@ -395,4 +421,4 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int
     check_structure(path)
     check_quantized_nodes(proto)
     if runnable:
-        check_runnable(proto, path.name, ir_version)
+        check_runnable(proto, path, ir_version)
