@@ -40,6 +40,7 @@ MIN_IR_VERSION = 3
 # Oldest ai.onnx opset converted: ONNX Runtime only "guarantees" 7 and newer.
 MIN_OPSET = 7
 ONNX_DOMAINS = ("", "ai.onnx")
+EXTERNAL_DATA_KEYS = {"location", "offset", "length", "checksum", "basepath"}  # the ONNX spec's
 
 # Bits per element of the dtypes whose size ox-quant checks (others are left to the checker).
 _BITS = {
@@ -176,11 +177,16 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         label = f"tensor {_text(tensor.name, 'a tensor name in ' + name)!r}"
+        if _numel(tensor) is None:
+            raise OxQuantError(f"{label} has a negative dimension {list(tensor.dims)}")
         info: dict[str, str] = {}
         for entry in tensor.external_data:
             info[_text(entry.key, f"an external-data key of {label}")] = _text(
                 entry.value, f"the external-data {entry.key} of {label}"
             )
+        unknown = sorted(set(info) - EXTERNAL_DATA_KEYS)
+        if unknown:
+            raise OxQuantError(f"{label} has unknown external-data key {unknown[0]!r} (known: {', '.join(sorted(EXTERNAL_DATA_KEYS))})")
         location = info.get("location", "")
         if not location:
             raise OxQuantError(f"{label} is stored externally but names no file")
@@ -264,13 +270,19 @@ def check_matmulnbits(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) ->
     if block < 16 or block & (block - 1):
         raise OxQuantError(f"{label}: block_size={block} is not a power of two >= 16")
     blocks = math.ceil(k / block)
-    expected = {1: n * blocks * (block * bits // 8), 2: n * blocks}
-    for index, numel in expected.items():
+    blob = block * bits // 8
+    zp_bytes = math.ceil(blocks * bits / 8)
+    allowed = {  # input index -> the shapes ONNX Runtime accepts (B exactly; scales flat or 2-D)
+        1: [(n, blocks, blob)],
+        2: [(n * blocks,), (n, blocks)],
+        3: [(n * zp_bytes,), (n, zp_bytes), (n * blocks,), (n, blocks)],
+    }
+    for index, shapes in allowed.items():
         name = node.input[index] if len(node.input) > index else ""
-        if name in dims and math.prod(dims[name]) != numel:
+        if name in dims and dims[name] not in shapes:
             raise OxQuantError(
                 f"{label}: input {name!r} has shape {list(dims[name])}, but K={k}, N={n}, bits={bits}, "
-                f"block_size={block} need {numel} elements"
+                f"block_size={block} need {' or '.join(str(list(s)) for s in shapes)}"
             )
 
 

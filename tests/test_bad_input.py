@@ -123,6 +123,7 @@ def test_short_external_data(external, tmp_path, capsys, command):
         ("offset", "x", "non-numeric external-data offset"),
         ("location", "../ext.onnx.data", "outside the model's folder"),
         ("location", "/etc/hostname", "outside the model's folder"),
+        ("offsEt", "0", "unknown external-data key 'offsEt'"),
     ],
 )
 def test_bad_external_data_entries(external, tmp_path, capsys, key, value, message):
