@@ -35,7 +35,8 @@ SCALE_DTYPES = {
 
 
 def nonfinite_message(name: str, w: np.ndarray, scale_dtype: type) -> str:
-    """Why weight ``name`` has a non-finite scale: NaN/Inf values, or a range too wide."""
+    """Why weight ``name`` (``w``, as stored) got a non-finite scale: NaN/Inf values, or a
+    range too wide for the scale dtype. Runs only on that error path."""
     bad = ~np.isfinite(w)
     count = int(bad.sum())
     if count:
@@ -75,8 +76,8 @@ class LazyQuantizedArrays:
             quantized = quantize(w, self._config, scale_dtype=scale_np)
         # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
         # costs one pass over [groups], not another pass over the weight.
-        if not np.isfinite(quantized.scales).all():
-            raise OxQuantError(nonfinite_message(self._site.name, w, scale_np))
+        if not np.isfinite(quantized.scales).all():  # positions are reported as stored
+            raise OxQuantError(nonfinite_message(self._site.name, np.asarray(weight.numpy()), scale_np))
         del w
         if isinstance(weight, ir.ExternalTensor):
             weight.release()  # unmap the input's pages: peak memory stays near one weight

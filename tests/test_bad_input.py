@@ -241,6 +241,23 @@ def test_nonfinite_weight_is_named(model, tmp_path, capsys, value):
     assert code == 0, err
 
 
+def test_nonfinite_gemm_weight_position_is_as_stored(tmp_path, capsys):
+    """Gemm(transB=1) stores W as [N, K]; the message indexes the tensor as stored."""
+    w = np.random.default_rng(10).standard_normal((16, 64)).astype(np.float32)
+    w[7, 40] = np.inf
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])], [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    path = tmp_path / "gemm.onnx"
+    onnx.save(proto, str(path))
+    assert_rejected(capsys, tmp_path, ["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--block-size", "32"],
+                    "weight 'W' contains 1 NaN/Inf value (first at [7, 40])")
+
+
 def test_nonfinite_weight_in_external_data(tmp_path, capsys):
     weights = random_weights(np.random.default_rng(8), 64, 32)
     weights["W0"][10, 2] = np.nan
