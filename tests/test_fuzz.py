@@ -358,6 +358,49 @@ def external_info(model: onnx.ModelProto, rng: random.Random) -> str:
 
 
 @_proto_edit
+def extreme_values(model: onnx.ModelProto, rng: random.Random) -> str:
+    """Valid models with awkward but finite weights: zeros, constants, denormals, huge ranges."""
+    floats = [
+        t for t in model.graph.initializer
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.data_location != TensorProto.EXTERNAL
+    ]
+    if not floats:
+        return "no float initializer"
+    t = _pick(rng, floats)
+    array = numpy_helper.to_array(t).copy()
+    info = np.finfo(array.dtype)
+    how = rng.choice(["zeros", "constant", "denormal", "max", "alternating_max", "one_outlier"])
+    if how == "zeros":
+        array[...] = 0
+    elif how == "constant":
+        array[...] = rng.choice([-2.5, 1e-3, 7.0])
+    elif how == "denormal":
+        array[...] = info.smallest_subnormal * np.sign(array + 0.5)
+    elif how == "max":
+        array[...] = info.max
+    elif how == "alternating_max":
+        array.flat[::2] = info.max
+        array.flat[1::2] = -info.max
+    else:
+        array.flat[rng.randrange(array.size)] = info.max / 2
+    t.CopyFrom(numpy_helper.from_array(array, t.name))
+    return f"{t.name}: {how}"
+
+
+@_proto_edit
+def typed_storage(model: onnx.ModelProto, rng: random.Random) -> str:
+    """The same float32 values in ``float_data`` instead of ``raw_data`` (valid either way)."""
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and t.HasField("raw_data")]
+    if not floats:
+        return "no raw float32 initializer"
+    t = _pick(rng, floats)
+    array = numpy_helper.to_array(t)
+    t.ClearField("raw_data")
+    t.float_data.extend(array.reshape(-1).tolist())
+    return f"{t.name} stored in float_data"
+
+
+@_proto_edit
 def metadata(model: onnx.ModelProto, rng: random.Random) -> str:
     node = _pick(rng, model.graph.node)
     key = rng.choice(["ox_quant.granularity", "ox_quant.bits", "other"])
@@ -370,7 +413,7 @@ def metadata(model: onnx.ModelProto, rng: random.Random) -> str:
 BYTE_MUTATIONS: list[Mutation] = [flip_bits, truncate, splice]
 PROTO_MUTATIONS: list[Mutation] = [
     initializer_dims, io_dims, odd_attribute, delete_initializer, duplicate_name, wrong_dtype, versions,
-    op_identity, nonfinite_weight, metadata,
+    op_identity, nonfinite_weight, metadata, extreme_values, typed_storage,
 ]
 BASE_NAMES = ["chain", "fp16", "mixed", "external", "nbits", "qdq", "mixed_q", "custom"]
 N_CASES = 400
