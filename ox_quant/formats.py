@@ -12,7 +12,8 @@ channel-group G    --                              ``axis=1``, scale ``[N]`` (ea
 =================  ==============================  ==========================================
 
 MatMulNBits takes bits 2, 4, 8 (ONNX Runtime's CPU kernels); DequantizeLinear takes
-INT4/UINT4/INT8/UINT8, so 4 and 8 bits. Other bit widths need ox-quant's custom ops.
+INT4/UINT4/INT8/UINT8, so 4 and 8 bits. ox-quant's own ``ox_quant.MatMulNBits`` (custom-op
+library, ``custom_ops/``) takes any bits 2..8 and every granularity of a MatMul weight.
 """
 
 from __future__ import annotations
@@ -39,19 +40,22 @@ class FormatChoice:
     reason: str
 
 
+def _ms_block_op_rejects(op: str, config: QuantConfig, dtype: str, along: str) -> str | None:
+    """The limits ONNX Runtime's CPU kernels of MatMulNBits and GatherBlockQuantized share."""
+    if config.bits not in MATMULNBITS_BITS:
+        return f"{op} takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
+    if not isinstance(config.granularity, Block):
+        return f"{op} needs block scales along {along}, not {config.granularity.name} scales"
+    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
+        return f"{op} block size must be a power of two from 16 to 256, not {config.granularity.size}"
+    if dtype not in FLOAT_DTYPES:
+        return f"{op} takes float32/float16 weights, not {dtype.lower()}"
+    return None
+
+
 def matmulnbits_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
     """Why MatMulNBits cannot hold this config (None when it can)."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"MatMulNBits takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
-        return f"MatMulNBits needs block scales along K, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return (
-            f"MatMulNBits block size must be a power of two from 16 to 256, not {config.granularity.size}"
-        )
-    if dtype not in FLOAT_DTYPES:
-        return f"MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
-    return None
+    return _ms_block_op_rejects("MatMulNBits", config, dtype, "K")
 
 
 def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
@@ -71,6 +75,31 @@ def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
     return None
 
 
+def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
+    """Why ox-quant's own ``ox_quant.MatMulNBits`` cannot hold this config (None when it can).
+
+    It takes any bits 2..8 and every granularity: block B, per-channel (one block of K),
+    channel-group G (one block of K, G channels per scale), per-tensor (K and N).
+    """
+    if dtype not in FLOAT_DTYPES:
+        return f"ox_quant.MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
+    return None
+
+
+def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
+    """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
+    g = config.granularity
+    if isinstance(g, Block):
+        return g.size, 1
+    if isinstance(g, PerChannel):
+        return k, 1
+    if isinstance(g, ChannelGroup):
+        return k, g.size
+    if isinstance(g, PerTensor):
+        return k, n
+    raise TypeError(g)
+
+
 def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
     """Resolve ``config.format`` (``auto`` included) for a MatMul weight ``[K, N]``.
 
@@ -87,28 +116,26 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
         if qdq_no:
             raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
         return FormatChoice("qdq", "requested")
+    custom_no = custom_rejects(config, k, n, dtype)
     if config.format is Format.CUSTOM:
-        raise OxQuantError("--format custom needs ox-quant's custom-op library, which this build does not write yet")
+        if custom_no:
+            raise OxQuantError(f"--format custom cannot express {config.describe()}: {custom_no}")
+        return FormatChoice("custom", "requested")
     if nbits_no is None:
         return FormatChoice("matmulnbits", "ONNX Runtime's MatMulNBits kernel accepts this config")
     if qdq_no is None:
         return FormatChoice("qdq", nbits_no)
-    raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}")
+    if custom_no is None:
+        return FormatChoice("custom", f"{nbits_no}; {qdq_no}: ox-quant's custom op (needs its library at run time)")
+    raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}; {custom_no}")
 
 
 def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
     """Why ``com.microsoft.GatherBlockQuantized`` cannot hold a table ``[V=N, D=K]``."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"GatherBlockQuantized takes 2/4/8 bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
-        return f"GatherBlockQuantized needs block scales along the embedding, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return f"GatherBlockQuantized block size must be a power of two from 16 to 256, not {config.granularity.size}"
-    if (k * config.bits) % 8:
+    rejected = _ms_block_op_rejects("GatherBlockQuantized", config, dtype, "the embedding")
+    if rejected is None and (k * config.bits) % 8:
         return f"embedding width {k} x {config.bits} bits is not a whole number of bytes"
-    if dtype not in FLOAT_DTYPES:
-        return f"GatherBlockQuantized takes float32/float16 tables, not {dtype.lower()}"
-    return None
+    return rejected
 
 
 def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
@@ -120,7 +147,7 @@ def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOA
             raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
         return FormatChoice("qdq", "requested")
     if config.format is Format.CUSTOM:
-        raise OxQuantError("--format custom has no Gather op")
+        raise OxQuantError("--format custom has no Gather op (ox-quant's custom op is a MatMul)")
     if gbq_no is None:
         return FormatChoice("gather_block_quantized", "ONNX Runtime's GatherBlockQuantized accepts this config")
     if config.format is Format.MATMULNBITS:

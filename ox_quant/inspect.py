@@ -120,8 +120,10 @@ def _describe_nbits(node: ir.Node, fmt: str) -> QuantizedTensorInfo | None:
     bits = attrs["bits"].as_int() if "bits" in attrs else 4
     bs = attrs["block_size"].as_int()
     b, scales, zp = _input(node, 1), _input(node, 2), _input(node, 3)
-    group = attrs["channel_group_size"].as_int() if "channel_group_size" in attrs else None
-    if group:
+    group = attrs["channel_group_size"].as_int() if "channel_group_size" in attrs else 1
+    if fmt == "custom" and bs >= k and group >= n:  # one block of K, one group of N
+        granularity, block = ("tensor", None)
+    elif group > 1:
         granularity, block = ("channel-group", group)
     elif fmt == "custom" and bs >= k:  # ox-quant writes per-channel as one block of K
         granularity, block = ("channel", -1)

@@ -8,6 +8,7 @@ QDQ-fusion accuracy setting and the custom-op library whenever a model needs it.
 from __future__ import annotations
 
 import functools
+import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,22 +31,36 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+@functools.cache
 def cuda_available() -> bool:
-    """True when the CUDA EP is built in *and* a CUDA device can be used."""
+    """True when a CUDA device answers (driver API) *and* ONNX Runtime's CUDA EP starts on it."""
     if PROVIDERS["cuda"] not in available_providers():
         return False
+    import ctypes
+
     try:
-        import ctypes
-
-        ctypes.CDLL("libcudart.so.12")
+        driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        try:
-            import ctypes
+        return False
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return False
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-            ctypes.CDLL("libcuda.so.1")
-        except OSError:
-            return False
-    return True
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
+    except Exception:
+        return False
+    return PROVIDERS["cuda"] in session.get_providers()
 
 
 @functools.lru_cache(maxsize=None)

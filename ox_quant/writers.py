@@ -17,9 +17,10 @@ import onnx_ir as ir
 
 from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.formats import custom_block_and_group
 from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
 from ox_quant.quantize import QuantizedWeight, quantize
-from ox_quant.sites import Use, WeightSite
+from ox_quant.sites import WeightSite
 
 MS_DOMAIN = "com.microsoft"
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
@@ -140,12 +141,12 @@ class Writer:
         self.site = site
         self.config = config
         self.graph = site.graph
-        self._used = used_names
+        self.used_names = used_names
         self._on_done = on_done
         self.created: list[ir.Value] = []
 
     def name(self, suffix: str) -> str:
-        return _fresh_name(self.graph, self._used, self.site.name + suffix)
+        return _fresh_name(self.graph, self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
         return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
@@ -245,29 +246,35 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
 def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
     assert isinstance(config.granularity, Block)
-    w = Writer(site, config, used_names, on_done)
-    lazy = w.lazy(pack_for_matmulnbits(config))
-    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
-    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
-    inputs = {
-        key: w.add(lazy, key, dtypes[key], shape, suffix[key])
-        for key, shape in matmulnbits_shapes(site.k, site.n, config).items()
-    }
     attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
     if config.accuracy_level is not None:
         attributes["accuracy_level"] = config.accuracy_level
-    for use in site.uses:
+    w = Writer(site, config, used_names, on_done)
+    shapes = matmulnbits_shapes(site.k, site.n, config)
+    return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
+
+
+def _write_nbits_nodes(
+    w: Writer, packer: Packer, shapes: dict[str, tuple[int, ...]], op_type: str, domain: str, attributes: dict[str, int]
+) -> int:
+    """Add B/scales/zero points and replace every MatMul/Gemm use by ``domain.op_type``
+    with MatMulNBits' input order ``(A, B, scales, zero_points, g_idx, bias)``."""
+    lazy = w.lazy(packer)
+    dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
+    suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
+    inputs = {key: w.add(lazy, key, dtypes[key], shape, suffix[key]) for key, shape in shapes.items()}
+    for use in w.site.uses:
         node = use.node
         new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
         if use.kind == "gemm":
-            bias = gemm_bias(node, site.n)
+            bias = gemm_bias(node, w.site.n)
             if isinstance(bias, np.ndarray):
                 new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
         while new_inputs[-1] is None:
             new_inputs.pop()
-        name = w.name("_MatMulNBits") if not node.name else _fresh_name(w.graph, used_names, node.name + "_MatMulNBits")
-        new = ir.node("MatMulNBits", new_inputs, attributes, domain=MS_DOMAIN, name=name)
-        w.replace_node(node, new)
+        prefix = "" if domain == MS_DOMAIN else domain + "_"
+        name = _fresh_name(w.graph, w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+        w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
     return w.finish()
 
 
@@ -386,3 +393,35 @@ def write_qdq(site: WeightSite, config: QuantConfig, used_names: set[str], on_do
     for use in site.uses:
         use.node.replace_input_with(use.index, dq.outputs[0])
     return w.finish()
+
+
+# ----------------------------------------------------------------------------------
+# ox_quant.MatMulNBits (custom op: any bits, every granularity)
+
+
+def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Input shapes and attributes of ``ox_quant.MatMulNBits`` for a ``[K, N]`` weight."""
+    block, group = custom_block_and_group(config, k, n)
+    nb, ng = math.ceil(k / block), math.ceil(n / group)
+    shapes = {"B": (n, nb, math.ceil(block * config.bits / 8)), "scales": (ng * nb,)}
+    if not config.symmetric:
+        shapes["zero_points"] = (ng * math.ceil(nb * config.bits / 8),)
+    attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
+    if group != 1:
+        attributes["channel_group_size"] = group
+    return shapes, attributes
+
+
+def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+    """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
+    from ox_quant.custom_ops import DOMAIN, OP_TYPE, custom_matmul_initializers
+
+    block, group = custom_block_and_group(config, site.k, site.n)
+    scale_np, _ = SCALE_DTYPES[site.dtype]
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        zps = None if q.symmetric else q.zero_points
+        return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
+
+    shapes, attributes = custom_shapes(site.k, site.n, config)
+    return _write_nbits_nodes(Writer(site, config, used_names, on_done), packer, shapes, OP_TYPE, DOMAIN, attributes)

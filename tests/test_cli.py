@@ -116,7 +116,8 @@ def test_external_data_input_and_output(tmp_path, capsys):
     "args, message",
     [
         (["--bits", "9"], "bits must be between 2 and 8"),
-        (["--bits", "3"], "no format can express int3"),
+        (["--bits", "3", "--format", "qdq"], "--format qdq cannot express int3"),
+        (["--bits", "3", "--format", "matmulnbits"], "MatMulNBits takes 2/4/8 bits, not 3"),
         (["--block-size", "100", "--format", "matmulnbits"], "power of two"),
         (["--block-size", "4096"], "larger than K"),
         (["--granularity", "rows"], "unknown granularity"),
@@ -174,3 +175,19 @@ def test_demo_runs_the_whole_job_on_the_builtin_model(tmp_path, capsys):
     assert result["output_bytes"] < result["input_bytes"] / 6
     assert 0.8 < result["cosine"] < 1.0 and result["sqnr_db"] > 3
     assert Path(result["output"]).is_file()
+
+
+@pytest.mark.parametrize("granularity, expected", [
+    ("tensor", ("tensor", None)), ("channel", ("channel", -1)), ("channel-group:16", ("channel-group", 16)),
+    ("block:32", ("block", 32)),
+])
+def test_inspect_reads_custom_op_models(model, tmp_path, capsys, granularity, expected):
+    out = tmp_path / "c.onnx"
+    code, stdout, err = cli(capsys, "convert", str(model), "-o", str(out), "--bits", "3", "--granularity", granularity, "--json")
+    assert code == 0, err
+    converted = json.loads(stdout)
+    code, stdout, _ = cli(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert [(q["format"], q["bits"], q["granularity"], q["block_size"]) for q in info["quantized"]] == [
+        ("custom", 3, *expected)] * 2
+    assert info["bits_per_weight"] == pytest.approx(converted["bits_per_weight"])

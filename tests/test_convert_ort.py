@@ -26,11 +26,19 @@ NBITS_CASES = [
     (Format.MATMULNBITS, Block(bs), bits, sym)
     for bs, bits, sym in itertools.product([16, 32, 64], [2, 4, 8], [True, False])
 ]
+CUSTOM_CASES = [
+    (Format.CUSTOM, g, bits, sym)
+    for g, bits, sym in itertools.product(
+        [PerTensor(), PerChannel(), Block(32), Block(48), ChannelGroup(8)], [3, 5, 6, 7], [True, False]
+    )
+] + [(Format.CUSTOM, Block(16), bits, False) for bits in (2, 4, 8)]
 AUTO_CASES = [
     (Format.AUTO, Block(32), 4, True),
     (Format.AUTO, PerChannel(), 8, True),
     (Format.AUTO, ChannelGroup(16), 4, False),
     (Format.AUTO, Block(64), 2, False),
+    (Format.AUTO, Block(32), 3, True),
+    (Format.AUTO, PerChannel(), 2, False),
 ]
 
 
@@ -48,15 +56,24 @@ def model(tmp_path_factory):
     return path, weights, x
 
 
-@pytest.mark.parametrize("case", QDQ_CASES + NBITS_CASES + AUTO_CASES, ids=_id)
+def needs_custom_ops(fmt, bits, granularity):
+    from ox_quant.custom_ops import library_available
+
+    uses_custom = fmt is Format.CUSTOM or bits not in (2, 4, 8) or (bits == 2 and not isinstance(granularity, Block))
+    if uses_custom and not library_available():
+        pytest.skip("custom-op library not built (ox-quant build-ops)")
+
+
+@pytest.mark.parametrize("case", QDQ_CASES + NBITS_CASES + CUSTOM_CASES + AUTO_CASES, ids=_id)
 def test_ort_matches_float64_dequantized_reference(model, tmp_path, case):
     path, weights, x = model
     fmt, granularity, bits, symmetric = case
+    needs_custom_ops(fmt, bits, granularity)
     config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric, format=fmt)
     out = tmp_path / "q.onnx"
     report = convert(path, out, ConvertOptions(config=config))
     assert [q.name for q in report.quantized] == ["W0", "W1"]
-    expected_format = {Format.QDQ: "qdq", Format.MATMULNBITS: "matmulnbits"}.get(fmt)
+    expected_format = {Format.QDQ: "qdq", Format.MATMULNBITS: "matmulnbits", Format.CUSTOM: "custom"}.get(fmt)
     if expected_format:
         assert {q.format for q in report.quantized} == {expected_format}
 
@@ -72,7 +89,7 @@ def test_ort_matches_float64_dequantized_reference(model, tmp_path, case):
 def test_auto_picks_matmulnbits_when_ort_accepts_and_qdq_otherwise(model, tmp_path):
     path, _, _ = model
     cases = {
-        Block(128): "matmulnbits",
+        Block(64): "matmulnbits",
         Block(48): "qdq",
         PerChannel(): "qdq",
         ChannelGroup(8): "qdq",
@@ -87,9 +104,6 @@ def test_auto_picks_matmulnbits_when_ort_accepts_and_qdq_otherwise(model, tmp_pa
 @pytest.mark.parametrize(
     "config, message",
     [
-        (QuantConfig(bits=3), "no format can express int3"),
-        (QuantConfig(bits=5, granularity=PerChannel()), "no format can express int5"),
-        (QuantConfig(bits=2, granularity=PerChannel()), "no format can express int2"),
         (QuantConfig(bits=2, format=Format.QDQ), "--format qdq cannot express"),
         (QuantConfig(bits=4, granularity=PerChannel(), format=Format.MATMULNBITS), "--format matmulnbits cannot"),
         (QuantConfig(bits=4, granularity=Block(100), format=Format.MATMULNBITS), "power of two"),
@@ -111,3 +125,16 @@ def test_block_larger_than_some_weights_skips_those_with_reason(model, tmp_path)
     assert [(s.name, s.reason) for s in report.skipped] == [("W1", "block size 128 is larger than K=96")]
     (y,) = run(tmp_path / "b.onnx", {"x": x})
     assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("bits, granularity", [(3, Block(32)), (5, PerChannel()), (2, PerChannel()), (7, ChannelGroup(16))])
+def test_auto_uses_the_custom_op_where_no_standard_format_fits(model, tmp_path, bits, granularity):
+    path, _, _ = model
+    report = convert(path, tmp_path / "c.onnx", ConvertOptions(config=QuantConfig(bits=bits, granularity=granularity)))
+    assert {q.format for q in report.quantized} == {"custom"}
+    assert "custom op" in report.quantized[0].format_reason
+    import onnx
+
+    model_proto = onnx.load(str(tmp_path / "c.onnx"))
+    assert {o.domain: o.version for o in model_proto.opset_import}.get("ox_quant") == 1
+    assert {n.domain for n in model_proto.graph.node} == {"ox_quant"}

