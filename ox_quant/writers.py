@@ -108,7 +108,8 @@ class LazyQuantizedArrays:
         return ir.LazyTensor(load, dtype, ir.Shape(shape), name=name)
 
 
-def _fresh_name(graph: ir.Graph, used: set[str], base: str) -> str:
+def _fresh_name(used: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``...: the first not in ``used`` (which it joins)."""
     name = base
     i = 1
     while name in used:
@@ -146,7 +147,7 @@ class Writer:
         self.created: list[ir.Value] = []
 
     def name(self, suffix: str) -> str:
-        return _fresh_name(self.graph, self.used_names, self.site.name + suffix)
+        return _fresh_name(self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
         return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
@@ -273,7 +274,7 @@ def _write_nbits_nodes(
         while new_inputs[-1] is None:
             new_inputs.pop()
         prefix = "" if domain == MS_DOMAIN else domain + "_"
-        name = _fresh_name(w.graph, w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+        name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
         w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
     return w.finish()
 
@@ -312,7 +313,7 @@ def write_gather_block_quantized(
         node = use.node
         node_inputs = list(inputs)
         node_inputs[1] = node.inputs[1]
-        name = _fresh_name(w.graph, used_names, (node.name or site.name) + "_GatherBlockQuantized")
+        name = _fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
         new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
         w.replace_node(node, new)
     return w.finish()
