@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.errors import OxQuantError
 from ox_quant.formats import custom_block_and_group
 from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
 from ox_quant.quantize import QuantizedWeight, quantize
@@ -32,6 +33,23 @@ SCALE_DTYPES = {
     "FLOAT16": (np.float16, ir.DataType.FLOAT16),
     "BFLOAT16": (ml_dtypes.bfloat16, ir.DataType.BFLOAT16),
 }
+
+
+def nonfinite_message(name: str, w: np.ndarray, scale_dtype: type) -> str:
+    """Why weight ``name`` (``w``, as stored) got a non-finite scale: NaN/Inf values, or a
+    range too wide for the scale dtype. Runs only on that error path."""
+    bad = ~np.isfinite(w)
+    count = int(bad.sum())
+    if count:
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"weight {name!r} contains {count} NaN/Inf value{'s' if count > 1 else ''} "
+            f"(first at {list(where)}); fix the model or skip it with --exclude"
+        )
+    return (
+        f"weight {name!r} spans a range too wide for {np.dtype(scale_dtype).name} scales "
+        f"(max |w| = {float(np.abs(w).max()):.3g}); skip it with --exclude"
+    )
 
 
 class LazyQuantizedArrays:
@@ -55,7 +73,12 @@ class LazyQuantizedArrays:
         assert weight is not None
         w = self._site.normalise(np.asarray(weight.numpy()))
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
-        quantized = quantize(w, self._config, scale_dtype=scale_np)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
+            quantized = quantize(w, self._config, scale_dtype=scale_np)
+        # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
+        # costs one pass over [groups], not another pass over the weight.
+        if not np.isfinite(quantized.scales).all():  # positions are reported as stored
+            raise OxQuantError(nonfinite_message(self._site.name, np.asarray(weight.numpy()), scale_np))
         del w
         if isinstance(weight, ir.ExternalTensor):
             weight.release()  # unmap the input's pages: peak memory stays near one weight
