@@ -7,6 +7,7 @@ registered in ``COMMANDS`` below.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 1."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if not debug:  # libraries' log records must not reach stderr through logging's last resort
+        root = logging.getLogger()
+        if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+            root.addHandler(logging.NullHandler())
     try:
         cli.main(args=args, prog_name="ox-quant", standalone_mode=False)
     except click.exceptions.Abort:
@@ -67,13 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     except OxQuantError as exc:
         if debug:
             raise
-        click.echo(f"ox-quant: error: {exc}", err=True)
+        click.echo(f"ox-quant: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("ox-quant: interrupted", err=True)
         sys.exit(130)
     except MemoryError:
         click.echo("ox-quant: error: out of memory", err=True)
+        sys.exit(1)
+    except Exception as exc:  # last resort: a bug in ox-quant, still reported on one line
+        if debug:
+            raise
+        from ox_quant.errors import one_line
+        from ox_quant.modelio import root_cause
+
+        click.echo(f"ox-quant: internal error: {one_line(root_cause(exc))} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(0)
 

@@ -136,19 +136,38 @@ def default_output_path(input_path: Path, config: QuantConfig) -> Path:
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file (also through hard or symbolic links)."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _check_paths(input_path: Path, output: Path, model: ir.Model) -> None:
+    try:
+        _check_output_path(input_path, output, model)
+    except OSError as exc:  # e.g. a name too long, a loop of symbolic links
+        raise OxQuantError(f"cannot use output path {output}: {exc.strerror or exc}") from exc
+
+
+def _check_output_path(input_path: Path, output: Path, model: ir.Model) -> None:
     out = output.resolve()
-    if out == input_path.resolve():
-        raise OxQuantError("output path is the input model: choose another -o")
     data = out.with_name(out.name + ".data")
+    if _same_file(out, input_path):
+        raise OxQuantError(f"output path is the input model ({input_path.name}): choose another -o")
+    if _same_file(data, input_path):
+        raise OxQuantError(f"the output's external data file {data.name} would overwrite the input model: choose another -o")
     for path in external_files(model):
-        if path in (out, data):
+        if _same_file(out, path) or _same_file(data, path):
             raise OxQuantError(f"output would overwrite the input's external data file {path.name}: choose another -o")
-    if out.suffix != ".onnx" and out.exists() and out.is_dir():
+    if out.is_dir():
         raise OxQuantError(f"output path {output} is a directory")
     parent = out.parent
-    if not parent.is_dir():
+    if not parent.exists():
         raise OxQuantError(f"output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OxQuantError(f"output directory {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise OxQuantError(f"output directory {parent} is not writable")
 
@@ -308,7 +327,7 @@ def convert(
     selection = options.selection
     selection.compiled()  # validate regexes before touching any file
     src = Path(input_path)
-    model = load_model(src)
+    model = load_model(src, runnable=True)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
     _check_paths(src, out, model)
     input_is_external = bool(external_files(model))

@@ -8,6 +8,12 @@ inputs and attributes, for any ``bits`` in 2..8 and any ``block_size``, plus the
     W[k, n] = (q[k, n] - zp[k // block_size, n // G]) * scale[k // block_size, n // G]
     Y = A @ W (+ bias)
 
+Attribute ``accuracy_level`` (int, 0..4, default 0): 4 quantizes each row of A to int8 per
+block of ``block_size`` along K (symmetric, scale = max|a| / 127, round half to even) and
+computes the block dot products in integers on the CPU when M (rows of A) <= ``INT8_MAX_ROWS``
+(faster, ~1e-3 relative error, see :func:`quantize_activations_int8`); larger M, levels 0..3
+and the CUDA kernels compute in float32.
+
 Two libraries: ``libox_quant_ops.so`` (CPU kernels) and ``libox_quant_ops_cuda.so`` (the same
 CPU kernels plus CUDA kernels). Build them with ``ox-quant build-ops``.
 """
@@ -24,6 +30,9 @@ import numpy as np
 from ox_quant.errors import OxQuantError
 from ox_quant.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
 
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+INT8_ACCURACY_LEVEL = 4
+INT8_MAX_ROWS = 8  # accuracy_level 4 quantizes A when M <= 8; larger M run the float path (faster there)
 DOMAIN = "ox_quant"
 OP_TYPE = "MatMulNBits"
 OPSET_VERSION = 1
@@ -135,6 +144,7 @@ def custom_matmul_initializers(
     block_size: int,
     channel_group_size: int = 1,
     dtype: np.dtype | type = np.float32,
+    accuracy_level: int | None = None,
 ) -> CustomMatMulWeights:
     """Inputs and attributes of ``ox_quant.MatMulNBits`` for ``W = (codes - zp) * scales``.
 
@@ -144,6 +154,8 @@ def custom_matmul_initializers(
     per-tensor). ``zero_points=None`` means the symmetric 2**(bits-1).
     Granularities: block B -> (block_size=B, G=1); per-channel -> (K, 1);
     channel-group G -> (K, G); per-tensor -> (K, N).
+    ``accuracy_level``: None leaves the attribute out (the op's default 0, float32); 0..4 writes
+    it (4 = int8 activations on the CPU).
     """
     codes = np.asarray(codes)
     if codes.ndim != 2:
@@ -153,6 +165,7 @@ def custom_matmul_initializers(
     k, n = codes.shape
     if block_size < 1 or channel_group_size < 1:
         raise OxQuantError("block_size and channel_group_size must be >= 1")
+    _check_accuracy_level(accuracy_level)
     if codes.size and (codes.min() < 0 or codes.max() >= 2**bits):
         raise OxQuantError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
     n_blocks = math.ceil(k / block_size)
@@ -169,7 +182,40 @@ def custom_matmul_initializers(
     attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     if channel_group_size != 1:
         attributes["channel_group_size"] = channel_group_size
+    if accuracy_level is not None:
+        attributes["accuracy_level"] = int(accuracy_level)
     return CustomMatMulWeights(B=packed, scales=op_scales, zero_points=op_zp, attributes=attributes)
+
+
+def _check_accuracy_level(level: int | None) -> None:
+    if level is not None and (isinstance(level, bool) or int(level) != level or int(level) not in ACCURACY_LEVELS):
+        raise OxQuantError(f"accuracy_level must be one of {ACCURACY_LEVELS} (4 = int8 activations), got {level!r}")
+
+
+def quantize_activations_int8(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``accuracy_level=4`` does to A: ``(qa, scale)`` with int8 codes ``qa`` [..., K] and
+    float32 ``scale`` [..., ceil(K/block_size)], so that the op multiplies by
+    ``qa * scale[..., k // block_size]`` instead of A (then exact integer block dot products,
+    float32 accumulation across blocks).
+
+    Per row and block: ``amax = max|a|`` (float32), ``scale = amax / 127``,
+    ``qa = clip(rint(a * (127 / amax)), -127, 127)`` (float32 arithmetic, round half to even;
+    0 when amax = 0). float16 A is widened to float32 first.
+    """
+    a32 = np.asarray(a).astype(np.float32)
+    k = a32.shape[-1]
+    nb = math.ceil(k / block_size) if k else 0
+    qa = np.zeros(a32.shape, np.int8)
+    scale = np.zeros((*a32.shape[:-1], nb), np.float32)
+    for b in range(nb):
+        blk = a32[..., b * block_size:(b + 1) * block_size]
+        amax = np.abs(blk).max(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+        inv = inv.astype(np.float32)
+        qa[..., b * block_size:(b + 1) * block_size] = np.clip(np.rint(blk * inv), -127, 127).astype(np.int8)
+        scale[..., b] = (amax / np.float32(127)).astype(np.float32)[..., 0]
+    return qa, scale
 
 
 def dequantize_custom_matmul(weights: CustomMatMulWeights) -> np.ndarray:
@@ -196,11 +242,18 @@ def make_custom_matmul_node(
     attributes: dict[str, int],
     bias: str | None = None,
     name: str | None = None,
+    accuracy_level: int | None = None,
 ):
     """An ``onnx.NodeProto`` for ``ox_quant.MatMulNBits`` with inputs
     (a, B, scales, zero_points or "", "" (g_idx), bias); ``weight_names`` maps the keys of
-    :attr:`CustomMatMulWeights.inputs` to initializer names."""
+    :attr:`CustomMatMulWeights.inputs` to initializer names. ``accuracy_level`` (0..4), when
+    given, sets or replaces that attribute."""
     from onnx import helper
+
+    _check_accuracy_level(attributes.get("accuracy_level"))
+    _check_accuracy_level(accuracy_level)
+    if accuracy_level is not None:
+        attributes = {**attributes, "accuracy_level": int(accuracy_level)}
 
     inputs = [a, weight_names["B"], weight_names["scales"], weight_names.get("zero_points", "")]
     if bias:

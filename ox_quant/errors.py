@@ -7,3 +7,9 @@ class OxQuantError(Exception):
     The CLI reports it as one line on stderr and exits with code 1. Anything else
     that escapes is a bug in ox-quant and is shown with its traceback.
     """
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` with every whitespace run collapsed to one space, cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -165,6 +165,24 @@ def _describe_gather_block_quantized(node: ir.Node) -> QuantizedTensorInfo | Non
     )
 
 
+def _granularity_hint(meta: str | None) -> tuple[str, int | None] | None:
+    """``(granularity, block_size)`` from ox-quant's DequantizeLinear metadata; None when the
+    hint is absent or malformed (then the layout is read from the tensors instead)."""
+    if not meta:
+        return None
+    kind, _, size = meta.partition(":")
+    if kind in ("block", "channel-group") and size.isascii() and size.isdigit() and int(size) > 0:
+        return kind, int(size)
+    if not size and kind in ("tensor", "channel"):
+        return kind, (-1 if kind == "channel" else None)
+    return None
+
+
+def _bits_hint(meta: str | None, stored: int) -> int:
+    """Bits from ox-quant's ``ox_quant.bits`` metadata when sane, else the stored dtype's."""
+    return int(meta) if meta is not None and meta.isascii() and meta.isdigit() and 2 <= int(meta) <= stored else stored
+
+
 def _describe_dq(node: ir.Node) -> QuantizedTensorInfo | None:
     x, scale, zp = _input(node, 0), _input(node, 1), _input(node, 2)
     if x is None or x.const_value is None or scale is None or scale.const_value is None:
@@ -176,10 +194,9 @@ def _describe_dq(node: ir.Node) -> QuantizedTensorInfo | None:
     attrs = node.attributes
     block_attr = attrs["block_size"].as_int() if "block_size" in attrs else 0
     scale_rank = len(scale.const_value.shape)
-    meta = node.metadata_props.get("ox_quant.granularity")
+    meta = _granularity_hint(node.metadata_props.get("ox_quant.granularity"))
     if meta:
-        kind, _, size = meta.partition(":")
-        granularity, block = kind, (int(size) if size else (-1 if kind == "channel" else None))
+        granularity, block = meta
     elif scale_rank == 0 or math.prod(scale.const_value.shape) == 1:
         granularity, block = "tensor", None
     elif block_attr:
@@ -193,7 +210,7 @@ def _describe_dq(node: ir.Node) -> QuantizedTensorInfo | None:
         op="/".join(sorted(consumers)) or "-",
         format="qdq",
         shape=shape,
-        bits=int(node.metadata_props.get("ox_quant.bits", bits)),
+        bits=_bits_hint(node.metadata_props.get("ox_quant.bits"), bits),
         granularity=granularity,
         block_size=block,
         symmetric=zp is None or signed,

@@ -33,22 +33,16 @@ def external_files(model: ir.Model) -> set[Path]:
     return files
 
 
-def check_external_data(model: ir.Model) -> None:
-    """Every external tensor's file exists and is long enough (reads no data)."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            path = Path(tensor.path)
-            if not path.is_file():
-                raise OxQuantError(f"external data file {path.name} of tensor {value.name!r} is missing")
-            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-            if path.stat().st_size < end:
-                raise OxQuantError(
-                    f"external data file {path.name} is too short for tensor {value.name!r} "
-                    f"({path.stat().st_size} bytes, needs {end})"
-                )
+def find_error(exc: BaseException) -> OxQuantError | None:
+    """The first ``OxQuantError`` in an exception chain (``onnx_ir`` wraps what lazy tensors raise)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OxQuantError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def root_cause(exc: BaseException) -> str:
@@ -59,16 +53,30 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model; external data stays on disk, memory-mapped on first use."""
+def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
+    """Load and validate an ONNX model; external data stays on disk, memory-mapped on first use.
+
+    Validation (``ox_quant.validate``) reads the graph, not the weights. ``runnable``: the
+    model is to be converted, so ONNX Runtime must accept it as well.
+    """
+    import onnx
+
+    from ox_quant.validate import validate
+
     path = Path(path)
     if not path.is_file():
         raise OxQuantError(f"{path}: no such file")
     try:
-        model = ir.load(path)
-    except Exception as exc:  # protobuf and onnx raise many types for broken files
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
-    check_external_data(model)
+    validate(proto, path, runnable, min(proto.ir_version, MAX_IR_VERSION))
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # a proto the checks above let through but the IR cannot hold
+        raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
 
@@ -109,7 +117,10 @@ def save_model_atomically(
     """
     output = output.resolve()
     data_name = output.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".ox-quant-", dir=output.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".ox-quant-", dir=output.parent))
+    except OSError as exc:
+        raise OxQuantError(f"cannot write to {output.parent}: {exc.strerror or exc}") from exc
     try:
         tmp_model = tmp_dir / output.name
         callback = None
@@ -128,5 +139,12 @@ def save_model_atomically(
             os.replace(tmp_dir / data_name, data_path)
         os.replace(tmp_model, output)
         return data_path
+    except Exception as exc:
+        found = find_error(exc)  # e.g. a weight that cannot be quantized, raised while saving
+        if found is not None and found is not exc:
+            raise found from None
+        if isinstance(exc, OSError):
+            raise OxQuantError(f"cannot write {output}: {exc.strerror or root_cause(exc)}") from exc
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 from ox_quant.errors import OxQuantError
 
 CUSTOM_DOMAIN = "ox_quant"
+# Newest ai.onnx opset onnxruntime 1.31 runs (measured); newer ones are probed.
+KNOWN_MAX_OPSET = 26
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -59,6 +61,28 @@ def cuda_available() -> bool:
     except Exception:
         return False
     return PROVIDERS["cuda"] in session.get_providers()
+
+
+@functools.lru_cache(maxsize=None)
+def onnxruntime_supports_opset(opset: int) -> bool:
+    """Whether the installed onnxruntime loads ai.onnx opset ``opset`` (probed once above 26)."""
+    if opset <= KNOWN_MAX_OPSET:
+        return True
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception:  # ORT reports an unsupported opset as a generic failure
+        return False
+    return True
 
 
 def model_domains(model_path: str | os.PathLike) -> set[str]:

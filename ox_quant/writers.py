@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.errors import OxQuantError
 from ox_quant.formats import custom_block_and_group
 from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
 from ox_quant.quantize import QuantizedWeight, quantize
@@ -32,6 +33,23 @@ SCALE_DTYPES = {
     "FLOAT16": (np.float16, ir.DataType.FLOAT16),
     "BFLOAT16": (ml_dtypes.bfloat16, ir.DataType.BFLOAT16),
 }
+
+
+def nonfinite_message(name: str, w: np.ndarray, scale_dtype: type) -> str:
+    """Why weight ``name`` (``w``, as stored) got a non-finite scale: NaN/Inf values, or a
+    range too wide for the scale dtype. Runs only on that error path."""
+    bad = ~np.isfinite(w)
+    count = int(bad.sum())
+    if count:
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"weight {name!r} contains {count} NaN/Inf value{'s' if count > 1 else ''} "
+            f"(first at {list(where)}); fix the model or skip it with --exclude"
+        )
+    return (
+        f"weight {name!r} spans a range too wide for {np.dtype(scale_dtype).name} scales "
+        f"(max |w| = {float(np.abs(w).max()):.3g}); skip it with --exclude"
+    )
 
 
 class LazyQuantizedArrays:
@@ -55,7 +73,12 @@ class LazyQuantizedArrays:
         assert weight is not None
         w = self._site.normalise(np.asarray(weight.numpy()))
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
-        quantized = quantize(w, self._config, scale_dtype=scale_np)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
+            quantized = quantize(w, self._config, scale_dtype=scale_np)
+        # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
+        # costs one pass over [groups], not another pass over the weight.
+        if not np.isfinite(quantized.scales).all():  # positions are reported as stored
+            raise OxQuantError(nonfinite_message(self._site.name, np.asarray(weight.numpy()), scale_np))
         del w
         if isinstance(weight, ir.ExternalTensor):
             weight.release()  # unmap the input's pages: peak memory stays near one weight
@@ -85,7 +108,8 @@ class LazyQuantizedArrays:
         return ir.LazyTensor(load, dtype, ir.Shape(shape), name=name)
 
 
-def _fresh_name(graph: ir.Graph, used: set[str], base: str) -> str:
+def _fresh_name(used: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``...: the first not in ``used`` (which it joins)."""
     name = base
     i = 1
     while name in used:
@@ -123,7 +147,7 @@ class Writer:
         self.created: list[ir.Value] = []
 
     def name(self, suffix: str) -> str:
-        return _fresh_name(self.graph, self.used_names, self.site.name + suffix)
+        return _fresh_name(self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
         return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
@@ -250,7 +274,7 @@ def _write_nbits_nodes(
         while new_inputs[-1] is None:
             new_inputs.pop()
         prefix = "" if domain == MS_DOMAIN else domain + "_"
-        name = _fresh_name(w.graph, w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+        name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
         w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
     return w.finish()
 
@@ -289,7 +313,7 @@ def write_gather_block_quantized(
         node = use.node
         node_inputs = list(inputs)
         node_inputs[1] = node.inputs[1]
-        name = _fresh_name(w.graph, used_names, (node.name or site.name) + "_GatherBlockQuantized")
+        name = _fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
         new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
         w.replace_node(node, new)
     return w.finish()
@@ -386,6 +410,8 @@ def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[
     attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
     if group != 1:
         attributes["channel_group_size"] = group
+    if config.accuracy_level is not None:
+        attributes["accuracy_level"] = config.accuracy_level
     return shapes, attributes
 
 

@@ -82,13 +82,14 @@ def make_case(rng: np.random.Generator, k: int, n: int, bits: int, block_size: i
     return Case(codes, scales, zps, b, bits, block_size, group, dtype, weights)
 
 
-def save_model(case: Case, path: Path, rank: int = 2) -> Path:
+def save_model(case: Case, path: Path, rank: int = 2, accuracy_level: int | None = None) -> Path:
     elem = TensorProto.FLOAT if case.dtype == np.float32 else TensorProto.FLOAT16
     inits = [numpy_helper.from_array(v, key) for key, v in case.weights.inputs.items()]
     if case.bias is not None:
         inits.append(numpy_helper.from_array(case.bias, "bias"))
     node = make_custom_matmul_node("A", "Y", {key: key for key in case.weights.inputs}, case.weights.attributes,
-                                   bias="bias" if case.bias is not None else None, name="qmm")
+                                   bias="bias" if case.bias is not None else None, name="qmm",
+                                   accuracy_level=accuracy_level)
     lead = [f"d{i}" for i in range(rank - 1)]
     graph = helper.make_graph([node], "custom_matmul", [helper.make_tensor_value_info("A", elem, [*lead, case.k])],
                               [helper.make_tensor_value_info("Y", elem, [*lead, case.n])], inits)
@@ -110,6 +111,33 @@ def check_output(case: Case, a: np.ndarray, y: np.ndarray) -> None:
     got = y.astype(np.float64).reshape(-1, case.n)
     assert y.dtype == case.dtype
     assert y.shape == (*a.shape[:-1], case.n)
+    err = np.abs(got - ref)
+    limit = tol * bound + tol * np.abs(ref) + 1e-6
+    worst = np.unravel_index(np.argmax(err / limit), err.shape)
+    assert np.all(err <= limit), f"max err {err[worst]:.3g} > {limit[worst]:.3g} at {worst} (ref {ref[worst]:.4g})"
+
+
+def int8_activation_reference(case: Case, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """accuracy_level 4 modelled exactly: (reference Y from the int8-rounded A, its magnitude
+    bound |A_hat| @ ((codes + zp) * |scale|), A_hat) in float64, [rows, N]."""
+    from ox_quant.custom_ops import quantize_activations_int8
+
+    a2 = a.reshape(-1, case.k)
+    qa, scale = quantize_activations_int8(a2, case.block_size)
+    a_hat = qa.astype(np.float64) * np.repeat(scale.astype(np.float64), case.block_size, axis=1)[:, :case.k]
+    w, mag = case.reference_w()
+    ref = a_hat @ w + (case.bias.astype(np.float64) if case.bias is not None else 0.0)
+    return ref, np.abs(a_hat) @ mag, a_hat
+
+
+def check_int8_output(case: Case, a: np.ndarray, y: np.ndarray, tol: float = 1e-5) -> None:
+    """Y of an accuracy_level=4 node against the float64 reference computed with A rounded to int8
+    exactly as the op does (so only float32 accumulation error remains): tolerance as check_output
+    (1e-5 relative for float32 Y; float16 Y adds its own rounding, 2e-3)."""
+    ref, bound, _ = int8_activation_reference(case, a)
+    tol = tol if case.dtype == np.float32 else 2e-3
+    got = y.astype(np.float64).reshape(-1, case.n)
+    assert y.dtype == case.dtype and y.shape == (*a.shape[:-1], case.n)
     err = np.abs(got - ref)
     limit = tol * bound + tol * np.abs(ref) + 1e-6
     worst = np.unravel_index(np.argmax(err / limit), err.shape)

@@ -138,3 +138,24 @@ def test_auto_uses_the_custom_op_where_no_standard_format_fits(model, tmp_path, 
     model_proto = onnx.load(str(tmp_path / "c.onnx"))
     assert {o.domain: o.version for o in model_proto.opset_import}.get("ox_quant") == 1
     assert {n.domain for n in model_proto.graph.node} == {"ox_quant"}
+
+
+def test_custom_op_accuracy_level_is_passed_through(model, tmp_path):
+    """--accuracy-level 4 reaches ox_quant.MatMulNBits: int8 activations, ~1e-2 relative error."""
+    from ox_quant.custom_ops import library_available
+
+    if not library_available():
+        pytest.skip("custom-op library not built (ox-quant build-ops)")
+    path, weights, x = model
+    config = QuantConfig(bits=3, granularity=Block(32), accuracy_level=4)
+    convert(path, tmp_path / "a4.onnx", ConvertOptions(config=config))
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / "a4.onnx")).graph.node
+    assert [next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes] == [4, 4]
+    reference = x.astype(np.float64)
+    for w in weights.values():
+        reference = reference @ quantize(w, config).dequantize()
+    (y,) = run(tmp_path / "a4.onnx", {"x": x})
+    error = relative_error(y, reference)
+    assert 1e-6 < error < 2e-2  # int8 activations: not exact, but close

@@ -9,7 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from custom_ops_testlib import IR_VERSION, check_output, ensure_cpu_library, make_case, save_model
+from custom_ops_testlib import (IR_VERSION, check_int8_output, check_output, ensure_cpu_library, make_case,
+                                save_model)
+from ox_quant.custom_ops import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
 from ox_quant.errors import OxQuantError
 from ox_quant.packing import pack_matmulnbits, pack_zero_points
 from ox_quant.runtime import make_session
@@ -150,7 +152,7 @@ def _bad_model(tmp_path, **overrides):
         "zp": pack_zero_points(np.zeros((nb, n), np.uint8), bits),
         "g_idx": np.zeros(k, np.int32),
     }
-    attrs = {"K": k, "N": n, "bits": bits, "block_size": bs}
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": bs, "accuracy_level": 0}
     inputs = ["A", "B", "scales", "zp"]
     a_shape = ["m", k]
     for key, value in overrides.items():
@@ -221,3 +223,135 @@ def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OxQuantError, match="build-ops"):
         make_session(path, "cpu")
 
+
+
+# ----------------------------------------------------------------------------------
+# accuracy_level 4: int8 activations (M <= INT8_MAX_ROWS), float path above
+
+
+def run_int8_case(case, tmp_path, m_values, seed=0, rank=2):
+    sess = make_session(save_model(case, tmp_path / "m8.onnx", rank=rank, accuracy_level=4), "cpu")
+    rng = np.random.default_rng(seed)
+    for m in m_values:
+        shape = (m, case.k) if rank == 2 else (2, m, case.k)
+        a = rng.standard_normal(shape).astype(case.dtype)
+        (y,) = sess.run(None, {"A": a})
+        rows = int(np.prod(shape[:-1]))
+        if rows <= INT8_MAX_ROWS:
+            check_int8_output(case, a, y)
+        else:  # large M: the float path, exact to float32 rounding
+            check_output(case, a, y)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("block_size", [16, 20, 32, 48, 128, 100, 1000])
+def test_int8_activations_bits_and_block_sizes(bits, block_size, isa, tmp_path):
+    """K = 100 (not a multiple of 16, 32, 48, 128; 100 and 1000 >= K are per-channel), N = 37
+    (several tasks, the 8/4/1-column kernels and the copied last columns), M = 1 and M > 1."""
+    rng = np.random.default_rng(bits * 1000 + block_size + 7)
+    case = make_case(rng, 100, 37, bits, block_size, zero_points=bool(block_size % 3), bias=block_size != 32)
+    run_int8_case(case, tmp_path, (1, 2, 5, INT8_MAX_ROWS, INT8_MAX_ROWS + 1))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("zero_points", [True, False])
+def test_int8_activations_larger(bits, zero_points, isa, tmp_path):
+    """K = 1000 with block 32 (last block cut short), N = 300; large-magnitude and zero rows."""
+    rng = np.random.default_rng(bits + 50)
+    case = make_case(rng, 1000, 300, bits, 32, zero_points=zero_points)
+    sess = make_session(save_model(case, tmp_path / "m8.onnx", accuracy_level=4), "cpu")
+    a = rng.standard_normal((4, 1000)).astype(np.float32)
+    a[1] *= 1e3
+    a[2, :64] = 0.0  # blocks with max|a| = 0
+    a[3, ::7] = 0.5  # ties after scaling are possible: round half to even on both sides
+    for rows in (a[:1], a):
+        (y,) = sess.run(None, {"A": rows})
+        check_int8_output(case, rows, y)
+
+
+@pytest.mark.parametrize("block_size", [32, 4096])
+def test_int8_activations_long_blocks(block_size, isa, tmp_path):
+    """8-bit codes, blocks longer than the int32 flush interval (K = 4000 per-channel)."""
+    rng = np.random.default_rng(block_size)
+    case = make_case(rng, 4000, 24, 8, block_size)
+    run_int8_case(case, tmp_path, (1, 3))
+
+
+@pytest.mark.parametrize("group", [1, 4, 7, 37])
+@pytest.mark.parametrize("block_size", [100, 32])
+def test_int8_activations_channel_groups(group, block_size, isa, tmp_path):
+    rng = np.random.default_rng(group * 10 + block_size)
+    case = make_case(rng, 100, 37, 3, block_size, group=group, zero_points=group != 4)
+    run_int8_case(case, tmp_path, (1, 3))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_int8_activations_float16(bits, isa, tmp_path):
+    rng = np.random.default_rng(200 + bits)
+    run_int8_case(make_case(rng, 200, 45, bits, 64, dtype=np.float16), tmp_path, (1, 4, 64))
+    run_int8_case(make_case(rng, 64, 40, 3, 64, group=8, dtype=np.float16), tmp_path, (1, 9))
+
+
+def test_int8_activations_leading_dimensions(tmp_path):
+    """A [2, M, K]: M counts all leading rows (2 * 3 = 6 <= INT8_MAX_ROWS; 2 * 5 = 10 > it)."""
+    rng = np.random.default_rng(4)
+    run_int8_case(make_case(rng, 64, 33, 5, 16), tmp_path, (1, 3, 5), rank=3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_activations_close_to_float_reference(bits, isa, tmp_path):
+    """Against the unquantized-A float64 reference the int8 path is off by ~1e-3 (what A's
+    rounding costs): check 1e-2 relative to |A| @ |W| per element and 1e-2 in norm (measured:
+    5e-3 to 6e-3 in norm and <= 2.6e-4 of |A| @ |W| per element here)."""
+    rng = np.random.default_rng(300 + bits)
+    case = make_case(rng, 2048, 64, bits, 32)
+    sess = make_session(save_model(case, tmp_path / "m8.onnx", accuracy_level=4), "cpu")
+    w, mag = case.reference_w()
+    for m in (1, 4):
+        a = rng.standard_normal((m, 2048)).astype(np.float32)
+        (y,) = sess.run(None, {"A": a})
+        ref = a.astype(np.float64) @ w + case.bias
+        err = np.abs(y - ref)
+        assert np.all(err <= 1e-2 * (np.abs(a) @ mag) + 1e-6)
+        rel = np.linalg.norm(err) / np.linalg.norm(ref - case.bias)
+        assert 1e-5 < rel < 1e-2, rel  # > 1e-5: A really was quantized
+
+
+def test_int8_activations_same_as_level0_for_exact_int8_inputs(tmp_path):
+    """When every block of A is already integer-valued with max|a| = 127, the int8 rounding is
+    exact and level 4 equals level 0 (to float32 rounding)."""
+    rng = np.random.default_rng(9)
+    case = make_case(rng, 256, 40, 3, 32)
+    a = rng.integers(-127, 128, (2, 256)).astype(np.float32)
+    a[:, ::32] = 127.0
+    (y4,) = make_session(save_model(case, tmp_path / "a4.onnx", accuracy_level=4), "cpu").run(None, {"A": a})
+    (y0,) = make_session(save_model(case, tmp_path / "a0.onnx", accuracy_level=0), "cpu").run(None, {"A": a})
+    np.testing.assert_allclose(y4, y0, rtol=1e-5, atol=1e-3)
+    check_output(case, a, y4)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_other_accuracy_levels_are_float(level, tmp_path):
+    rng = np.random.default_rng(level)
+    case = make_case(rng, 100, 37, 3, 32)
+    sess = make_session(save_model(case, tmp_path / "m.onnx", accuracy_level=level), "cpu")
+    a = rng.standard_normal((1, 100)).astype(np.float32)
+    check_output(case, a, sess.run(None, {"A": a})[0])
+
+
+@pytest.mark.parametrize("level", [-1, 5])
+def test_bad_accuracy_level(level, tmp_path):
+    path, _ = _bad_model(tmp_path, accuracy_level=level)
+    with pytest.raises(OxQuantError, match="accuracy_level must be in 0..4"):
+        make_session(path, "cpu")
+    with pytest.raises(OxQuantError, match="accuracy_level"):
+        custom_matmul_initializers(np.zeros((8, 2), np.uint8), np.ones(2), None, 3, 8, accuracy_level=level)
+
+
+def test_accuracy_level_attribute_contract():
+    w = custom_matmul_initializers(np.zeros((8, 2), np.uint8), np.ones(2), None, 3, 8)
+    assert "accuracy_level" not in w.attributes
+    w4 = custom_matmul_initializers(np.zeros((8, 2), np.uint8), np.ones(2), None, 3, 8, accuracy_level=4)
+    assert w4.attributes["accuracy_level"] == 4
+    node = make_custom_matmul_node("A", "Y", {"B": "b", "scales": "s"}, w.attributes, accuracy_level=0)
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 0

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Latency of ox_quant.MatMulNBits (3-bit) against ONNX Runtime's 4-bit com.microsoft.MatMulNBits
+"""Latency of ox_quant.MatMulNBits (3-bit, float and int8 activations) against ONNX Runtime's 4-bit com.microsoft.MatMulNBits
 and a float32 MatMul, same process, same session settings.
 
     python tools/bench_ops.py [--threads 2] [--repeat 200] [--json]
 
 Each model is one node, Y[M, N] = A[M, K] @ W; weights are random codes, block size 32,
-asymmetric (zero points). The median of ``--repeat`` timed runs (after warm-up) is reported.
+asymmetric (zero points). "acc0" / "acc4" are accuracy_level 0 (float activations) and 4 (A
+quantized to int8 per block), for ox_quant.MatMulNBits as for ORT's. The median and minimum of
+``--repeat`` timed runs (after warm-up) are reported (M = 1; a tenth of that, at least 20, for M > 1).
 Needs the CPU custom-op library (``ox-quant build-ops``).
 """
 
@@ -42,16 +44,18 @@ def _model(node, inits, k: int, n: int, opsets) -> onnx.ModelProto:
 
 
 def build_models(k: int, n: int, block: int, out: Path, rng: np.random.Generator) -> dict[str, Path]:
-    """Three one-node models for W[K, N]: custom 3-bit, ORT 4-bit (two accuracy levels), float32."""
+    """One-node models for W[K, N]: custom 3-bit and ORT 4-bit (accuracy levels 0 and 4 each), float32."""
     nb = -(-k // block)
     paths: dict[str, Path] = {}
     # ox_quant 3-bit
     codes3 = rng.integers(0, 8, (k, n))
     w3 = custom_matmul_initializers(codes3, rng.uniform(0.01, 0.02, (nb, n)), rng.integers(0, 8, (nb, n)), 3, block)
-    node = make_custom_matmul_node("A", "Y", {key: key for key in w3.inputs}, w3.attributes)
-    inits = [numpy_helper.from_array(v, key) for key, v in w3.inputs.items()]
-    paths["ox_quant 3-bit"] = out / "custom3.onnx"
-    onnx.save(_model(node, inits, k, n, [("", 21), ("ox_quant", 1)]), paths["ox_quant 3-bit"])
+    for level in (0, 4):
+        node = make_custom_matmul_node("A", "Y", {key: key for key in w3.inputs}, w3.attributes, accuracy_level=level)
+        inits = [numpy_helper.from_array(v, key) for key, v in w3.inputs.items()]
+        key = f"ox_quant 3-bit acc{level}"
+        paths[key] = out / f"custom3_acc{level}.onnx"
+        onnx.save(_model(node, inits, k, n, [("", 21), ("ox_quant", 1)]), paths[key])
     # com.microsoft 4-bit
     codes4 = rng.integers(0, 16, (k, n))
     packed = pack_matmulnbits(codes4.astype(np.uint8), 4, block)
@@ -116,15 +120,22 @@ def main() -> None:
         print(json.dumps({"threads": args.threads, "block_size": args.block_size, "rows": rows}, indent=2))
         return
     names = list(rows[0]["latency_ms"])
-    print(f"threads={args.threads} block_size={args.block_size}; median ms (min ms)")
-    print("| M | K x N | " + " | ".join(names) + " | 3-bit / 4-bit acc0 | fp32 / 3-bit |")
-    print("|---" * (len(names) + 4) + "|")
+    print(f"threads={args.threads} block_size={args.block_size}; median ms (min ms); ratios: median (min)")
+    ratios = ["3-bit acc0 / ORT 4-bit acc0", "3-bit acc4 / ORT 4-bit acc4", "fp32 / 3-bit acc0", "fp32 / 3-bit acc4"]
+    print("| M | K x N | " + " | ".join(names + ratios) + " |")
+    print("|---" * (len(names) + len(ratios) + 2) + "|")
     for r in rows:
         lat = r["latency_ms"]
-        c3 = lat["ox_quant 3-bit"]["median"]
-        cells = " | ".join(f"{lat[x]['median']:.3f} ({lat[x]['min']:.3f})" for x in names)
-        ratio4 = c3 / lat["ORT MatMulNBits 4-bit acc0"]["median"]
-        print(f"| {r['M']} | {r['K']}x{r['N']} | {cells} | {ratio4:.2f} | {lat['float32 MatMul']['median'] / c3:.1f} |")
+
+        def ratio(num: str, den: str) -> str:
+            return f"{lat[num]['median'] / lat[den]['median']:.2f} ({lat[num]['min'] / lat[den]['min']:.2f})"
+
+        cells = [f"{lat[x]['median']:.3f} ({lat[x]['min']:.3f})" for x in names]
+        cells += [ratio("ox_quant 3-bit acc0", "ORT MatMulNBits 4-bit acc0"),
+                  ratio("ox_quant 3-bit acc4", "ORT MatMulNBits 4-bit acc4"),
+                  ratio("float32 MatMul", "ox_quant 3-bit acc0"), ratio("float32 MatMul", "ox_quant 3-bit acc4")]
+        print(f"| {r['M']} | {r['K']}x{r['N']} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,12 @@
 //    the inner loop.
 //  * M > 1: dequantize a tile of NT columns once into a float buffer (w = (q - zp) * s),
 //    then a register-blocked dot-product GEMM (4 rows x 3 columns) over K chunks.
+//  * accuracy_level 4 and M <= kInt8MaxRows: A quantized to int8 per block, exact integer block
+//    dot products (vpmaddwd on codes masked in place), float accumulation across blocks.
 // The AVX2/FMA versions are chosen at run time (__builtin_cpu_supports); a portable C++
 // version runs everywhere else (and when OX_QUANT_OPS_ISA=portable).
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -28,6 +31,27 @@ namespace {
 constexpr int64_t kTileN = 24;    // columns dequantized per task (M > 1)
 constexpr int64_t kChunkK = 512;  // K chunk of the GEMM (keeps A's chunk in L2)
 constexpr int64_t kColsPerTaskM1 = 16;
+constexpr int64_t kColsPerTaskI8 = 16;   // columns per task, int8-activation path
+// accuracy_level 4 quantizes A only for M <= kInt8MaxRows (decoding, small batches); larger M
+// take the float path, which is faster there (dequantized tile + float GEMM). Keep in sync with
+// custom_ops/README.md and ox_quant/custom_ops.py (INT8_MAX_ROWS).
+constexpr int64_t kInt8MaxRows = 8;
+
+// Activations quantized to int8 (accuracy_level 4), one row of A after another.
+// Row m, block b: sa = max|a| / 127, qa[k] = round-half-even(a[k] * (127 / max|a|)) in [-127, 127].
+// The codes are stored as int16 in blocks padded with zeros to a multiple of 16 (`bs16`), so that the
+// kernels may read whole groups of 16 codes (the codes past the block meet a zero activation).
+// AVX2 layout ("shifted"): code j of a group of 16 is multiplied by its packed window masked in place,
+// i.e. by q << s_j with s_j = (j * bits) % 8, so the stored activation is qa << (7 - s_j) and each
+// product is qa * q * 128; `scale` then holds sa / 128. Portable layout: qa itself, `scale` = sa.
+struct QuantA {
+  int64_t bs16 = 0;    // stored codes per block
+  int64_t flush = 1;   // groups of 16 codes summed in int32 before conversion to float (no overflow)
+  int64_t stride = 0;  // int16 values per row: n_blocks * bs16
+  std::vector<int16_t> q;       // [M][stride]
+  std::vector<float> scale;     // [M][n_blocks]: multiplies the integer dot of block b
+  std::vector<float> asum;      // [M][n_blocks]: sa * sum(qa) over the block (sum of the dequantized block)
+};
 
 struct Problem {
   QMatMulShape s;
@@ -37,9 +61,11 @@ struct Problem {
   const uint8_t* B_end;
   const float* scales;
   const uint8_t* zp;
+  const uint8_t* zp_end;
   const float* bias;
   float* Y;
-  std::vector<float> asum;  // [n_blocks] (M == 1)
+  std::vector<float> asum;  // [n_blocks] (M == 1, float path)
+  const QuantA* qa = nullptr;  // int8-activation path
 
   float scale(int64_t n, int64_t b) const { return scales[(n / s.group) * nb + b]; }
   float zero(int64_t n, int64_t b) const {
@@ -133,6 +159,33 @@ void micro_portable(const float* A, int64_t lda, const float* const* W, int mr, 
   }
 }
 
+
+// Int8 activations: rows [m0, m1) x columns [n0, n1), plain integer arithmetic.
+void i8_portable(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const QuantA& qa = *p.qa;
+  const int bits = p.s.bits;
+  const int64_t nb = p.nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sp = p.scales + (n / p.s.group) * nb;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int16_t* a = qa.q.data() + m * qa.stride;
+      const float* sa = qa.scale.data() + m * nb;
+      const float* as = qa.asum.data() + m * nb;
+      float y = 0.f, corr = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t len = p.block_len(b);
+        const uint8_t* q = p.blob_ptr(n, b);
+        const int16_t* ab = a + b * qa.bs16;
+        int64_t dot = 0;
+        for (int64_t i = 0; i < len; ++i) dot += static_cast<int64_t>(ab[i]) * static_cast<int64_t>(bitstream_code(q, i, bits));
+        y += (sa[b] * sp[b]) * static_cast<float>(dot);
+        corr += sp[b] * p.zero(n, b) * as[b];
+      }
+      p.Y[m * p.s.N + n] = y - corr + (p.bias ? p.bias[n] : 0.f);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------
 // AVX2 path
 #ifdef OXQ_X86
@@ -195,16 +248,21 @@ __attribute__((target("avx2,fma"))) __m256 block_dot_checked(const Problem& p, c
 
 // sum_b scale[b] * zp[b] * asum[b] over the blocks of one channel group (zp row may be null).
 __attribute__((target("avx2,fma"))) float zero_correction(const Problem& p, const float* sp, const uint8_t* zrow,
-                                                         const Unpack8& zu) {
+                                                         const Unpack8& zu, const float* asum) {
   const int bits = p.s.bits;
-  const float* asum = p.asum.data();
   const int64_t nb = p.nb;
   __m256 acc = _mm256_setzero_ps();
   int64_t b = 0;
   if (zrow) {
-    for (; b + 8 <= nb; b += 8)  // 8 zero points = `bits` bytes; the row holds ceil(nb*bits/8) bytes
-      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b)),
-                            unpack8(load_partial(zrow + (b / 8) * bits, 8, bits), zu), acc);
+    // 8 zero points = `bits` bytes; the row holds ceil(nb*bits/8) bytes. Plain 8-byte loads while
+    // they stay inside the zero-point input, `bits`-byte copies after.
+    for (; b + 8 <= nb; b += 8) {
+      const uint8_t* z = zrow + (b / 8) * bits;
+      uint64_t x;
+      if (z + 8 <= p.zp_end) std::memcpy(&x, z, 8);
+      else x = load_partial(z, 8, bits);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sp + b), _mm256_loadu_ps(asum + b)), unpack8(x, zu), acc);
+    }
     float t = hsum(acc);
     for (; b < nb; ++b) t += sp[b] * asum[b] * static_cast<float>(bitstream_code(zrow, b, bits));
     return t;
@@ -233,7 +291,7 @@ __attribute__((target("avx2,fma"))) void m1_avx2_cols(const Problem& p, int64_t 
     sp[c] = p.scales + ((n + c) / p.s.group) * nb;
     zp[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
     yv[c] = _mm256_setzero_ps();
-    corr[c] = zero_correction(p, sp[c], zp[c], u);
+    corr[c] = zero_correction(p, sp[c], zp[c], u, p.asum.data());
   }
   int64_t b = 0;
   for (; b < fast_blocks; ++b) {
@@ -329,6 +387,193 @@ const MicroFn kMicro[4][3] = {
     {micro_avx2<4, 1>, micro_avx2<4, 2>, micro_avx2<4, 3>},
 };
 
+// ---- int8 activations (accuracy_level 4)
+// A group of 16 codes is 2*bits bytes and starts on a byte boundary (groups start at the start of a
+// blob). One 16-byte load is broadcast to both 128-bit halves; vpshufb puts the (one or two) bytes
+// holding code j in 16-bit lane j, and the lane is masked to the code's bits *in place*
+// (q << s_j); the activation was stored pre-shifted by 7 - s_j, so vpmaddwd yields qa * q * 128
+// for every lane (pairs summed into int32: |.| <= 2 * 127 * 255 * 128, no saturation for any bits).
+struct I8Unpack {
+  __m256i ctl, mask;
+};
+
+__attribute__((target("avx2,fma"))) I8Unpack make_i8_unpack(int bits) {
+  alignas(32) uint8_t ctl[32];
+  alignas(32) uint16_t mask[16];
+  for (int j = 0; j < 16; ++j) {
+    const int bit = j * bits, byte = bit / 8, shift = bit % 8;
+    ctl[2 * j] = static_cast<uint8_t>(byte);                                            // byte <= 2*bits - 1 <= 15
+    ctl[2 * j + 1] = shift + bits > 8 ? static_cast<uint8_t>(byte + 1) : uint8_t{0x80};  // 0x80: zero
+    mask[j] = static_cast<uint16_t>(((1u << bits) - 1u) << shift);
+  }
+  I8Unpack u;
+  u.ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctl));
+  u.mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask));
+  return u;
+}
+
+// Y[m0 + r, n + c] for r < NR, c < NC; col[c] = packed data of column n + c (may be a padded copy:
+// every group load reads 16 bytes from its start, i.e. up to 16 - 2*bits bytes past the group).
+template <int NC, int NR>
+__attribute__((target("avx2,fma"))) void i8_avx2_tile(const Problem& p, int64_t n, int64_t m0, const uint8_t* const* col,
+                                                     const I8Unpack& u, const Unpack8& zu) {
+  const QuantA& qa = *p.qa;
+  const int bits = p.s.bits;
+  const int64_t nb = p.nb, blob = p.blob, gpb = qa.bs16 / 16, step = 2 * bits;
+  const float* sp[NC];
+  const uint8_t* zrow[NC];
+  const int16_t* arow[NR];
+  const float* sarow[NR];
+  __m256 yv[NR][NC];
+  for (int c = 0; c < NC; ++c) {
+    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
+    zrow[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
+  }
+  for (int r = 0; r < NR; ++r) {
+    arow[r] = qa.q.data() + (m0 + r) * qa.stride;
+    sarow[r] = qa.scale.data() + (m0 + r) * nb;
+    for (int c = 0; c < NC; ++c) yv[r][c] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q[NC];
+    for (int c = 0; c < NC; ++c) q[c] = col[c] + b * blob;
+    const int16_t* a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = arow[r] + b * qa.bs16;
+    for (int64_t g0 = 0; g0 < gpb; g0 += qa.flush) {
+      const int64_t g1 = std::min(gpb, g0 + qa.flush);
+      __m256i acc[NR][NC];
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < NC; ++c) acc[r][c] = _mm256_setzero_si256();
+      for (int64_t g = g0; g < g1; ++g) {
+        __m256i av[NR];
+        for (int r = 0; r < NR; ++r) av[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 16 * g));
+        for (int c = 0; c < NC; ++c) {
+          __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[c] + g * step)));
+          x = _mm256_and_si256(_mm256_shuffle_epi8(x, u.ctl), u.mask);
+          for (int r = 0; r < NR; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(x, av[r]));
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < NC; ++c)
+          yv[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), _mm256_set1_ps(sarow[r][b] * sp[c][b]), yv[r][c]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float* as = qa.asum.data() + (m0 + r) * nb;
+    for (int c = 0; c < NC; ++c)
+      p.Y[(m0 + r) * p.s.N + n + c] =
+          hsum(yv[r][c]) - zero_correction(p, sp[c], zrow[c], zu, as) + (p.bias ? p.bias[n + c] : 0.f);
+  }
+}
+
+// M == 1, NC (4 or 8) columns: after each block the NC int32 accumulators are reduced with
+// vphaddd into the NC column sums, which are scaled by (sa_b * the columns' scales of block b,
+// taken from a transposed copy) and added to the NC outputs.
+template <int NC>
+__attribute__((target("avx2,fma"))) inline __m256i reduce_cols(const __m256i* acc);
+
+template <>
+__attribute__((target("avx2,fma"))) inline __m256i reduce_cols<4>(const __m256i* acc) {
+  const __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]), t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1);  // [c0..c3 | c0..c3], partial sums of each half
+  return _mm256_castsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(u0), _mm256_extracti128_si256(u0, 1)));
+}
+
+template <>
+__attribute__((target("avx2,fma"))) inline __m256i reduce_cols<8>(const __m256i* acc) {
+  const __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]), t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+  const __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]), t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// kG > 0: every block has exactly kG groups and kG <= qa.flush (unrolled, no flush loop).
+template <int NC, int kG>
+__attribute__((target("avx2,fma"))) void i8_avx2_m1(const Problem& p, int64_t m, int64_t n, const uint8_t* const* col,
+                                                   const I8Unpack& u, const Unpack8& zu) {
+  const QuantA& qa = *p.qa;
+  const int bits = p.s.bits;
+  const int64_t nb = p.nb, blob = p.blob, step = 2 * bits;
+  const int64_t gpb = kG > 0 ? kG : qa.bs16 / 16, flush = kG > 0 ? kG : qa.flush;
+  const float* sp[NC];
+  const uint8_t* zrow[NC];
+  const uint8_t* q[NC];
+  for (int c = 0; c < NC; ++c) {
+    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
+    zrow[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
+    q[c] = col[c];
+  }
+  thread_local std::vector<float> st_buf;  // [nb][8]: sa_b * scale of column n + c, block b
+  st_buf.resize(static_cast<size_t>(nb * 8));
+  float* st = st_buf.data();
+  const float* sa = qa.scale.data() + m * nb;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int c = 0; c < NC; ++c) st[b * 8 + c] = sp[c][b] * sa[b];
+  const int16_t* arow = qa.q.data() + m * qa.stride;
+  const __m256i ctl = u.ctl, mask = u.mask;
+  __m256 y = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t off = b * blob;
+    const int16_t* a = arow + b * qa.bs16;
+    for (int64_t g0 = 0; g0 < gpb; g0 += flush) {
+      const int64_t g1 = std::min(gpb, g0 + flush);
+      __m256i acc[NC];
+      for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_si256();
+      for (int64_t g = g0; g < g1; ++g) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * g));
+        const int64_t o = off + g * step;
+        for (int c = 0; c < NC; ++c) {
+          __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[c] + o)));
+          x = _mm256_and_si256(_mm256_shuffle_epi8(x, ctl), mask);
+          acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(x, av));
+        }
+      }
+      y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce_cols<NC>(acc)), _mm256_loadu_ps(st + b * 8), y);
+    }
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, y);
+  const float* as = qa.asum.data() + m * nb;
+  for (int c = 0; c < NC; ++c)
+    p.Y[m * p.s.N + n + c] = out[c] - zero_correction(p, sp[c], zrow[c], zu, as) + (p.bias ? p.bias[n + c] : 0.f);
+}
+
+// Rows [m0, m1) x columns [n0, n1). Columns whose group loads could run past the end of B are
+// copied, with 16 zero bytes after them, into a scratch buffer first.
+__attribute__((target("avx2,fma"))) void i8_avx2(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const I8Unpack u = make_i8_unpack(p.s.bits);
+  const Unpack8 zu = make_unpack8(p.s.bits);
+  const int64_t col_bytes = p.nb * p.blob;
+  const int64_t safe_end = std::max<int64_t>(0, p.s.N - (16 + col_bytes - 1) / col_bytes);
+  const int64_t nc = n1 - n0;
+  thread_local std::vector<const uint8_t*> cols;
+  thread_local std::vector<uint8_t> scratch;
+  cols.resize(static_cast<size_t>(nc));
+  const int64_t unsafe = std::max<int64_t>(0, n1 - std::max(n0, safe_end));
+  scratch.assign(static_cast<size_t>(unsafe * col_bytes + 16), 0);
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t n = n0 + j;
+    if (n < safe_end) {
+      cols[j] = p.blob_ptr(n, 0);
+    } else {
+      uint8_t* dst = scratch.data() + (n - std::max(n0, safe_end)) * col_bytes;
+      std::memcpy(dst, p.blob_ptr(n, 0), static_cast<size_t>(col_bytes));
+      cols[j] = dst;
+    }
+  }
+  const uint8_t* const* cp = cols.data();
+  using M1Fn = void (*)(const Problem&, int64_t, int64_t, const uint8_t* const*, const I8Unpack&, const Unpack8&);
+  const int64_t gpb = p.qa->bs16 / 16;
+  const M1Fn f8 = gpb == 2 ? i8_avx2_m1<8, 2> : gpb == 4 ? i8_avx2_m1<8, 4> : gpb == 8 ? i8_avx2_m1<8, 8> : i8_avx2_m1<8, 0>;
+  const M1Fn f4 = gpb == 2 ? i8_avx2_m1<4, 2> : gpb == 4 ? i8_avx2_m1<4, 4> : gpb == 8 ? i8_avx2_m1<4, 8> : i8_avx2_m1<4, 0>;
+  for (int64_t m = m0; m < m1; ++m) {  // row by row: the tile stays in L1/L2 across rows
+    int64_t j = 0;
+    for (; j + 8 <= nc; j += 8) f8(p, m, n0 + j, cp + j, u, zu);
+    for (; j + 4 <= nc; j += 4) f4(p, m, n0 + j, cp + j, u, zu);
+    for (; j < nc; ++j) i8_avx2_tile<1, 1>(p, n0 + j, m, cp + j, u, zu);
+  }
+}
+
 #endif  // OXQ_X86
 
 // ------------------------------------------------------------------------------
@@ -397,6 +642,53 @@ void gemm_task(void* data, size_t task) {
       p.Y[m * N + n0 + j] = cbuf[m * nt + j] + (p.bias ? p.bias[n0 + j] : 0.f);
 }
 
+void i8_task(void* data, size_t task) {
+  const TaskData& t = *static_cast<const TaskData*>(data);
+  const int64_t n0 = static_cast<int64_t>(task) * t.cols;
+  const int64_t n1 = std::min(t.p->s.N, n0 + t.cols);
+#ifdef OXQ_X86
+  if (t.avx2) return i8_avx2(*t.p, 0, t.p->s.M, n0, n1);
+#endif
+  i8_portable(*t.p, 0, t.p->s.M, n0, n1);
+}
+
+// Quantizes every row of A to int8 per block of K (see QuantA).
+void quantize_activations(const Problem& p, bool shifted, QuantA& out) {
+  const int64_t M = p.s.M, K = p.s.K, bs = p.s.block_size, nb = p.nb;
+  const int bits = p.s.bits;
+  out.bs16 = (std::min(bs, K) + 15) / 16 * 16;
+  // A group of 16 codes adds at most 16 * 127 * (2**bits - 1) * 128 (shifted layout) to a column's sum.
+  out.flush = std::max<int64_t>(1, INT32_MAX / (16 * 127 * 128 * ((int64_t{1} << bits) - 1)));
+  out.stride = nb * out.bs16;
+  out.q.assign(static_cast<size_t>(M * out.stride), 0);
+  out.scale.resize(static_cast<size_t>(M * nb));
+  out.asum.resize(static_cast<size_t>(M * nb));
+  int mul[16];
+  for (int j = 0; j < 16; ++j) mul[j] = shifted ? 1 << (7 - (j * bits) % 8) : 1;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t len = p.block_len(b);
+      const float* a = p.A + m * K + b * bs;
+      float amax = 0.f;
+      for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(a[i]));
+      const float sa = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int16_t* dst = out.q.data() + m * out.stride + b * out.bs16;
+      int32_t isum = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        float v = a[i] * inv;
+        v = (v + 12582912.f) - 12582912.f;  // round half to even (|v| <= 127 < 2**22)
+        v = std::min(127.f, std::max(-127.f, v));
+        const int qv = static_cast<int>(v);
+        isum += qv;
+        dst[i] = static_cast<int16_t>(qv * mul[i % 16]);
+      }
+      out.scale[m * nb + b] = shifted ? sa * (1.f / 128.f) : sa;
+      out.asum[m * nb + b] = sa * static_cast<float>(isum);
+    }
+  }
+}
+
 }  // namespace
 
 const char* cpu_isa() { return use_avx2() ? "avx2" : "portable"; }
@@ -414,6 +706,7 @@ void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const 
   p.B_end = B + s.packed_bytes();
   p.scales = scales;
   p.zp = zp;
+  p.zp_end = zp ? zp + s.zp_bytes() : nullptr;
   p.bias = bias;
   p.Y = Y;
   if (s.K == 0) {
@@ -422,7 +715,13 @@ void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const 
     return;
   }
   TaskData t{&p, use_avx2(), 0};
-  if (s.M == 1) {
+  if (s.int8_activations() && s.M <= kInt8MaxRows) {
+    QuantA qa;
+    quantize_activations(p, t.avx2, qa);
+    p.qa = &qa;
+    t.cols = kColsPerTaskI8;
+    runner.run(static_cast<size_t>((s.N + t.cols - 1) / t.cols), i8_task, &t);
+  } else if (s.M == 1) {
     p.asum.assign(static_cast<size_t>(p.nb), 0.f);
     for (int64_t b = 0; b < p.nb; ++b) {
       const int64_t len = p.block_len(b);

@@ -56,6 +56,10 @@ oxq::QMatMulShape read_attributes(const OrtApi& api, const OrtKernelInfo* info) 
   const int64_t bits = required_int(api, info, "bits");
   s.block_size = required_int(api, info, "block_size");
   s.group = optional_int(api, info, "channel_group_size", 1);
+  const int64_t level = optional_int(api, info, "accuracy_level", 0);
+  if (level < 0 || level > 4)
+    throw OpError("ox_quant.MatMulNBits: accuracy_level must be in 0..4, got " + std::to_string(level));
+  s.accuracy_level = static_cast<int>(level);
   if (bits < 2 || bits > 8) throw OpError("ox_quant.MatMulNBits: bits must be in 2..8, got " + std::to_string(bits));
   s.bits = static_cast<int>(bits);
   if (s.K < 1 || s.N < 1) throw OpError("ox_quant.MatMulNBits: K and N must be >= 1");
@@ -286,12 +290,16 @@ extern "C" __attribute__((visibility("default"))) const char* OxQuantOpsCpuIsa()
 
 // Runs the CPU kernel directly on host buffers (float32), serially: used by tests and tools
 // that want the kernel without an ONNX Runtime session. Returns 0 on success.
-extern "C" __attribute__((visibility("default"))) int OxQuantOpsCpuMatMul(int64_t M, int64_t K, int64_t N, int bits,
-                                                                         int64_t block_size, int64_t group,
-                                                                         const float* A, const uint8_t* B,
-                                                                         const float* scales, const uint8_t* zp,
-                                                                         const float* bias, float* Y) {
-  if (bits < 2 || bits > 8 || K < 1 || N < 1 || M < 0 || block_size < 1 || group < 1) return 1;
+// accuracy_level as the node attribute (4 = int8 activations, 0..3 = float32).
+extern "C" __attribute__((visibility("default"))) int OxQuantOpsCpuMatMulAcc(int64_t M, int64_t K, int64_t N, int bits,
+                                                                            int64_t block_size, int64_t group,
+                                                                            int accuracy_level, const float* A,
+                                                                            const uint8_t* B, const float* scales,
+                                                                            const uint8_t* zp, const float* bias,
+                                                                            float* Y) {
+  if (bits < 2 || bits > 8 || K < 1 || N < 1 || M < 0 || block_size < 1 || group < 1 || accuracy_level < 0 ||
+      accuracy_level > 4)
+    return 1;
   oxq::QMatMulShape s;
   s.M = M;
   s.K = K;
@@ -299,6 +307,16 @@ extern "C" __attribute__((visibility("default"))) int OxQuantOpsCpuMatMul(int64_
   s.bits = bits;
   s.block_size = block_size;
   s.group = group;
+  s.accuracy_level = accuracy_level;
   oxq::qmatmul_cpu(s, A, B, scales, zp, bias, Y, oxq::SerialRunner());
   return 0;
+}
+
+// The same with accuracy_level 0 (float32 arithmetic).
+extern "C" __attribute__((visibility("default"))) int OxQuantOpsCpuMatMul(int64_t M, int64_t K, int64_t N, int bits,
+                                                                         int64_t block_size, int64_t group,
+                                                                         const float* A, const uint8_t* B,
+                                                                         const float* scales, const uint8_t* zp,
+                                                                         const float* bias, float* Y) {
+  return OxQuantOpsCpuMatMulAcc(M, K, N, bits, block_size, group, 0, A, B, scales, zp, bias, Y);
 }

@@ -21,6 +21,11 @@ struct QMatMulShape {
   int bits = 4;
   int64_t block_size = 32;
   int64_t group = 1;  // channel_group_size: consecutive output channels sharing a scale
+  // accuracy_level: 4 = int8 activations (A quantized per block of K, integer dot products);
+  // anything else = float32 arithmetic. Only the CPU kernels read it.
+  int accuracy_level = 0;
+
+  bool int8_activations() const { return accuracy_level == 4; }
 
   int64_t n_blocks() const { return (K + block_size - 1) / block_size; }
   int64_t blob() const { return (block_size * bits + 7) / 8; }
@@ -54,7 +59,9 @@ struct SerialRunner final : TaskRunner {
   }
 };
 
-// CPU kernel, float32 everywhere. zp and bias may be nullptr.
+// CPU kernel. zp and bias may be nullptr. With s.accuracy_level == 4 each row of A is first
+// quantized to int8 per block of K (symmetric: scale = max|a| / 127, q = round-half-even(a *
+// (127 / max|a|))) and the block dot products are exact integer sums; otherwise float32 throughout.
 void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const float* scales,
                  const uint8_t* zp, const float* bias, float* Y, const TaskRunner& runner);
 
