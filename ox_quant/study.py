@@ -152,6 +152,7 @@ class StudyResult:
     peer_rows: tuple[Row, ...]
     claims: tuple[Claim, ...]
     notes: tuple[str, ...]
+    """The task's caveats (``TaskResult.notes``); the study's own come from :func:`study_notes`."""
     details: dict[str, Any]
     environment: dict[str, str]
     seconds: float
@@ -331,9 +332,9 @@ def study_notes(options: StudyOptions, rows: list[Row]) -> list[str]:
                      "weights. Below 4 bits no format holds Conv weights, so those rows quantize MatMul/Gemm only "
                      "(status partial).")
     if options.model == "smollm2":
-        notes.append("SmolLM2's fp32 weights are dequantized Q4_1 (4-bit, blocks of 32 along K, asymmetric with a "
-                     "float minimum): int4 block:32 asymmetric is near its source format, and no claim in this "
-                     "report rests on that configuration (it is excluded from the claims when present).")
+        notes.append("int4 block:32 asymmetric is near SmolLM2's source format (ONNX's integer zero points do not "
+                     "land exactly on Q4_1's float-minimum grid, docs/real-models.md); no claim in this report rests "
+                     "on that configuration (it is excluded from the claims when present).")
     if "Gather" not in options.include_ops:
         notes.append("Embedding tables (Gather) stay float in every row, so that every row quantizes the same "
                      "weights (no format holds a 3-bit table) and matches the peer, which quantizes MatMul only.")
@@ -405,7 +406,6 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
             step += 1
     progress("done", total, total)
     rows = mark_partial(rows)
-    notes = [*notes, *study_notes(options, rows)]
     if not options.keep_models:
         _remove_model(src)
         if not any(work.iterdir()):

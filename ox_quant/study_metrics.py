@@ -42,10 +42,16 @@ class StudyMetric:
         return -change if self.higher_is_better else change
 
     def format_change(self, change: float) -> str:
-        return f"{change * 100:+.2f}%" if self.relative else f"{change:+.4g}"
+        """``+1.23%`` (relative), ``x2.41e+06`` (relative, beyond +900%), ``+0.0123`` (absolute)."""
+        if not self.relative:
+            return f"{change:+.4g}"
+        return f"x{1 + change:.3g}" if change > 9 else f"{change * 100:+.2f}%"
 
     def format_loss(self, loss: float) -> str:
-        return f"{loss * 100:.2f}%" if self.relative else f"{loss:.4g}"
+        if not self.relative:
+            return f"{loss:.4g}"
+        ratio = 1 + loss if not self.higher_is_better else 1 - loss
+        return f"x{ratio:.3g}" if loss > 9 else f"{loss * 100:.2f}%"
 
     def judge(self, loss: float) -> str:
         """``near lossless``, ``small`` or ``noticeable``."""

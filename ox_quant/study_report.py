@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ox_quant.study import PEER, Row, StudyResult
+from ox_quant.config import Format
+from ox_quant.study import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
+from ox_quant.study_metrics import StudyMetric
 from ox_quant.study_claims import excluded_from_claims
 
 PLOT = "metric_vs_bpw.png"
@@ -40,11 +42,46 @@ def result_dict(result: StudyResult, command: str | None = None) -> dict[str, An
         "rows": [r.as_dict() for r in result.rows],
         "peer_rows": [r.as_dict() for r in result.peer_rows],
         "claims": [c.as_dict() for c in result.claims],
-        "notes": list(result.notes),
+        "notes": all_notes(result),
+        "task_notes": list(result.notes),
         "details": result.details,
         "environment": result.environment,
         "seconds": round(result.seconds, 1),
     }
+
+
+def all_notes(result: StudyResult) -> list[str]:
+    """The task's caveats, then the study's (see ``study_notes``)."""
+    return list(dict.fromkeys([*result.notes, *study_notes(result.options, list(result.rows))]))
+
+
+_STUDY_NOTE_STARTS = ("Conv weights are written", "int4 block:32 asymmetric", "SmolLM2's fp32 weights are", "Embedding tables")
+
+
+def load_result(path: str | os.PathLike) -> StudyResult:
+    """A ``StudyResult`` from a ``study.json`` (claims evaluated again from its rows)."""
+    from ox_quant.study_claims import evaluate_claims
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+
+    def row(d: dict[str, Any]) -> Row:
+        return Row(**{**d, "skipped": tuple(tuple(x) for x in d.get("skipped", ()))})
+
+    m, o = data["metric"], data["options"]
+    metric = StudyMetric(m["task"], m["name"], m["direction"] == "higher is better", m["relative_change"],
+                         m["near_lossless_max_loss"], m["noticeable_min_loss"], m["about"])
+    options = StudyOptions(model=data["model"], bits=tuple(o["bits"]),
+                           granularities=parse_granularity_list(",".join(o["granularities"])),
+                           symmetric=o["symmetric"], format=Format(o["format"]), include_ops=tuple(o["include_ops"]),
+                           peer=o["peer"], task_options=tuple(o["task_options"].items()), provider=o["provider"])
+    task_notes = data.get("task_notes")
+    if task_notes is None:  # written before task notes were kept apart
+        task_notes = [n for n in data["notes"] if not n.startswith(_STUDY_NOTE_STARTS)]
+    result = StudyResult(model=data["model"], metric=metric, options=options, fp32=row(data["fp32"]),
+                         rows=tuple(row(r) for r in data["rows"]), peer_rows=tuple(row(r) for r in data["peer_rows"]),
+                         claims=(), notes=tuple(task_notes), details=data["details"], environment=data["environment"],
+                         seconds=data["seconds"])
+    return StudyResult(**{**result.__dict__, "claims": tuple(evaluate_claims(result))})
 
 
 def _change_header(result: StudyResult) -> str:
@@ -102,8 +139,9 @@ def markdown(result: StudyResult, command: str | None = None) -> str:
         f"(fp32 export {result.details.get('export_seconds', 0):.0f} s).",
         "",
     ]
-    if result.notes:
-        lines += ["## Caveats", ""] + [f"- {n}" for n in result.notes] + [""]
+    notes = all_notes(result)
+    if notes:
+        lines += ["## Caveats", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Claims", "",
               f"Thresholds for {m.name}: near lossless = loss <= {m.format_loss(m.lossless)}; "
               f"noticeable = loss >= {m.format_loss(m.noticeable)} (loss = change vs fp32 in the bad direction).",

@@ -189,3 +189,16 @@ def test_rows_with_fewer_weights_are_partial():
     marked = mark_partial(rows)
     assert marked[0].status == "ok"
     assert marked[1].status == "partial" and "1 of 7 weights" in marked[1].reason and "(x6)" in marked[1].reason
+
+
+@needs_crepe
+@needs_matplotlib
+def test_report_only_rewrites_the_report_from_study_json(crepe_study):
+    out, data = crepe_study
+    (out / "study.md").unlink()
+    ox_quant("study", "crepe-tiny", "--out", str(out), "--report-only")
+    text = (out / "study.md").read_text()
+    assert data["command"] in text
+    assert json.loads((out / "study.json").read_text())["claims"] == data["claims"]
+    proc = ox_quant("study", "minilm", "--out", str(out), "--report-only", check=False)
+    assert proc.returncode == 1 and "is a study of 'crepe-tiny'" in proc.stderr

@@ -55,9 +55,12 @@ def _command_line() -> str:
 @click.option("--context", type=click.IntRange(min=2), help="smollm2: window length in tokens (task default 512).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print study.json's content on stdout.")
+@click.option("--report-only", is_flag=True,
+              help="Run nothing: write study.md and the plots again from --out's study.json (claims re-evaluated).")
 def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool,
               include_op: tuple[str, ...], peer: bool, keep_models: bool, out_dir: str | None,
-              text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool) -> None:
+              text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool,
+              report_only: bool) -> None:
     """Convert MODEL under every bit width x granularity, score each on its task, write the report.
 
     \b
@@ -99,6 +102,18 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     out = Path(out_dir) if out_dir else Path(f"study-{model}")
     if out.exists() and not out.is_dir():
         raise OxQuantError(f"--out {out} exists and is not a directory")
+    if report_only:
+        from ox_quant.study_report import load_result
+
+        saved = out / "study.json"
+        if not saved.is_file():
+            raise OxQuantError(f"--report-only: {saved} does not exist")
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        if data.get("model") != model:
+            raise OxQuantError(f"--report-only: {saved} is a study of {data.get('model')!r}, not {model!r}")
+        paths = write_report(load_result(saved), out, data.get("command"))
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
+        return
     stderr = Console(stderr=True)
     with _quiet_loggers("onnxruntime.quantization", "onnx_ir"), quiet_torch(load=model != "ppocr-rec"), contextlib.redirect_stdout(sys.stderr), \
             Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
