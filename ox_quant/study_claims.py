@@ -91,7 +91,9 @@ def _int4_groups(r: _Rows) -> tuple[str, str] | None:
         return "holds", evidence
     if channel < r.metric.noticeable:
         return "does not hold", evidence + ": per-channel int4 is already below the noticeable threshold"
-    return "partly holds", evidence + ": blocks help, but int4 still loses noticeably with the finest block"
+    if best_loss < channel - r.metric.lossless:
+        return "partly holds", evidence + ": blocks help, but int4 still loses noticeably with the best block"
+    return "does not hold", evidence + ": blocks do not help (no block beats per-channel by more than the near-lossless threshold)"
 
 
 def _group128(r: _Rows) -> tuple[str, str] | None:

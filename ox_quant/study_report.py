@@ -188,8 +188,19 @@ def plot(result: StudyResult, path: Path, min_bits: int = 0) -> None:
         for r in rows:
             ax.annotate(f"{r.bits}", (r.bits_per_weight, r.value), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(result.fp32.value, color="grey", linestyle=":", label="fp32")
-    values = [r.value for rows in groups.values() for r in rows if r.value is not None]
-    if not m.higher_is_better and values and min(values) > 0 and max(values) / max(min(values), 1e-12) > 50:
+    values = sorted(r.value for rows in groups.values() for r in rows if r.value is not None)
+    if min_bits and len(values) >= 4:  # zoom: the best three quarters of the points (others are in the table)
+        import numpy as np
+
+        if m.higher_is_better:
+            lo, hi = float(np.quantile(values, 0.25)), max(values[-1], result.fp32.value)
+        else:
+            lo, hi = min(values[0], result.fp32.value), float(np.quantile(values, 0.75))
+        pad = (hi - lo) * 0.08 or abs(hi) * 0.01 or 1e-6
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.text(0.01, 0.01, "y range: best 75% of points; the rest are off the chart (see the tables)",
+                transform=ax.transAxes, fontsize=7, color="grey")
+    elif not m.higher_is_better and values and values[0] > 0 and values[-1] / max(values[0], 1e-12) > 50:
         ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + scales + zero points)")
     ax.set_ylabel(f"{m.name} ({m.direction})")

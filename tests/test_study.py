@@ -176,6 +176,12 @@ def test_claims_follow_the_stated_thresholds():
     assert claims["int8-tensor-loses"].verdict == "does not hold"
     assert claims["channel-group-between"].verdict == "partly holds"
 
+    rows[4] = _row(4, "channel", 10.2)  # per-channel int4 already fine: groups are not needed
+    assert next(c for c in evaluate_claims(_result(rows)) if c.key == "int4-needs-groups").verdict == "does not hold"
+    rows = [_row(4, "channel", 20.0), _row(4, "block:32", 19.95)]  # blocks do not help
+    claim = next(c for c in evaluate_claims(_result(rows)) if c.key == "int4-needs-groups")
+    assert claim.verdict == "does not hold" and "do not help" in claim.evidence
+
 
 def test_smollm2_int4_block32_asymmetric_never_supports_a_claim():
     rows = [_row(4, "channel", 12.0, symmetric=False), _row(4, "block:32", 10.0, symmetric=False)]
