@@ -252,7 +252,7 @@ class Scorer:
         return metrics, list(result.notes), dict(result.details), time.perf_counter() - start
 
 
-def _measured_row(base: dict[str, Any], scorer: Scorer, path: Path, fp32_value: float | None) -> Row:
+def measure_row(base: dict[str, Any], scorer: Scorer, path: Path, fp32_value: float | None) -> Row:
     try:
         metrics, _, _, seconds = scorer(path)
     except OxQuantError as exc:
@@ -287,7 +287,7 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
         scales, _, _ = scale_bytes(out)
         layout = layout_of([(q.op, q.format, q.granularity + (f":{q.block_size}" if q.granularity in ("block", "channel-group") else ""))
                             for q in report.quantized])
-        row = _measured_row(base, scorer, out, fp32_value)
+        row = measure_row(base, scorer, out, fp32_value)
         skipped = tuple(sorted(Counter(s.reason for s in report.skipped).items()))
         return Row(**{**row.as_dict(), "bits_per_weight": report.bits_per_weight, "scale_bytes": scales,
                       "weights_quantized": len(report.quantized),
@@ -295,10 +295,10 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
                       "layout": layout, "convert_seconds": seconds, "skipped": skipped})
     finally:
         if not options.keep_models:
-            _remove_model(out)
+            remove_model(out)
 
 
-def _remove_model(path: Path) -> None:
+def remove_model(path: Path) -> None:
     for p in (path, path.with_name(path.name + ".data")):
         if p.exists():
             p.unlink()
@@ -407,7 +407,7 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     progress("done", total, total)
     rows = mark_partial(rows)
     if not options.keep_models:
-        _remove_model(src)
+        remove_model(src)
         if not any(work.iterdir()):
             work.rmdir()
     result = StudyResult(

@@ -52,7 +52,7 @@ def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
 
 def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any, fp32_value: float):
     """The peer row for ``config`` (a ``Row``): quantize, time, inspect and score."""
-    from ox_quant.study import PEER, Row, _measured_row, _remove_model, config_label, layout_of, scale_bytes
+    from ox_quant.study import PEER, Row, measure_row, remove_model, config_label, layout_of, scale_bytes
 
     label = config_label(config)
     base: dict[str, Any] = {"tool": PEER, "label": label, "bits": config.bits,
@@ -80,7 +80,7 @@ def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any
             layout = f"MatMul: qdq channel x{count} (channel_wised_quantize)"
         else:
             layout = layout_of([("MatMul", q.format, f"{q.granularity}:{q.block_size}") for q in info.quantized])
-        row = _measured_row(base, scorer, out, fp32_value)
+        row = measure_row(base, scorer, out, fp32_value)
         return Row(**{**row.as_dict(), "bits_per_weight": info.bits_per_weight, "scale_bytes": scales,
                       "weights_quantized": count, "params_quantized": numel, "layout": layout,
                       "convert_seconds": seconds})
@@ -88,4 +88,4 @@ def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any
         return Row(**base, status="failed", reason=str(exc), convert_seconds=seconds)
     finally:
         if not keep:
-            _remove_model(out)
+            remove_model(out)
