@@ -731,7 +731,7 @@ size_t repacked_bytes(const RepackedB& w) { return w.codes.size() + (w.st.size()
 namespace {
 
 constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // lane j of a reduced tile vector = column kPerm[j]
-constexpr int64_t kTilesPerTask = 2;
+constexpr int64_t kTilesPerTask = 4;
 std::atomic<uint64_t> g_repacked_runs{0};
 
 // Groups of 32 codes per int32 sum: half of QuantA::flush (groups of 16), so that both paths
