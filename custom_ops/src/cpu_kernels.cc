@@ -9,6 +9,8 @@
 //    then a register-blocked dot-product GEMM (4 rows x 3 columns) over K chunks.
 //  * accuracy_level 4 and M <= kInt8MaxRows: A quantized to int8 per block, exact integer block
 //    dot products (vpmaddwd on codes masked in place), float accumulation across blocks.
+//  * the same with weights repacked at kernel creation (constant B, bits 2..7): nibble/byte codes
+//    for vpmaddubsw, 8-column tiles (see "Repacked weights" below); bit-identical to the above.
 // The AVX2/FMA versions are chosen at run time (__builtin_cpu_supports); a portable C++
 // version runs everywhere else (and when OX_QUANT_OPS_ISA=portable).
 #include <algorithm>
