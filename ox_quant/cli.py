@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "verify": "ox_quant.commands.verify:verify_cmd",
     "build-ops": "ox_quant.commands.build_ops:build_ops_cmd",
     "eval": "ox_quant.commands.eval:eval_cmd",
+    "study": "ox_quant.commands.study:study_cmd",
 }
 
 

@@ -92,6 +92,34 @@ def test_leading_dimensions(tmp_path):
     run_case(make_case(rng, 64, 33, 5, 16), tmp_path, m_values=(1, 6), rank=3)
 
 
+def test_unnamed_unknown_dims_stay_unknown(tmp_path):
+    """A's dims with neither value nor name must not come out as a known -1: ORT would fold
+    Shape(Y) into a Reshape target with several -1s and refuse the model (seen on SmolLM2)."""
+    rng = np.random.default_rng(4)
+    case = make_case(rng, 64, 48, 3, 32, bias=False)
+    path = save_model(case, tmp_path / "m.onnx", rank=3)
+    proto = onnx.load(path)
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        for dim in value.type.tensor_type.shape.dim[:2]:
+            dim.ClearField("dim_param")
+    # Y [B, T, 48] -> Reshape(Y, [B, T, 3, -1]) with B, T read from Shape(Y)
+    nodes = [helper.make_node("Shape", ["Y"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+             helper.make_node("Concat", ["b", "t", "tail"], ["target"], axis=0),
+             helper.make_node("Reshape", ["Y", "target"], ["Z"])]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "i0"),
+                                    numpy_helper.from_array(np.array([1], np.int64), "i1"),
+                                    numpy_helper.from_array(np.array([3, -1], np.int64), "tail")])
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, None))
+    onnx.save(proto, tmp_path / "reshape.onnx")
+    a = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    (z,) = make_session(tmp_path / "reshape.onnx", "cpu").run(None, {"A": a})
+    assert z.shape == (2, 5, 3, 16)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_same_result_as_com_microsoft_matmulnbits(bits, tmp_path):
     """For 2/4/8 bits the packed inputs are exactly com.microsoft.MatMulNBits': same graph,

@@ -5,6 +5,7 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -17,6 +18,8 @@
 #endif
 
 namespace {
+
+std::atomic<unsigned long long> g_unknown_dims{0};  // fresh names for unknown dims (shape inference)
 
 constexpr const char* kDomain = "ox_quant";
 constexpr const char* kOpName = "MatMulNBits";
@@ -271,6 +274,17 @@ struct QMatMulOp : Ort::CustomOpBase<QMatMulOp<T, kCuda>, QMatMulKernel<T, kCuda
     try {
       Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(kA);
       if (shape.empty()) return to_status("ox_quant.MatMulNBits: A must have rank >= 1");
+      // An unknown, unnamed dimension of A arrives as the integer -1. Written back as is,
+      // it becomes a *known* -1 that ORT propagates through Shape/Gather/Concat into a
+      // Reshape target ("multiple -1 dimensions"). Give each one a fresh symbolic name.
+      std::vector<std::string> names;
+      names.reserve(shape.size());
+      for (const auto& dim : shape) {
+        names.push_back(dim.IsInt() && dim.AsInt() < 0 ? "ox_quant_unk_" + std::to_string(g_unknown_dims++) : "");
+      }
+      for (size_t i = 0; i < shape.size(); ++i) {
+        if (!names[i].empty()) shape[i] = Ort::ShapeInferContext::SymbolicInteger(names[i].c_str());
+      }
       shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
       ctx.SetOutputShape(0, shape);
       return nullptr;

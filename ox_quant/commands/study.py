@@ -1,0 +1,139 @@
+"""``ox-quant study MODEL``: which granularity and how many bits, and what it costs, measured."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from ox_quant.config import Format
+from ox_quant.errors import OxQuantError
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers while the study runs (the peer warns about opsets it upgrades)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _command_line() -> str:
+    return "ox-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@click.command("study")
+@click.argument("model", metavar="MODEL")
+@click.option("--bits", "bits_text", default="8,4,3,2", show_default=True, help="Bit widths, comma-separated.")
+@click.option("--granularity", "granularity_text", metavar="LIST", show_default=True,
+              default="tensor,channel-group:128,channel,block:256,block:128,block:64,block:32",
+              help="Granularities, comma-separated: tensor, channel, block:B, channel-group:G.")
+@click.option("--format", "fmt", type=click.Choice([f.value for f in Format]), default="auto", show_default=True,
+              help="Format for ox-quant's rows (auto: MatMulNBits, else QDQ, else ox-quant's custom op).")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True)
+@click.option("--include-op", multiple=True, metavar="OP",
+              help="Quantize weights of these ops only (repeatable; default MatMul, Gemm, Conv: embedding tables stay float).")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Also run ONNX Runtime's MatMulNBitsQuantizer on each configuration.")
+@click.option("--keep-models", is_flag=True, help="Keep the converted ONNX files (deleted by default).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: study-MODEL).")
+@click.option("--text", type=click.Path(dir_okay=False), help="smollm2: UTF-8 text file for perplexity.")
+@click.option("--tokens", "max_tokens", type=click.IntRange(min=2), help="smollm2: tokens to read (task default 2048).")
+@click.option("--context", type=click.IntRange(min=2), help="smollm2: window length in tokens (task default 512).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print study.json's content on stdout.")
+@click.option("--report-only", is_flag=True,
+              help="Run nothing: write study.md and the plots again from --out's study.json (claims re-evaluated).")
+def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool,
+              include_op: tuple[str, ...], peer: bool, keep_models: bool, out_dir: str | None,
+              text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool,
+              report_only: bool) -> None:
+    """Convert MODEL under every bit width x granularity, score each on its task, write the report.
+
+    \b
+    MODEL: minilm, smollm2, crepe-tiny or ppocr-rec (tools/setup_models.sh installs them).
+    Writes study.md (tables and the claims), study.json and PNG plots into --out.
+    Example: ox-quant study minilm --bits 8,4 --granularity channel,block:128 --out study-minilm
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from models.tasks import TASKS
+    from ox_quant.commands._display import quiet_torch
+    from ox_quant.selection import resolve_ops
+    from ox_quant.study import (
+        DEFAULT_OPS, STUDY_MODELS, StudyOptions, parse_bits_list, parse_granularity_list, run_study,
+    )
+    from ox_quant.study_report import result_dict, write_report
+
+    if model not in STUDY_MODELS:
+        raise OxQuantError(f"unknown model {model!r}: the study runs on {', '.join(STUDY_MODELS)}")
+    task_options = tuple((k, v) for k, v in (("text", text), ("max_tokens", max_tokens), ("context", context))
+                         if v is not None)
+    unsupported = sorted({k for k, _ in task_options} - set(TASKS[model].options))
+    if unsupported:
+        flags = ", ".join("--" + ("tokens" if o == "max_tokens" else o) for o in unsupported)
+        raise OxQuantError(f"{flags} only apply to smollm2, not {model}")
+    options = StudyOptions(
+        model=model,
+        bits=parse_bits_list(bits_text),
+        granularities=parse_granularity_list(granularity_text),
+        symmetric=symmetric,
+        format=Format(fmt),
+        include_ops=resolve_ops(include_op, ()) if include_op else DEFAULT_OPS,
+        peer=peer,
+        keep_models=keep_models,
+        task_options=task_options,
+        provider=provider,
+    )
+    out = Path(out_dir) if out_dir else Path(f"study-{model}")
+    if out.exists() and not out.is_dir():
+        raise OxQuantError(f"--out {out} exists and is not a directory")
+    if report_only:
+        from ox_quant.study_report import load_result
+
+        saved = out / "study.json"
+        if not saved.is_file():
+            raise OxQuantError(f"--report-only: {saved} does not exist")
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        if data.get("model") != model:
+            raise OxQuantError(f"--report-only: {saved} is a study of {data.get('model')!r}, not {model!r}")
+        paths = write_report(load_result(saved), out, data.get("command"))
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
+        return
+    stderr = Console(stderr=True)
+    with _quiet_loggers("onnxruntime.quantization", "onnx_ir"), quiet_torch(load=model != "ppocr-rec"), contextlib.redirect_stdout(sys.stderr), \
+            Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     TextColumn("{task.description}"), console=stderr, transient=True,
+                     disable=not stderr.is_terminal) as bar:
+        handle = bar.add_task("", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(handle, completed=done, total=total, description=stage)
+
+        result = run_study(options, out, progress)
+    command = _command_line()
+    paths = write_report(result, out, command)
+    if as_json:
+        click.echo(json.dumps(result_dict(result, command), default=str))
+        return
+    console = Console(soft_wrap=True, highlight=False)
+    m = result.metric
+    console.print(f"[bold]{model}[/bold]: fp32 {m.name} {result.fp32.value:.6g} ({m.direction}); "
+                  f"{len(result.rows)} configurations in {result.seconds:.0f} s")
+    for c in result.claims:
+        console.print(f"  {c.verdict:>14}  {c.statement}  [dim]{c.evidence}[/dim]")
+    console.print("wrote " + ", ".join(str(p) for p in paths))

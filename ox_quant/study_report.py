@@ -1,0 +1,231 @@
+"""Writing a study: ``study.md`` (tables and claims), ``study.json`` and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ox_quant.config import Format
+from ox_quant.study import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
+from ox_quant.study_metrics import StudyMetric
+from ox_quant.study_claims import excluded_from_claims
+
+PLOT = "metric_vs_bpw.png"
+PLOT_ZOOM = "metric_vs_bpw_4bit_and_up.png"
+
+
+def _num(value: float | None, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def result_dict(result: StudyResult, command: str | None = None) -> dict[str, Any]:
+    """Everything of a study as plain JSON-able data."""
+    m = result.metric
+    opts = result.options
+    return {
+        "model": result.model,
+        "command": command,
+        "metric": {"task": m.task, "name": m.name, "direction": m.direction, "relative_change": m.relative,
+                   "near_lossless_max_loss": m.lossless, "noticeable_min_loss": m.noticeable, "about": m.why},
+        "options": {"bits": list(opts.bits), "granularities": [str(g) for g in opts.granularities],
+                    "symmetric": opts.symmetric, "format": opts.format.value, "include_ops": list(opts.include_ops),
+                    "peer": opts.peer, "task_options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.task_options},
+                    "provider": opts.provider},
+        "fp32": result.fp32.as_dict(),
+        "rows": [r.as_dict() for r in result.rows],
+        "peer_rows": [r.as_dict() for r in result.peer_rows],
+        "claims": [c.as_dict() for c in result.claims],
+        "notes": all_notes(result),
+        "task_notes": list(result.notes),
+        "details": result.details,
+        "environment": result.environment,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def all_notes(result: StudyResult) -> list[str]:
+    """The task's caveats, then the study's (see ``study_notes``)."""
+    return list(dict.fromkeys([*result.notes, *study_notes(result.options, list(result.rows))]))
+
+
+_STUDY_NOTE_STARTS = ("Conv weights are written", "int4 block:32 asymmetric", "SmolLM2's fp32 weights are", "Embedding tables")
+
+
+def load_result(path: str | os.PathLike) -> StudyResult:
+    """A ``StudyResult`` from a ``study.json`` (claims evaluated again from its rows)."""
+    from ox_quant.study_claims import evaluate_claims
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+
+    def row(d: dict[str, Any]) -> Row:
+        return Row(**{**d, "skipped": tuple(tuple(x) for x in d.get("skipped", ()))})
+
+    m, o = data["metric"], data["options"]
+    metric = StudyMetric(m["task"], m["name"], m["direction"] == "higher is better", m["relative_change"],
+                         m["near_lossless_max_loss"], m["noticeable_min_loss"], m["about"])
+    options = StudyOptions(model=data["model"], bits=tuple(o["bits"]),
+                           granularities=parse_granularity_list(",".join(o["granularities"])),
+                           symmetric=o["symmetric"], format=Format(o["format"]), include_ops=tuple(o["include_ops"]),
+                           peer=o["peer"], task_options=tuple(o["task_options"].items()), provider=o["provider"])
+    task_notes = data.get("task_notes")
+    if task_notes is None:  # written before task notes were kept apart
+        task_notes = [n for n in data["notes"] if not n.startswith(_STUDY_NOTE_STARTS)]
+    result = StudyResult(model=data["model"], metric=metric, options=options, fp32=row(data["fp32"]),
+                         rows=tuple(row(r) for r in data["rows"]), peer_rows=tuple(row(r) for r in data["peer_rows"]),
+                         claims=(), notes=tuple(task_notes), details=data["details"], environment=data["environment"],
+                         seconds=data["seconds"])
+    return StudyResult(**{**result.__dict__, "claims": tuple(evaluate_claims(result))})
+
+
+def _change_header(result: StudyResult) -> str:
+    m = result.metric
+    return f"change vs fp32 ({'relative, ' if m.relative else ''}{m.direction})"
+
+
+def _row_cells(result: StudyResult, r: Row) -> list[str]:
+    m = result.metric
+    status = r.reason if r.reason.startswith(r.status) else f"{r.status}: {r.reason}" if r.reason else r.status
+    excluded = excluded_from_claims(result.model, r)
+    if excluded:
+        status += f" (not used by any claim: {excluded})"
+    return [
+        r.label,
+        r.layout or "-",
+        _num(r.value) if r.measured else "-",
+        m.format_change(r.change) if r.change is not None else "-",
+        f"{r.bits_per_weight:.3f}" if r.bits_per_weight is not None else "-",
+        str(r.scale_bytes) if r.scale_bytes is not None else "-",
+        f"{r.weights_quantized} ({r.params_quantized / 1e6:.2f} M)" if r.measured and r.tool != "fp32" else "-",
+        f"{r.convert_seconds:.1f}" if r.convert_seconds is not None else "-",
+        f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-",
+        status.replace("|", "/"),
+    ]
+
+
+def _table(result: StudyResult, rows: list[Row]) -> list[str]:
+    m = result.metric
+    header = ["configuration", "written as", m.name, _change_header(result), "bits per weight",
+              "scale + zero-point bytes", "weights (params)", "convert s", "eval s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(_row_cells(result, r)) + " |")
+    return lines
+
+
+def markdown(result: StudyResult, command: str | None = None) -> str:
+    """The study report as Markdown."""
+    m = result.metric
+    o = result.options
+    fp32 = result.fp32
+    lines = [f"# Granularity study: {result.model}", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    lines += [
+        f"Metric: **{m.name}** ({m.direction}): {m.why}.",
+        f"fp32 ONNX baseline: {m.name} = {_num(fp32.value)} (eval {fp32.eval_seconds:.1f} s).",
+        f"Quantized: weights of {', '.join(o.include_ops)} ops; {'symmetric' if o.symmetric else 'asymmetric'}; "
+        f"format `{o.format.value}`; round-to-nearest. Scored on ONNX Runtime {result.environment.get('onnxruntime')} "
+        f"({o.provider.upper()} EP, DQ+MatMul fusion at float accuracy).",
+        "Bits per weight: all stored bytes of the quantized weights (codes, scales, zero points) x 8 / their "
+        "number of weights. Scale bytes: scales + zero points only, as stored in the file.",
+        f"Study took {result.seconds:.0f} s on {result.environment.get('cpu_count')} CPU cores "
+        f"(fp32 export {result.details.get('export_seconds', 0):.0f} s).",
+        "",
+    ]
+    notes = all_notes(result)
+    if notes:
+        lines += ["## Caveats", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Claims", "",
+              f"Thresholds for {m.name}: near lossless = loss <= {m.format_loss(m.lossless)}; "
+              f"noticeable = loss >= {m.format_loss(m.noticeable)} (loss = change vs fp32 in the bad direction).",
+              "", "| claim | verdict | evidence | rule |", "|---|---|---|---|"]
+    for c in result.claims:
+        lines.append(f"| {c.statement} | **{c.verdict}** | {c.evidence.replace('|', '/')} | {c.test} |")
+    lines += ["", "## ox-quant", ""]
+    lines += _table(result, [fp32, *result.rows])
+    if result.peer_rows:
+        lines += ["", "## ONNX Runtime MatMulNBitsQuantizer (peer, same configurations)", "",
+                  "Default RTN, MatMul weights only, as it ships. Its symmetric mode uses a signed scale "
+                  "(`w_ext / -2^(bits-1)`) that reaches all 2^bits levels; ox-quant's keeps zero exact "
+                  "with `absmax / (2^(bits-1) - 1)` (one level unused; at 2 bits, ternary). "
+                  "See docs/conventions.md.", ""]
+        lines += _table(result, list(result.peer_rows))
+    lines += ["", "## Plots", "", f"![{m.name} vs bits per weight]({PLOT})", "",
+              f"![{m.name} vs bits per weight, 4 bits and up]({PLOT_ZOOM})", ""]
+    env = ", ".join(f"{k} {v}" for k, v in result.environment.items())
+    lines += ["## Environment", "", env, ""]
+    return "\n".join(lines)
+
+
+def plot(result: StudyResult, path: Path, min_bits: int = 0) -> None:
+    """Metric vs bits per weight, one line per granularity (ox-quant solid, peer dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result.metric
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in [*result.rows, *result.peer_rows]:
+        if r.status == "ok" and r.value is not None and (r.bits or 0) >= min_bits and math.isfinite(r.value):
+            groups.setdefault((r.tool, r.granularity or ""), []).append(r)
+    cmap = plt.get_cmap("tab10")
+    colours = {g: cmap(i % 10) for i, g in enumerate(str(g) for g in result.options.granularities)}
+    for (tool, gran), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r.bits_per_weight or 0)
+        peer = tool == PEER
+        ax.plot([r.bits_per_weight for r in rows], [r.value for r in rows], linestyle="--" if peer else "-",
+                marker="s" if peer else "o", color=colours.get(gran, "black"), alpha=0.8 if peer else 1.0,
+                label=f"{gran} (ORT quantizer)" if peer else gran)
+        for r in rows:
+            ax.annotate(f"{r.bits}", (r.bits_per_weight, r.value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(result.fp32.value, color="grey", linestyle=":", label="fp32")
+    values = sorted(r.value for rows in groups.values() for r in rows if r.value is not None)
+    if min_bits and len(values) >= 4:  # zoom: the best three quarters of the points (others are in the table)
+        import numpy as np
+
+        if m.higher_is_better:
+            lo, hi = float(np.quantile(values, 0.25)), max(values[-1], result.fp32.value)
+        else:
+            lo, hi = min(values[0], result.fp32.value), float(np.quantile(values, 0.75))
+        pad = (hi - lo) * 0.08 or abs(hi) * 0.01 or 1e-6
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.text(0.01, 0.01, "y range: best 75% of points; the rest are off the chart (see the tables)",
+                transform=ax.transAxes, fontsize=7, color="grey")
+    elif not m.higher_is_better and values and values[0] > 0 and values[-1] / max(values[0], 1e-12) > 50:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zero points)")
+    ax.set_ylabel(f"{m.name} ({m.direction})")
+    title = f"{result.model}: {m.name} vs bits per weight"
+    ax.set_title(title + (f" ({min_bits} bits and up)" if min_bits else "") + "; point labels = bits")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(result: StudyResult, out_dir: str | os.PathLike, command: str | None = None) -> list[Path]:
+    """Write ``study.md``, ``study.json`` and the PNG plots into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "study.md", out / "study.json"
+    _atomic_write(js, json.dumps(result_dict(result, command), indent=1, default=str) + "\n")
+    _atomic_write(md, markdown(result, command))
+    plot(result, out / PLOT)
+    plot(result, out / PLOT_ZOOM, min_bits=4)
+    return [md, js, out / PLOT, out / PLOT_ZOOM]
