@@ -27,14 +27,13 @@ from ox_quant.formats import (
 )
 from ox_quant.modelio import (
     EXTERNAL_DATA_THRESHOLD,
-    MAX_IR_VERSION,
     external_files,
     initializer_bytes,
     load_model,
     model_bytes,
     save_model_atomically,
 )
-from ox_quant.runtime import CUSTOM_DOMAIN
+from ox_quant.runtime import CUSTOM_DOMAIN, max_ir_version
 from ox_quant.selection import Selection, config_for
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.writers import (
@@ -373,7 +372,7 @@ def convert(
         )
 
     needed_ir = 10 if "qdq" in formats else model.ir_version
-    model.ir_version = min(max(model.ir_version, needed_ir), MAX_IR_VERSION)
+    model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_path = save_model_atomically(model, out, external)
     return ConvertReport(

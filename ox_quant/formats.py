@@ -100,6 +100,13 @@ def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, in
     raise TypeError(g)
 
 
+def _requested(config: QuantConfig, written: str, rejection: str | None) -> FormatChoice:
+    """The format the user asked for, or an error saying why it cannot hold the config."""
+    if rejection:
+        raise OxQuantError(f"--format {config.format.value} cannot express {config.describe()}: {rejection}")
+    return FormatChoice(written, "requested")
+
+
 def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
     """Resolve ``config.format`` (``auto`` included) for a MatMul weight ``[K, N]``.
 
@@ -108,19 +115,13 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
     """
     nbits_no = matmulnbits_rejects(config, k, n, dtype)
     qdq_no = qdq_rejects(config, k, n, dtype)
-    if config.format is Format.MATMULNBITS:
-        if nbits_no:
-            raise OxQuantError(f"--format matmulnbits cannot express {config.describe()}: {nbits_no}")
-        return FormatChoice("matmulnbits", "requested")
-    if config.format is Format.QDQ:
-        if qdq_no:
-            raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
-        return FormatChoice("qdq", "requested")
     custom_no = custom_rejects(config, k, n, dtype)
+    if config.format is Format.MATMULNBITS:
+        return _requested(config, "matmulnbits", nbits_no)
+    if config.format is Format.QDQ:
+        return _requested(config, "qdq", qdq_no)
     if config.format is Format.CUSTOM:
-        if custom_no:
-            raise OxQuantError(f"--format custom cannot express {config.describe()}: {custom_no}")
-        return FormatChoice("custom", "requested")
+        return _requested(config, "custom", custom_no)
     if nbits_no is None:
         return FormatChoice("matmulnbits", "ONNX Runtime's MatMulNBits kernel accepts this config")
     if qdq_no is None:
@@ -143,9 +144,7 @@ def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOA
     gbq_no = gather_rejects(config, k, n, dtype)
     qdq_no = qdq_rejects(config, k, n, dtype)
     if config.format is Format.QDQ:
-        if qdq_no:
-            raise OxQuantError(f"--format qdq cannot express {config.describe()}: {qdq_no}")
-        return FormatChoice("qdq", "requested")
+        return _requested(config, "qdq", qdq_no)
     if config.format is Format.CUSTOM:
         raise OxQuantError("--format custom has no Gather op (ox-quant's custom op is a MatMul)")
     if gbq_no is None:

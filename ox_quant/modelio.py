@@ -16,8 +16,6 @@ import onnx_ir as ir
 
 from ox_quant.errors import OxQuantError
 
-# Newest IR version the supported ONNX Runtime (>= 1.31) loads; onnx 1.23 writes 14.
-MAX_IR_VERSION = 13
 # Outputs whose initializers exceed this many bytes always use external data.
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
 
@@ -61,6 +59,7 @@ def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
     """
     import onnx
 
+    from ox_quant.runtime import max_ir_version
     from ox_quant.validate import validate
 
     path = Path(path)
@@ -70,7 +69,7 @@ def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
-    validate(proto, path, runnable, min(proto.ir_version, MAX_IR_VERSION))
+    validate(proto, path, runnable, min(proto.ir_version, max_ir_version()))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # a proto the checks above let through but the IR cannot hold

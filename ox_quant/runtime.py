@@ -155,7 +155,7 @@ def make_session(
     return session
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def max_ir_version() -> int:
     """The newest ONNX IR version the installed onnxruntime loads (probed once with a
     one-node model, newest first)."""

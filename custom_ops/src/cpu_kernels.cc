@@ -9,9 +9,12 @@
 //    then a register-blocked dot-product GEMM (4 rows x 3 columns) over K chunks.
 //  * accuracy_level 4 and M <= kInt8MaxRows: A quantized to int8 per block, exact integer block
 //    dot products (vpmaddwd on codes masked in place), float accumulation across blocks.
+//  * the same with weights repacked at kernel creation (constant B, bits 2..7): nibble/byte codes
+//    for vpmaddubsw, 8-column tiles (see "Repacked weights" below); bit-identical to the above.
 // The AVX2/FMA versions are chosen at run time (__builtin_cpu_supports); a portable C++
 // version runs everywhere else (and when OX_QUANT_OPS_ISA=portable).
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -412,60 +415,6 @@ __attribute__((target("avx2,fma"))) I8Unpack make_i8_unpack(int bits) {
   return u;
 }
 
-// Y[m0 + r, n + c] for r < NR, c < NC; col[c] = packed data of column n + c (may be a padded copy:
-// every group load reads 16 bytes from its start, i.e. up to 16 - 2*bits bytes past the group).
-template <int NC, int NR>
-__attribute__((target("avx2,fma"))) void i8_avx2_tile(const Problem& p, int64_t n, int64_t m0, const uint8_t* const* col,
-                                                     const I8Unpack& u, const Unpack8& zu) {
-  const QuantA& qa = *p.qa;
-  const int bits = p.s.bits;
-  const int64_t nb = p.nb, blob = p.blob, gpb = qa.bs16 / 16, step = 2 * bits;
-  const float* sp[NC];
-  const uint8_t* zrow[NC];
-  const int16_t* arow[NR];
-  const float* sarow[NR];
-  __m256 yv[NR][NC];
-  for (int c = 0; c < NC; ++c) {
-    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
-    zrow[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
-  }
-  for (int r = 0; r < NR; ++r) {
-    arow[r] = qa.q.data() + (m0 + r) * qa.stride;
-    sarow[r] = qa.scale.data() + (m0 + r) * nb;
-    for (int c = 0; c < NC; ++c) yv[r][c] = _mm256_setzero_ps();
-  }
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* q[NC];
-    for (int c = 0; c < NC; ++c) q[c] = col[c] + b * blob;
-    const int16_t* a[NR];
-    for (int r = 0; r < NR; ++r) a[r] = arow[r] + b * qa.bs16;
-    for (int64_t g0 = 0; g0 < gpb; g0 += qa.flush) {
-      const int64_t g1 = std::min(gpb, g0 + qa.flush);
-      __m256i acc[NR][NC];
-      for (int r = 0; r < NR; ++r)
-        for (int c = 0; c < NC; ++c) acc[r][c] = _mm256_setzero_si256();
-      for (int64_t g = g0; g < g1; ++g) {
-        __m256i av[NR];
-        for (int r = 0; r < NR; ++r) av[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + 16 * g));
-        for (int c = 0; c < NC; ++c) {
-          __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[c] + g * step)));
-          x = _mm256_and_si256(_mm256_shuffle_epi8(x, u.ctl), u.mask);
-          for (int r = 0; r < NR; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(x, av[r]));
-        }
-      }
-      for (int r = 0; r < NR; ++r)
-        for (int c = 0; c < NC; ++c)
-          yv[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), _mm256_set1_ps(sarow[r][b] * sp[c][b]), yv[r][c]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    const float* as = qa.asum.data() + (m0 + r) * nb;
-    for (int c = 0; c < NC; ++c)
-      p.Y[(m0 + r) * p.s.N + n + c] =
-          hsum(yv[r][c]) - zero_correction(p, sp[c], zrow[c], zu, as) + (p.bias ? p.bias[n + c] : 0.f);
-  }
-}
-
 // M == 1, NC (4 or 8) columns: after each block the NC int32 accumulators are reduced with
 // vphaddd into the NC column sums, which are scaled by (sa_b * the columns' scales of block b,
 // taken from a transposed copy) and added to the NC outputs.
@@ -488,9 +437,14 @@ __attribute__((target("avx2,fma"))) inline __m256i reduce_cols<8>(const __m256i*
 }
 
 // kG > 0: every block has exactly kG groups and kG <= qa.flush (unrolled, no flush loop).
+// Columns c >= valid repeat column valid - 1 (reads stay in bounds) and are not written.
+// Float arithmetic per column, in this order (the repacked kernel does exactly the same, so both
+// give bit-identical results): y = 0; for each block b: for each flush chunk of the block,
+// y = fma(float(int dot of the chunk), scale * sa_b, y); then y = y - (scale * zp) * asum_b.
+// Y = y + bias (or + 0).
 template <int NC, int kG>
 __attribute__((target("avx2,fma"))) void i8_avx2_m1(const Problem& p, int64_t m, int64_t n, const uint8_t* const* col,
-                                                   const I8Unpack& u, const Unpack8& zu) {
+                                                   int valid, const I8Unpack& u) {
   const QuantA& qa = *p.qa;
   const int bits = p.s.bits;
   const int64_t nb = p.nb, blob = p.blob, step = 2 * bits;
@@ -499,16 +453,22 @@ __attribute__((target("avx2,fma"))) void i8_avx2_m1(const Problem& p, int64_t m,
   const uint8_t* zrow[NC];
   const uint8_t* q[NC];
   for (int c = 0; c < NC; ++c) {
-    sp[c] = p.scales + ((n + c) / p.s.group) * nb;
-    zrow[c] = p.zp ? p.zp + ((n + c) / p.s.group) * p.zp_row : nullptr;
-    q[c] = col[c];
+    const int64_t nc = n + std::min(c, valid - 1);
+    sp[c] = p.scales + (nc / p.s.group) * nb;
+    zrow[c] = p.zp ? p.zp + (nc / p.s.group) * p.zp_row : nullptr;
+    q[c] = col[std::min(c, valid - 1)];
   }
-  thread_local std::vector<float> st_buf;  // [nb][8]: sa_b * scale of column n + c, block b
-  st_buf.resize(static_cast<size_t>(nb * 8));
+  thread_local std::vector<float> st_buf;  // [nb][16]: sa_b * scale, then scale * zp, of column n + c, block b
+  st_buf.resize(static_cast<size_t>(nb * 16));
   float* st = st_buf.data();
   const float* sa = qa.scale.data() + m * nb;
+  const float zdef = static_cast<float>(1 << (bits - 1));
   for (int64_t b = 0; b < nb; ++b)
-    for (int c = 0; c < NC; ++c) st[b * 8 + c] = sp[c][b] * sa[b];
+    for (int c = 0; c < NC; ++c) {
+      st[b * 16 + c] = sp[c][b] * sa[b];
+      st[b * 16 + 8 + c] = sp[c][b] * (zrow[c] ? static_cast<float>(bitstream_code(zrow[c], b, bits)) : zdef);
+    }
+  const float* as = qa.asum.data() + m * nb;
   const int16_t* arow = qa.q.data() + m * qa.stride;
   const __m256i ctl = u.ctl, mask = u.mask;
   __m256 y = _mm256_setzero_ps();
@@ -528,21 +488,19 @@ __attribute__((target("avx2,fma"))) void i8_avx2_m1(const Problem& p, int64_t m,
           acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(x, av));
         }
       }
-      y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce_cols<NC>(acc)), _mm256_loadu_ps(st + b * 8), y);
+      y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce_cols<NC>(acc)), _mm256_loadu_ps(st + b * 16), y);
     }
+    y = _mm256_fnmadd_ps(_mm256_loadu_ps(st + b * 16 + 8), _mm256_set1_ps(as[b]), y);
   }
   alignas(32) float out[8];
   _mm256_store_ps(out, y);
-  const float* as = qa.asum.data() + m * nb;
-  for (int c = 0; c < NC; ++c)
-    p.Y[m * p.s.N + n + c] = out[c] - zero_correction(p, sp[c], zrow[c], zu, as) + (p.bias ? p.bias[n + c] : 0.f);
+  for (int c = 0; c < valid; ++c) p.Y[m * p.s.N + n + c] = out[c] + (p.bias ? p.bias[n + c] : 0.f);
 }
 
 // Rows [m0, m1) x columns [n0, n1). Columns whose group loads could run past the end of B are
 // copied, with 16 zero bytes after them, into a scratch buffer first.
 __attribute__((target("avx2,fma"))) void i8_avx2(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const I8Unpack u = make_i8_unpack(p.s.bits);
-  const Unpack8 zu = make_unpack8(p.s.bits);
   const int64_t col_bytes = p.nb * p.blob;
   const int64_t safe_end = std::max<int64_t>(0, p.s.N - (16 + col_bytes - 1) / col_bytes);
   const int64_t nc = n1 - n0;
@@ -562,15 +520,16 @@ __attribute__((target("avx2,fma"))) void i8_avx2(const Problem& p, int64_t m0, i
     }
   }
   const uint8_t* const* cp = cols.data();
-  using M1Fn = void (*)(const Problem&, int64_t, int64_t, const uint8_t* const*, const I8Unpack&, const Unpack8&);
+  using M1Fn = void (*)(const Problem&, int64_t, int64_t, const uint8_t* const*, int, const I8Unpack&);
   const int64_t gpb = p.qa->bs16 / 16;
-  const M1Fn f8 = gpb == 2 ? i8_avx2_m1<8, 2> : gpb == 4 ? i8_avx2_m1<8, 4> : gpb == 8 ? i8_avx2_m1<8, 8> : i8_avx2_m1<8, 0>;
-  const M1Fn f4 = gpb == 2 ? i8_avx2_m1<4, 2> : gpb == 4 ? i8_avx2_m1<4, 4> : gpb == 8 ? i8_avx2_m1<4, 8> : i8_avx2_m1<4, 0>;
+  // Unrolled kernels only where a block needs no flush (gpb <= qa.flush).
+  const int64_t ug = gpb <= p.qa->flush ? gpb : 0;
+  const M1Fn f8 = ug == 2 ? i8_avx2_m1<8, 2> : ug == 4 ? i8_avx2_m1<8, 4> : ug == 8 ? i8_avx2_m1<8, 8> : i8_avx2_m1<8, 0>;
+  const M1Fn f4 = ug == 2 ? i8_avx2_m1<4, 2> : ug == 4 ? i8_avx2_m1<4, 4> : ug == 8 ? i8_avx2_m1<4, 8> : i8_avx2_m1<4, 0>;
   for (int64_t m = m0; m < m1; ++m) {  // row by row: the tile stays in L1/L2 across rows
     int64_t j = 0;
-    for (; j + 8 <= nc; j += 8) f8(p, m, n0 + j, cp + j, u, zu);
-    for (; j + 4 <= nc; j += 4) f4(p, m, n0 + j, cp + j, u, zu);
-    for (; j < nc; ++j) i8_avx2_tile<1, 1>(p, n0 + j, m, cp + j, u, zu);
+    for (; j + 8 <= nc; j += 8) f8(p, m, n0 + j, cp + j, 8, u);
+    for (; j < nc; j += 4) f4(p, m, n0 + j, cp + j, static_cast<int>(std::min<int64_t>(4, nc - j)), u);
   }
 }
 
@@ -652,13 +611,22 @@ void i8_task(void* data, size_t task) {
   i8_portable(*t.p, 0, t.p->s.M, n0, n1);
 }
 
+// One activation's int8 code: round-half-even(a * inv) clipped to [-127, 127] (|v| <= 127 < 2**22).
+inline int quant_round(float a, float inv) {
+  float v = a * inv;
+  v = (v + 12582912.f) - 12582912.f;
+  v = std::min(127.f, std::max(-127.f, v));
+  return static_cast<int>(v);
+}
+
 // Quantizes every row of A to int8 per block of K (see QuantA).
 void quantize_activations(const Problem& p, bool shifted, QuantA& out) {
   const int64_t M = p.s.M, K = p.s.K, bs = p.s.block_size, nb = p.nb;
   const int bits = p.s.bits;
   out.bs16 = (std::min(bs, K) + 15) / 16 * 16;
   // A group of 16 codes adds at most 16 * 127 * (2**bits - 1) * 128 (shifted layout) to a column's sum.
-  out.flush = std::max<int64_t>(1, INT32_MAX / (16 * 127 * 128 * ((int64_t{1} << bits) - 1)));
+  // Rounded down to an even count, so that the repacked kernel (groups of 32 codes) flushes at the same codes.
+  out.flush = std::max<int64_t>(2, INT32_MAX / (16 * 127 * 128 * ((int64_t{1} << bits) - 1)) / 2 * 2);
   out.stride = nb * out.bs16;
   out.q.assign(static_cast<size_t>(M * out.stride), 0);
   out.scale.resize(static_cast<size_t>(M * nb));
@@ -676,10 +644,7 @@ void quantize_activations(const Problem& p, bool shifted, QuantA& out) {
       int16_t* dst = out.q.data() + m * out.stride + b * out.bs16;
       int32_t isum = 0;
       for (int64_t i = 0; i < len; ++i) {
-        float v = a[i] * inv;
-        v = (v + 12582912.f) - 12582912.f;  // round half to even (|v| <= 127 < 2**22)
-        v = std::min(127.f, std::max(-127.f, v));
-        const int qv = static_cast<int>(v);
+        const int qv = quant_round(a[i], inv);
         isum += qv;
         dst[i] = static_cast<int16_t>(qv * mul[i % 16]);
       }
@@ -735,6 +700,247 @@ void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const 
     t.cols = kTileN;
     runner.run(static_cast<size_t>((s.N + t.cols - 1) / t.cols), gemm_task, &t);
   }
+}
+
+// ------------------------------------------------------------------------------
+// Repacked weights (accuracy_level 4, bits 2..7, AVX2)
+//
+// Layout of `codes`: tile t (columns 8t..8t+7), block b, group g of 32 codes (k = b*block + 32g + i),
+// column pair p (columns 8t+2p, 8t+2p+1), then
+//   nibbles (bits <= 4), 32 bytes: byte h*16 + i = code i | code (i + 16) << 4 of column 8t+2p+h;
+//   bytes (bits 5..7), 64 bytes:   byte h*16 + i = code i, byte 32 + h*16 + i = code i + 16.
+// So `x & 0x0F` / `(x >> 4) & 0x0F` (or two plain loads) give the pair's codes 0..15 and 16..31 with
+// one column per 128-bit half; the activations are stored as [a0..a15 | a0..a15], [a16..a31 | a16..a31]
+// and vpmaddubsw (u8 codes x s8 activations, pairs <= 2*127*127: no saturation for bits <= 7) then
+// vpmaddwd by 1 give int32 partial sums. Codes past K are 0 and meet zero activations.
+// After a block, 3 vphaddd reduce the 4 pair accumulators to one vector holding the 8 column sums in
+// the lane order kPerm; `st` / `sz` (scale, scale * zero point per tile, block and lane) are stored
+// in that order, so the per-block epilogue is 1 mul + 2 fma for 8 columns.
+
+struct RepackedB {
+  QMatMulShape s;
+  int64_t nb = 0, gpb = 0, tiles = 0, flush = 0;  // gpb: groups of 32 codes per block; flush: groups per int32 sum
+  bool nibble = false;
+  int64_t pair_bytes = 0, tile_bytes = 0;
+  std::vector<uint8_t> codes;  // [tiles][tile_bytes]
+  std::vector<float> st, sz;   // [tiles][nb][8]
+};
+
+void RepackedDeleter::operator()(RepackedB* p) const { delete p; }
+
+size_t repacked_bytes(const RepackedB& w) { return w.codes.size() + (w.st.size() + w.sz.size()) * sizeof(float); }
+
+namespace {
+
+constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // lane j of a reduced tile vector = column kPerm[j]
+constexpr int64_t kTilesPerTask = 4;
+std::atomic<uint64_t> g_repacked_runs{0};
+
+// Groups of 32 codes per int32 sum: half of QuantA::flush (groups of 16), so that both paths
+// convert the same partial sums to float.
+int64_t repack_flush(int bits) {
+  return std::max<int64_t>(2, INT32_MAX / (16 * 127 * 128 * ((int64_t{1} << bits) - 1)) / 2 * 2) / 2;
+}
+
+#ifdef OXQ_X86
+template <bool kNib, bool kAdd16, int kG>
+__attribute__((target("avx2,fma"))) void rp_tile(const RepackedB& w, int64_t t, const int8_t* arow, const float* sa,
+                                                const float* as, float* out) {
+  const int64_t nb = w.nb, gpb = kG > 0 ? kG : w.gpb, flush = kG > 0 ? kG : w.flush;
+  const uint8_t* q = w.codes.data() + t * w.tile_bytes;
+  const float* st = w.st.data() + t * nb * 8;
+  const float* sz = w.sz.data() + t * nb * 8;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 y = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t g0 = 0; g0 < gpb; g0 += flush) {
+      const int64_t g1 = std::min(gpb, g0 + flush);
+      __m256i acc[4];
+      for (int c = 0; c < 4; ++c) acc[c] = _mm256_setzero_si256();
+      for (int64_t g = g0; g < g1; ++g) {
+        const int8_t* a = arow + (b * gpb + g) * 64;
+        const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+        const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
+        for (int c = 0; c < 4; ++c) {
+          __m256i lo, hi;
+          if (kNib) {
+            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+            lo = _mm256_and_si256(x, m4);
+            hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+            q += 32;
+          } else {
+            lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+            hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+            q += 64;
+          }
+          const __m256i plo = _mm256_maddubs_epi16(lo, alo), phi = _mm256_maddubs_epi16(hi, ahi);
+          if (kAdd16) {  // bits <= 6: 4 * 63 * 127 fits int16
+            acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_add_epi16(plo, phi), ones));
+          } else {
+            acc[c] = _mm256_add_epi32(acc[c], _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones)));
+          }
+        }
+      }
+      const __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+      y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_loadu_ps(st + b * 8), _mm256_set1_ps(sa[b])), y);
+    }
+    y = _mm256_fnmadd_ps(_mm256_loadu_ps(sz + b * 8), _mm256_set1_ps(as[b]), y);
+  }
+  y = _mm256_permutevar8x32_ps(y, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_ps(out, y);
+}
+
+using RpFn = void (*)(const RepackedB&, int64_t, const int8_t*, const float*, const float*, float*);
+
+template <bool kNib, bool kAdd16>
+RpFn pick_rp(int64_t ug) {
+  return ug == 1 ? rp_tile<kNib, kAdd16, 1> : ug == 2 ? rp_tile<kNib, kAdd16, 2> : ug == 4 ? rp_tile<kNib, kAdd16, 4>
+                                                                                         : rp_tile<kNib, kAdd16, 0>;
+}
+#endif
+
+struct RpTask {
+  const RepackedB* w;
+  const int8_t* aq;  // [M][nb * gpb * 64]
+  const float* sa;   // [M][nb]
+  const float* as;   // [M][nb]
+  const float* bias;
+  float* Y;
+  int64_t M;
+#ifdef OXQ_X86
+  RpFn fn;
+#endif
+};
+
+void rp_task(void* data, size_t task) {
+#ifdef OXQ_X86
+  const RpTask& r = *static_cast<const RpTask*>(data);
+  const RepackedB& w = *r.w;
+  const int64_t N = w.s.N, astride = w.nb * w.gpb * 64;
+  const int64_t t1 = std::min(w.tiles, static_cast<int64_t>(task + 1) * kTilesPerTask);
+  for (int64_t t = static_cast<int64_t>(task) * kTilesPerTask; t < t1; ++t) {
+    const int64_t n0 = t * 8, cnt = std::min<int64_t>(8, N - n0);
+    for (int64_t m = 0; m < r.M; ++m) {
+      alignas(32) float out[8];
+      r.fn(w, t, r.aq + m * astride, r.sa + m * w.nb, r.as + m * w.nb, out);
+      float* y = r.Y + m * N + n0;
+      for (int64_t j = 0; j < cnt; ++j) y[j] = out[j] + (r.bias ? r.bias[n0 + j] : 0.f);
+    }
+  }
+#else
+  (void)data;
+  (void)task;
+#endif
+}
+
+}  // namespace
+
+RepackedPtr repack_b(const QMatMulShape& s, const uint8_t* B, const float* scales, const uint8_t* zp) {
+#ifdef OXQ_X86
+  static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!cpu_ok || !s.int8_activations() || s.bits > 7 || s.bits < 2 || s.K < 1 || s.N < 1) return nullptr;
+  RepackedPtr w(new RepackedB);
+  w->s = s;
+  const int64_t nb = s.n_blocks(), blob = s.blob(), zp_row = s.zp_row(), bs = s.block_size;
+  w->nb = nb;
+  w->gpb = (std::min(bs, s.K) + 31) / 32;
+  w->tiles = (s.N + 7) / 8;
+  w->flush = repack_flush(s.bits);
+  w->nibble = s.bits <= 4;
+  w->pair_bytes = w->nibble ? 32 : 64;
+  w->tile_bytes = nb * w->gpb * 4 * w->pair_bytes;
+  w->codes.assign(static_cast<size_t>(w->tiles * w->tile_bytes), 0);
+  w->st.assign(static_cast<size_t>(w->tiles * nb * 8), 0.f);
+  w->sz.assign(static_cast<size_t>(w->tiles * nb * 8), 0.f);
+  int lane_of[8];
+  for (int j = 0; j < 8; ++j) lane_of[kPerm[j]] = j;
+  const float zdef = static_cast<float>(1 << (s.bits - 1));
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t t = n / 8;
+    const int j = static_cast<int>(n % 8), pair = j / 2, h = j % 2;
+    const float* sp = scales + (n / s.group) * nb;
+    const uint8_t* zrow = zp ? zp + (n / s.group) * zp_row : nullptr;
+    uint8_t* tile = w->codes.data() + t * w->tile_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const size_t ti = static_cast<size_t>((t * nb + b) * 8 + lane_of[j]);
+      w->st[ti] = sp[b];
+      w->sz[ti] = sp[b] * (zrow ? static_cast<float>(bitstream_code(zrow, b, s.bits)) : zdef);
+      const int64_t len = std::min(bs, s.K - b * bs);
+      const uint8_t* q = B + (n * nb + b) * blob;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint32_t code = bitstream_code(q, i, s.bits);
+        const int64_t g = i / 32, r = i % 32;
+        uint8_t* base = tile + ((b * w->gpb + g) * 4 + pair) * w->pair_bytes;
+        if (w->nibble) base[h * 16 + r % 16] |= static_cast<uint8_t>(code << (r >= 16 ? 4 : 0));
+        else base[(r >= 16 ? 32 : 0) + h * 16 + r % 16] = static_cast<uint8_t>(code);
+      }
+    }
+  }
+  return w;
+#else
+  (void)s;
+  (void)B;
+  (void)scales;
+  (void)zp;
+  return nullptr;
+#endif
+}
+
+uint64_t repacked_runs() { return g_repacked_runs.load(); }
+
+bool qmatmul_cpu_repacked(const QMatMulShape& s, const RepackedB& w, const float* A, const float* bias, float* Y,
+                          const TaskRunner& runner) {
+#ifdef OXQ_X86
+  if (s.M <= 0 || s.M > kInt8MaxRows || !use_avx2() || s.K != w.s.K || s.N != w.s.N) return false;
+  const int64_t M = s.M, K = s.K, bs = w.s.block_size, nb = w.nb, gpb = w.gpb, astride = nb * gpb * 64;
+  thread_local std::vector<int8_t> aq;
+  thread_local std::vector<float> sa, as;
+  aq.assign(static_cast<size_t>(M * astride), 0);
+  sa.resize(static_cast<size_t>(M * nb));
+  as.resize(static_cast<size_t>(M * nb));
+  std::vector<int8_t> tmp(static_cast<size_t>(gpb * 32));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {  // the rounding of quantize_activations, bit for bit
+      const int64_t len = std::min(bs, K - b * bs);
+      const float* a = A + m * K + b * bs;
+      float amax = 0.f;
+      for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(a[i]));
+      const float sab = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t isum = 0;
+      std::fill(tmp.begin(), tmp.end(), int8_t{0});
+      for (int64_t i = 0; i < len; ++i) {
+        const int qv = quant_round(a[i], inv);
+        isum += qv;
+        tmp[static_cast<size_t>(i)] = static_cast<int8_t>(qv);
+      }
+      sa[m * nb + b] = sab;
+      as[m * nb + b] = sab * static_cast<float>(isum);
+      int8_t* dst = aq.data() + m * astride + b * gpb * 64;
+      for (int64_t g = 0; g < gpb; ++g, dst += 64) {
+        const int8_t* src = tmp.data() + g * 32;
+        std::memcpy(dst, src, 16);
+        std::memcpy(dst + 16, src, 16);
+        std::memcpy(dst + 32, src + 16, 16);
+        std::memcpy(dst + 48, src + 16, 16);
+      }
+    }
+  }
+  RpTask r{&w, aq.data(), sa.data(), as.data(), bias, Y, M, nullptr};
+  const int64_t ug = gpb <= w.flush && (gpb == 1 || gpb == 2 || gpb == 4) ? gpb : 0;
+  r.fn = w.nibble ? pick_rp<true, true>(ug) : w.s.bits <= 6 ? pick_rp<false, true>(ug) : pick_rp<false, false>(ug);
+  runner.run(static_cast<size_t>((w.tiles + kTilesPerTask - 1) / kTilesPerTask), rp_task, &r);
+  g_repacked_runs.fetch_add(1);
+  return true;
+#else
+  (void)s;
+  (void)w;
+  (void)A;
+  (void)bias;
+  (void)Y;
+  (void)runner;
+  return false;
+#endif
 }
 
 // ------------------------------------------------------------------------------

@@ -152,9 +152,47 @@ std::vector<float> to_float(const Ort::ConstValue& v) {
 
 OrtStatusPtr to_status(const char* what) { return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, what); }
 
+// A constant initializer feeding input `index`, or a null value (input absent, or a graph input /
+// computed value that may change between runs).
+Ort::ConstValue constant_input(const OrtKernelInfo* info, size_t index) {
+  Ort::ConstKernelInfo ki(info);
+  if (index >= ki.GetInputCount() || ki.GetInputName(index).empty()) return Ort::ConstValue{nullptr};
+  int is_constant = 0;
+  Ort::ConstValue v = ki.GetTensorConstantInput(index, &is_constant);
+  return is_constant ? v : Ort::ConstValue{nullptr};
+}
+
+// Repacks B (with scales and zero points) for the CPU int8-activation kernel when all three are
+// constant initializers of the right sizes; nullptr otherwise (Compute then reads the inputs).
+template <typename T>
+oxq::RepackedPtr try_repack(const OrtKernelInfo* info, const oxq::QMatMulShape& attrs) {
+  if (!attrs.int8_activations() || attrs.bits > 7) return nullptr;
+  Ort::ConstValue B = constant_input(info, kB), scales = constant_input(info, kScales);
+  if (!B || !scales) return nullptr;
+  Ort::ConstKernelInfo ki(info);
+  Ort::ConstValue zp{nullptr};
+  const bool zp_given = kZeroPoints < ki.GetInputCount() && !ki.GetInputName(kZeroPoints).empty();
+  if (zp_given) {
+    zp = constant_input(info, kZeroPoints);
+    if (!zp) return nullptr;
+    if (element_count(zp) == 0) zp = Ort::ConstValue{nullptr};
+  }
+  if (element_count(B) != attrs.packed_bytes() || element_count(scales) != attrs.n_scales() ||
+      (zp && element_count(zp) != attrs.zp_bytes()))
+    return nullptr;  // Compute reports the size error
+  const uint8_t* zptr = zp ? zp.GetTensorData<uint8_t>() : nullptr;
+  if constexpr (std::is_same<T, float>::value) {
+    return oxq::repack_b(attrs, B.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), zptr);
+  } else {
+    const std::vector<float> sc = to_float(scales);
+    return oxq::repack_b(attrs, B.GetTensorData<uint8_t>(), sc.data(), zptr);
+  }
+}
+
 template <typename T, bool kCuda>
 struct QMatMulKernel {
   oxq::QMatMulShape attrs;
+  oxq::RepackedPtr packed;  // CPU, accuracy_level 4, constant weights: see oxq::repack_b
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -172,6 +210,10 @@ struct QMatMulKernel {
         if (err != 0) throw OpError(std::string("ox_quant.MatMulNBits CUDA kernel failed: ") + oxq::cuda_error_name(err));
 #endif
       } else if constexpr (std::is_same<T, float>::value) {
+        if (packed && oxq::qmatmul_cpu_repacked(c.s, *packed, c.A.GetTensorData<float>(),
+                                                c.bias ? c.bias.GetTensorData<float>() : nullptr,
+                                                y.GetTensorMutableData<float>(), OrtRunner(ctx)))
+          return nullptr;
         oxq::qmatmul_cpu(c.s, c.A.GetTensorData<float>(), c.B.GetTensorData<uint8_t>(), c.scales.GetTensorData<float>(),
                          zp, c.bias ? c.bias.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                          OrtRunner(ctx));
@@ -180,7 +222,9 @@ struct QMatMulKernel {
         std::vector<float> bias;
         if (c.bias) bias = to_float(c.bias);
         std::vector<float> out(static_cast<size_t>(c.s.M * c.s.N));
-        oxq::qmatmul_cpu(c.s, a.data(), c.B.GetTensorData<uint8_t>(), sc.data(), zp, c.bias ? bias.data() : nullptr,
+        if (!(packed && oxq::qmatmul_cpu_repacked(c.s, *packed, a.data(), c.bias ? bias.data() : nullptr, out.data(),
+                                                  OrtRunner(ctx))))
+          oxq::qmatmul_cpu(c.s, a.data(), c.B.GetTensorData<uint8_t>(), sc.data(), zp, c.bias ? bias.data() : nullptr,
                          out.data(), OrtRunner(ctx));
         oxq::float_to_half(out.data(), reinterpret_cast<uint16_t*>(y.GetTensorMutableRawData()), out.size());
       }
@@ -197,6 +241,7 @@ struct QMatMulOp : Ort::CustomOpBase<QMatMulOp<T, kCuda>, QMatMulKernel<T, kCuda
     try {
       auto k = std::make_unique<QMatMulKernel<T, kCuda>>();
       k->attrs = read_attributes(api, info);
+      if (!kCuda) k->packed = try_repack<T>(info, k->attrs);
       *kernel = k.release();
       return nullptr;
     } catch (const std::exception& e) {
@@ -287,6 +332,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
 
 // Which CPU code path the kernels take on this machine ("avx2" or "portable").
 extern "C" __attribute__((visibility("default"))) const char* OxQuantOpsCpuIsa() { return oxq::cpu_isa(); }
+
+// How many kernel calls so far took the repacked-weights path (tests read it through ctypes).
+extern "C" __attribute__((visibility("default"))) uint64_t OxQuantOpsRepackedRuns() { return oxq::repacked_runs(); }
 
 // Runs the CPU kernel directly on host buffers (float32), serially: used by tests and tools
 // that want the kernel without an ONNX Runtime session. Returns 0 on success.

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace oxq {
 
@@ -64,6 +65,30 @@ struct SerialRunner final : TaskRunner {
 // (127 / max|a|))) and the block dot products are exact integer sums; otherwise float32 throughout.
 void qmatmul_cpu(const QMatMulShape& s, const float* A, const uint8_t* B, const float* scales,
                  const uint8_t* zp, const float* bias, float* Y, const TaskRunner& runner);
+
+// Weights repacked once, when the kernel is created from constant B / scales / zero points, into a
+// layout for the int8-activation kernel (accuracy_level 4, M <= 8, bits 2..7, AVX2): tiles of 8
+// columns, per block groups of 32 codes as 4-bit nibbles (bits <= 4) or bytes (5..7) for vpmaddubsw,
+// with the scales and scale * zero point of each tile and block stored lane-ordered next to them.
+struct RepackedB;
+struct RepackedDeleter {
+  void operator()(RepackedB* p) const;
+};
+using RepackedPtr = std::unique_ptr<RepackedB, RepackedDeleter>;
+
+// nullptr when the layout does not apply (accuracy_level != 4, bits 8, no AVX2 on this CPU).
+// zp may be nullptr (symmetric). Sizes must already match s (B: packed_bytes(), ...).
+RepackedPtr repack_b(const QMatMulShape& s, const uint8_t* B, const float* scales, const uint8_t* zp);
+// Bytes the repacked copy holds (codes + scale tables).
+size_t repacked_bytes(const RepackedB& w);
+// Y = A @ W (+ bias) with the repacked weights; s.M is the number of rows. Returns false (and does
+// nothing) when the repacked kernel does not apply to this call (M > 8, AVX2 disabled by
+// OX_QUANT_OPS_ISA=portable): the caller then runs qmatmul_cpu on the original inputs, which gives
+// bit-identical results on the AVX2 path.
+bool qmatmul_cpu_repacked(const QMatMulShape& s, const RepackedB& w, const float* A, const float* bias, float* Y,
+                          const TaskRunner& runner);
+// Calls of qmatmul_cpu_repacked that ran (for tests: shows the repacked path was taken).
+uint64_t repacked_runs();
 
 // Half <-> float conversions (F16C when the CPU has it).
 void half_to_float(const uint16_t* in, float* out, size_t n);
