@@ -329,12 +329,17 @@ def op_identity(model: onnx.ModelProto, rng: random.Random) -> str:
     return f"{node.name or node.op_type}: {how} -> {node.domain}:{node.op_type}({', '.join(node.input)})"
 
 
-@_proto_edit
-def nonfinite_weight(model: onnx.ModelProto, rng: random.Random) -> str:
-    floats = [
+def _inline_float_initializers(model: onnx.ModelProto) -> list[TensorProto]:
+    """Float32/float16 initializers stored in the model file itself (not external data)."""
+    return [
         t for t in model.graph.initializer
         if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.data_location != TensorProto.EXTERNAL
     ]
+
+
+@_proto_edit
+def nonfinite_weight(model: onnx.ModelProto, rng: random.Random) -> str:
+    floats = _inline_float_initializers(model)
     if not floats:
         return "no float initializer"
     t = _pick(rng, floats)
@@ -362,10 +367,7 @@ def external_info(model: onnx.ModelProto, rng: random.Random) -> str:
 @_proto_edit
 def extreme_values(model: onnx.ModelProto, rng: random.Random) -> str:
     """Valid models with awkward but finite weights: zeros, constants, denormals, huge ranges."""
-    floats = [
-        t for t in model.graph.initializer
-        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.data_location != TensorProto.EXTERNAL
-    ]
+    floats = _inline_float_initializers(model)
     if not floats:
         return "no float initializer"
     t = _pick(rng, floats)

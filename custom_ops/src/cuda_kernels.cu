@@ -28,12 +28,7 @@ __device__ __forceinline__ void store_f(float* p, int64_t i, float v) { p[i] = v
 __device__ __forceinline__ void store_f(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 
 __device__ __forceinline__ uint32_t code_at(const uint8_t* row, int64_t index, int bits) {
-  const int64_t bit = index * bits;
-  const int64_t byte = bit >> 3;
-  const int shift = static_cast<int>(bit & 7);
-  uint32_t v = row[byte] >> shift;
-  if (shift + bits > 8) v |= static_cast<uint32_t>(row[byte + 1]) << (8 - shift);
-  return v & ((1u << bits) - 1u);
+  return oxq::bitstream_code(row, index, bits);
 }
 
 __device__ __forceinline__ float zero_at(const DevShape& s, const uint8_t* zp, int64_t n, int64_t b) {
@@ -201,13 +196,7 @@ extern "C" __attribute__((visibility("default"))) int OxQuantOpsCudaDeviceCount(
 extern "C" __attribute__((visibility("default"))) int OxQuantOpsCudaMatMulHost(
     int64_t M, int64_t K, int64_t N, int bits, int64_t block_size, int64_t group, int half, const void* A,
     const uint8_t* B, const void* scales, const uint8_t* zp, const void* bias, void* Y, char* err, int errlen) {
-  oxq::QMatMulShape s;
-  s.M = M;
-  s.K = K;
-  s.N = N;
-  s.bits = bits;
-  s.block_size = block_size;
-  s.group = group;
+  const oxq::QMatMulShape s(M, K, N, bits, block_size, group);
   const size_t es = half ? 2 : 4;
   void *dA = nullptr, *dS = nullptr, *dBias = nullptr, *dY = nullptr;
   uint8_t *dB = nullptr, *dZ = nullptr;

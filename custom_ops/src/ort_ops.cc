@@ -348,14 +348,7 @@ extern "C" __attribute__((visibility("default"))) int OxQuantOpsCpuMatMulAcc(int
   if (bits < 2 || bits > 8 || K < 1 || N < 1 || M < 0 || block_size < 1 || group < 1 || accuracy_level < 0 ||
       accuracy_level > 4)
     return 1;
-  oxq::QMatMulShape s;
-  s.M = M;
-  s.K = K;
-  s.N = N;
-  s.bits = bits;
-  s.block_size = block_size;
-  s.group = group;
-  s.accuracy_level = accuracy_level;
+  const oxq::QMatMulShape s(M, K, N, bits, block_size, group, accuracy_level);
   oxq::qmatmul_cpu(s, A, B, scales, zp, bias, Y, oxq::SerialRunner());
   return 0;
 }

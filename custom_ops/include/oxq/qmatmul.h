@@ -26,6 +26,10 @@ struct QMatMulShape {
   // anything else = float32 arithmetic. Only the CPU kernels read it.
   int accuracy_level = 0;
 
+  QMatMulShape() = default;
+  QMatMulShape(int64_t m, int64_t k, int64_t n, int b, int64_t block, int64_t g, int level = 0)
+      : M(m), K(k), N(n), bits(b), block_size(block), group(g), accuracy_level(level) {}
+
   bool int8_activations() const { return accuracy_level == 4; }
 
   int64_t n_blocks() const { return (K + block_size - 1) / block_size; }
@@ -37,8 +41,14 @@ struct QMatMulShape {
   int64_t zp_bytes() const { return n_groups() * zp_row(); }
 };
 
+#ifdef __CUDACC__
+#define OXQ_HOST_DEVICE __host__ __device__
+#else
+#define OXQ_HOST_DEVICE
+#endif
+
 // Code `index` of an LSB-first bitstream of `bits`-bit codes (reads only the bytes it needs).
-inline uint32_t bitstream_code(const uint8_t* row, int64_t index, int bits) {
+OXQ_HOST_DEVICE inline uint32_t bitstream_code(const uint8_t* row, int64_t index, int bits) {
   const int64_t bit = index * bits;
   const int64_t byte = bit >> 3;
   const int shift = static_cast<int>(bit & 7);
