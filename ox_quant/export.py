@@ -178,14 +178,20 @@ def name_folded_weights(program: Any) -> int:
     return renamed
 
 
+def _dynamic_axes(axes) -> dict[str, dict[int, str]]:
+    """``{input: {axis: name}}`` as both exporters take ``dynamic_axes``."""
+    dynamic: dict[str, dict[int, str]] = {}
+    for axis in axes:
+        dynamic.setdefault(axis.input, {})[axis.axis] = axis.name
+    return dynamic
+
+
 def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset, optimize, external) -> None:
     import torch
 
     from ox_quant.runtime import max_ir_version
 
-    dynamic = {}
-    for axis in axes:
-        dynamic.setdefault(axis.input, {})[axis.axis] = axis.name
+    dynamic = _dynamic_axes(axes)
     program = torch.onnx.export(
         module,
         tuple(inputs),
@@ -210,9 +216,7 @@ def _export_torchscript(module, inputs, path: Path, names, output_names, axes, o
 
     from ox_quant.runtime import max_ir_version
 
-    dynamic = {}
-    for axis in axes:
-        dynamic.setdefault(axis.input, {})[axis.axis] = axis.name
+    dynamic = _dynamic_axes(axes)
     try:  # the TorchScript exporter stops at an older opset than dynamo (20 in torch 2.13)
         from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as ts_max
     except ImportError:
