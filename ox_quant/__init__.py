@@ -8,9 +8,9 @@ __all__ = ["OxQuantError", "__version__", "verify", "export_model", "export_spec
 
 # Public functions, imported on first use so that `import ox_quant` stays light.
 _LAZY = {
-    "verify": "ox_quant.verification",
-    "export_model": "ox_quant.export",
-    "export_spec": "ox_quant.export",
+    "verify": "ox_quant.verification.verify",
+    "export_model": "ox_quant.export.exporter",
+    "export_spec": "ox_quant.export.exporter",
 }
 
 

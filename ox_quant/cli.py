@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         from ox_quant.errors import one_line
-        from ox_quant.modelio import root_cause
+        from ox_quant.ir.modelio import root_cause
 
         click.echo(f"ox-quant: internal error: {one_line(root_cause(exc))} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from helpers import matmul_model, random_weights
 from ox_quant.cli import main
 from ox_quant.errors import OxQuantError
-from ox_quant.runtime import make_session
+from ox_quant.runtime.session import make_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def test_opset_newer_than_onnx_knows(model, tmp_path, capsys):
 
 
 def test_opset_newer_than_onnxruntime_runs(model, tmp_path, capsys):
-    from ox_quant.runtime import onnxruntime_supports_opset
+    from ox_quant.runtime.session import onnxruntime_supports_opset
 
     newest = onnx.defs.onnx_opset_version()
     unsupported = next((v for v in range(27, newest + 1) if not onnxruntime_supports_opset(v)), None)
@@ -424,12 +424,12 @@ def test_debug_shows_the_traceback(model, tmp_path):
 
 
 def test_unexpected_exception_is_one_line_internal_error(model, tmp_path, capsys, monkeypatch):
-    import ox_quant.convert
+    import ox_quant.pipeline.convert
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug\nspanning lines")
 
-    monkeypatch.setattr(ox_quant.convert, "find_sites", broken)
+    monkeypatch.setattr(ox_quant.pipeline.convert, "find_sites", broken)
     code, _, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "q.onnx"))
     assert code == 1
     assert err == "ox-quant: internal error: RuntimeError: a bug (rerun with --debug for the traceback)\n"

@@ -104,8 +104,8 @@ def test_external_data_input_and_output(tmp_path, capsys):
     assert report["output_bytes"] == out.stat().st_size + out.with_name("ext_q.onnx.data").stat().st_size
     assert digest(tmp_path / "ext.onnx.data") == data_before
     x = rng.standard_normal((2, 3, 128)).astype(np.float32)
-    from ox_quant.config import Block, QuantConfig
-    from ox_quant.quantize import quantize
+    from ox_quant.core.config import Block, QuantConfig
+    from ox_quant.core.quantize import quantize
 
     (y,) = run(out, {"x": x})
     ref = x.astype(np.float64) @ quantize(weights["W0"], QuantConfig(granularity=Block(32))).dequantize()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from helpers import matmul_model, random_weights, relative_error, run
-from ox_quant.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
-from ox_quant.convert import ConvertOptions, convert
+from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError
-from ox_quant.quantize import quantize
+from ox_quant.core.quantize import quantize
 
 K0, K1, N1 = 200, 96, 48  # K0 is not a multiple of 32, 48, 64 or 128
 
@@ -57,7 +57,7 @@ def model(tmp_path_factory):
 
 
 def needs_custom_ops(fmt, bits, granularity):
-    from ox_quant.custom_ops import library_available
+    from ox_quant.runtime.custom_ops import library_available
 
     uses_custom = fmt is Format.CUSTOM or bits not in (2, 4, 8) or (bits == 2 and not isinstance(granularity, Block))
     if uses_custom and not library_available():
@@ -142,7 +142,7 @@ def test_auto_uses_the_custom_op_where_no_standard_format_fits(model, tmp_path, 
 
 def test_custom_op_accuracy_level_is_passed_through(model, tmp_path):
     """--accuracy-level 4 reaches ox_quant.MatMulNBits: int8 activations, ~1e-2 relative error."""
-    from ox_quant.custom_ops import library_available
+    from ox_quant.runtime.custom_ops import library_available
 
     if not library_available():
         pytest.skip("custom-op library not built (ox-quant build-ops)")

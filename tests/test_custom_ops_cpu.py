@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from custom_ops_testlib import (IR_VERSION, check_int8_output, check_output, ensure_cpu_library, make_case,
                                 save_model)
-from ox_quant.custom_ops import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
+from ox_quant.runtime.custom_ops import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
 from ox_quant.errors import OxQuantError
-from ox_quant.packing import pack_matmulnbits, pack_zero_points
-from ox_quant.runtime import make_session
+from ox_quant.core.packing import pack_matmulnbits, pack_zero_points
+from ox_quant.runtime.session import make_session
 
 M_VALUES = (1, 2, 5, 64)
 
@@ -214,7 +214,7 @@ def test_zero_rows(tmp_path):
 
 
 def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
-    import ox_quant.custom_ops as co
+    import ox_quant.runtime.custom_ops as co
 
     monkeypatch.setenv("OX_QUANT_OPS_LIB", str(tmp_path / "nowhere.so"))
     monkeypatch.setattr(co, "LIB_DIR", tmp_path)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from custom_ops_testlib import check_output, make_case, save_model
-from ox_quant.custom_ops import CUDA_LIBRARY, library_available, library_path
-from ox_quant.ops_build import nvcc_path
+from ox_quant.runtime.custom_ops import CUDA_LIBRARY, library_available, library_path
+from ox_quant.runtime.build import nvcc_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def cuda_library(tmp_path_factory) -> Path:
         return library_path("cuda")
     if nvcc_path() is None:
         pytest.skip("nvcc not found: the CUDA library cannot be built on this machine")
-    from ox_quant.ops_build import build_ops
+    from ox_quant.runtime.build import build_ops
 
     root = tmp_path_factory.mktemp("cuda-ops")
     result = build_ops(cuda=True, build_dir=root / "build", out_dir=root / "lib", cuda_architectures="80")
@@ -70,7 +70,7 @@ def test_cuda_kernels_match_reference(cuda_library):
 
 
 def test_cuda_execution_provider_session(cuda_library, tmp_path, monkeypatch):
-    from ox_quant.runtime import cuda_available, make_session
+    from ox_quant.runtime.session import cuda_available, make_session
 
     if not cuda_available():
         pytest.skip("no usable CUDA execution provider on this machine (no GPU or CUDA runtime)")

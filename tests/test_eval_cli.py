@@ -60,7 +60,7 @@ def test_missing_package_names_setup_script():
 
 def test_text_dir_env_override(tmp_path, monkeypatch):
     from ox_quant.errors import OxQuantError
-    from ox_quant.textdata import ENV_VAR, text_dir, text_files
+    from ox_quant.evaluation.textdata import ENV_VAR, text_dir, text_files
 
     (tmp_path / "b.txt").write_text("beta", encoding="utf-8")
     (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")
@@ -74,7 +74,7 @@ def test_text_dir_env_override(tmp_path, monkeypatch):
 
 def test_read_text_rejects_non_utf8(tmp_path):
     from ox_quant.errors import OxQuantError
-    from ox_quant.textdata import read_text
+    from ox_quant.evaluation.textdata import read_text
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9".encode("latin-1"))

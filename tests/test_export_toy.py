@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ox_quant.errors import OxQuantError
-from ox_quant.export import DynamicAxis, export_model, export_spec, parse_dynamic_axis
-from ox_quant.runtime import max_ir_version
-from ox_quant.verification import verify
+from ox_quant.export.exporter import DynamicAxis, export_model, export_spec, parse_dynamic_axis
+from ox_quant.runtime.session import max_ir_version
+from ox_quant.verification.verify import verify
 from verify_support import TOY_MODELS, exported  # noqa: F401 (fixture)
 
 
@@ -50,7 +50,7 @@ def test_named_and_static_axes(tmp_path):
 
 
 def test_torchscript_fallback_is_reported(tmp_path, monkeypatch):
-    import ox_quant.export as export_module
+    import ox_quant.export.exporter as export_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated dynamo failure\nsecond line")
@@ -73,7 +73,7 @@ def test_external_data(tmp_path):
 
 
 def test_failure_leaves_no_file(tmp_path, monkeypatch):
-    import ox_quant.export as export_module
+    import ox_quant.export.exporter as export_module
 
     def failing_check(*args, **kwargs):
         raise OxQuantError("simulated failure after writing")

@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import matmul_model
 from ox_quant.cli import main
-from ox_quant.modelio import load_model
-from ox_quant.runtime import make_session
+from ox_quant.ir.modelio import load_model
+from ox_quant.runtime.session import make_session
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240611
@@ -451,7 +451,7 @@ def digest(path: Path) -> str:
 
 
 def custom_library_available() -> bool:
-    from ox_quant.custom_ops import library_path
+    from ox_quant.runtime.custom_ops import library_path
     from ox_quant.errors import OxQuantError
 
     try:
@@ -468,7 +468,7 @@ def check_output_loads(path: Path) -> None:
     built (tests/test_custom_ops_cpu.py builds it), the model is held to onnx's checker and
     ox-quant's own validation instead.
     """
-    from ox_quant.runtime import CUSTOM_DOMAIN, model_domains
+    from ox_quant.runtime.session import CUSTOM_DOMAIN, model_domains
 
     if CUSTOM_DOMAIN in model_domains(path) and not custom_library_available():
         onnx.checker.check_model(str(path), full_check=True)

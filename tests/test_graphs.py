@@ -14,12 +14,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import relative_error, run
-from ox_quant.config import Block, Format, PerChannel, PerTensor, QuantConfig
-from ox_quant.convert import ConvertOptions, convert
+from ox_quant.core.config import Block, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError
-from ox_quant.inspect import inspect_model
-from ox_quant.quantize import quantize
-from ox_quant.selection import Selection
+from ox_quant.pipeline.inspect import inspect_model
+from ox_quant.core.quantize import quantize
+from ox_quant.pipeline.selection import Selection
 
 RNG = np.random.default_rng(11)
 
@@ -268,7 +268,7 @@ def test_bf16_model_uses_qdq_with_bf16_scales(tmp_path):
     assert scale.data_type == TensorProto.BFLOAT16
     # ONNX Runtime's CPU EP has no bfloat16 MatMul (nor for the input model), so check the
     # stored tensors: they decode to the reference dequantized weight.
-    from ox_quant.packing import unpack_onnx_4bit_reference
+    from ox_quant.core.packing import unpack_onnx_4bit_reference
 
     q_t = next(t for t in model.graph.initializer if t.name.endswith("_Q"))
     codes = unpack_onnx_4bit_reference(q_t.raw_data, 64 * 32, signed=True).reshape(64, 32).astype(np.float64)
@@ -387,7 +387,7 @@ def test_inspect_agrees_with_convert_on_every_format(mixed_model, tmp_path):
     """Stored bytes per weight, as inspect reads them back, equal what convert reported."""
     out = tmp_path / "q.onnx"
     recipe_rules = ({"match": "layers\\.1", "format": "qdq", "bits": 8, "granularity": "channel"},)
-    from ox_quant.selection import Rule
+    from ox_quant.pipeline.selection import Rule
     import re as _re
 
     rules = tuple(Rule(_re.compile(r["match"]), None, False, {k: v for k, v in r.items() if k != "match"}) for r in recipe_rules)

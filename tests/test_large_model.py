@@ -11,9 +11,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from helpers import relative_error, run
-from ox_quant.config import Block, QuantConfig
-from ox_quant.convert import ConvertOptions, convert
-from ox_quant.quantize import quantize
+from ox_quant.core.config import Block, QuantConfig
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from ox_quant.core.quantize import quantize
 
 SIZE, PATCH, COUNT = 8192, 128, 9
 

@@ -13,7 +13,7 @@ pytestmark = require("torchcrepe", "torchcrepe")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from models import crepe
-    from ox_quant.export import export_model
+    from ox_quant.export.exporter import export_model
 
     model, inputs = crepe.factory()
     path = tmp_path_factory.mktemp("crepe") / "crepe-tiny.onnx"
@@ -33,7 +33,7 @@ def test_fp32_torch_reads_synthetic_tones():
 def test_onnx_matches_torch(exported):
     from models import crepe
     from models.tasks.pitch import evaluate, tones
-    from ox_quant.tasks import OrtRunner
+    from ox_quant.evaluation.tasks import OrtRunner
 
     model, path = exported
     frames, _ = tones()

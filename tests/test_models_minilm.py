@@ -18,8 +18,8 @@ def fp32(tmp_path_factory):
     from models import minilm
     from models.tasks.embedding import embed
     from models.tasks.sentences import sentences
-    from ox_quant.export import export_model
-    from ox_quant.tasks import TorchRunner
+    from ox_quant.export.exporter import export_model
+    from ox_quant.evaluation.tasks import TorchRunner
 
     model, inputs = minilm.factory()
     reference = embed(TorchRunner(model, minilm.INPUT_NAMES), minilm.encode(sentences()))

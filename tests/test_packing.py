@@ -8,7 +8,7 @@ import onnx_ir as ir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ox_quant import packing
+from ox_quant.core import packing
 
 
 @st.composite

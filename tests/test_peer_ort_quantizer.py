@@ -19,10 +19,10 @@ import pytest
 from onnx import numpy_helper
 
 from helpers import matmul_model, random_weights, run
-from ox_quant.config import Block, Format, QuantConfig
-from ox_quant.convert import ConvertOptions, convert
-from ox_quant.inspect import inspect_model
-from ox_quant.packing import unpack_matmulnbits, unpack_zero_points
+from ox_quant.core.config import Block, Format, QuantConfig
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from ox_quant.pipeline.inspect import inspect_model
+from ox_quant.core.packing import unpack_matmulnbits, unpack_zero_points
 
 K, N = 200, 64  # K not a multiple of the block sizes below
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
-from ox_quant.quantize import quantize, quantize_reference
+from ox_quant.core.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.quantize import quantize, quantize_reference
 
 granularities = st.one_of(
     st.just(PerTensor()),

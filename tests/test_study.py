@@ -7,12 +7,12 @@ import json
 import pytest
 
 from real_models import ox_quant, require
-from ox_quant.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.study import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
-from ox_quant.study_claims import evaluate_claims
-from ox_quant.study_metrics import metric_for
-from ox_quant.study_peer import peer_arguments
+from ox_quant.study.run import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
+from ox_quant.study.claims import evaluate_claims
+from ox_quant.study.metrics import metric_for
+from ox_quant.study.peer import peer_arguments
 
 try:
     import matplotlib  # noqa: F401
@@ -80,9 +80,9 @@ def test_inexpressible_configs_are_rows_with_reasons(crepe_study):
 @needs_matplotlib
 def test_numbers_match_a_direct_convert_and_evaluate(crepe_study, tmp_path):
     from models.tasks.pitch import evaluate
-    from ox_quant.convert import ConvertOptions, convert
-    from ox_quant.selection import Selection
-    from ox_quant.study import DEFAULT_OPS, scale_bytes
+    from ox_quant.pipeline.convert import ConvertOptions, convert
+    from ox_quant.pipeline.selection import Selection
+    from ox_quant.study.run import DEFAULT_OPS, scale_bytes
 
     out, data = crepe_study
     row = next(r for r in data["rows"] if r["label"] == "int4 block:64")

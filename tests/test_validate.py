@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ox_quant.modelio import load_model
-from ox_quant.runtime import make_session
-from ox_quant.validate import weightless_copy
+from ox_quant.ir.modelio import load_model
+from ox_quant.runtime.session import make_session
+from ox_quant.ir.validate import weightless_copy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_validation_reads_no_weights(tmp_path):
     path.write_bytes(model.SerializeToString())
     script = (
         "import json, resource, sys\n"
-        "from ox_quant.modelio import load_model\n"
+        "from ox_quant.ir.modelio import load_model\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "load_model(sys.argv[1], runnable=True)\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

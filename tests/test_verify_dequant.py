@@ -1,4 +1,4 @@
-"""``ox_quant.dequant`` against ONNX Runtime's own MatMulNBits and DequantizeLinear."""
+"""``ox_quant.core.dequant`` against ONNX Runtime's own MatMulNBits and DequantizeLinear."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ox_quant.dequant import dequantize_linear, dequantize_matmulnbits, unpack_codes
+from ox_quant.core.dequant import dequantize_linear, dequantize_matmulnbits, unpack_codes
 
 
 def _run(model, feeds):

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ox_quant.jsonify import to_jsonable
-from ox_quant.metrics import compare
-from ox_quant.verification import verify
+from ox_quant.core.jsonify import to_jsonable
+from ox_quant.core.metrics import compare
+from ox_quant.verification.verify import verify
 from verify_support import exported, quantize_qdq  # noqa: F401 (fixture)
 
 

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from ox_quant.per_layer import quantized_weights, _Tensors
-from ox_quant.verification import verify
+from ox_quant.verification.per_layer import quantized_weights, _Tensors
+from ox_quant.verification.verify import verify
 from verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
 
 
@@ -72,7 +72,7 @@ def test_convert_cli_configs_are_ordered(exported, tmp_path, capsys):  # noqa: F
 
 
 def _isolated_sqnr(ref_path, tmp_path, weight_name, values, feeds):
-    """Independent of ox_quant.per_layer: rewrite the initializer in a copy of the file."""
+    """Independent of ox_quant.verification.per_layer: rewrite the initializer in a copy of the file."""
     model = onnx.load(str(ref_path))
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.name == weight_name:

@@ -26,7 +26,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, object]]:
 
     Each test module imports this fixture, which makes pytest treat it as one fixture per
     module; the module-level cache keeps it to one export per model per test session."""
-    from ox_quant.export import export_spec
+    from ox_quant.export.exporter import export_spec
 
     if not _EXPORTED:
         out_dir = tmp_path_factory.mktemp("exported")

@@ -29,7 +29,7 @@ MLP = 5504
 
 def build_model(path: Path, layers: int, seed: int = 0) -> int:
     """Write the benchmark model (external data) and return its weight bytes."""
-    from ox_quant.examples import llm_shaped_model
+    from ox_quant.ir.examples import llm_shaped_model
 
     return llm_shaped_model(path, layers=layers, hidden=HIDDEN, mlp=MLP, seed=seed, external=True)
 

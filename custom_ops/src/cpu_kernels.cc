@@ -37,7 +37,7 @@ constexpr int64_t kColsPerTaskM1 = 16;
 constexpr int64_t kColsPerTaskI8 = 16;   // columns per task, int8-activation path
 // accuracy_level 4 quantizes A only for M <= kInt8MaxRows (decoding, small batches); larger M
 // take the float path, which is faster there (dequantized tile + float GEMM). Keep in sync with
-// custom_ops/README.md and ox_quant/custom_ops.py (INT8_MAX_ROWS).
+// custom_ops/README.md and ox_quant/runtime/custom_ops.py (INT8_MAX_ROWS).
 constexpr int64_t kInt8MaxRows = 8;
 
 // Activations quantized to int8 (accuracy_level 4), one row of A after another.

@@ -3,7 +3,7 @@
 Each task is ``evaluate(target=None, *, provider="cpu", progress=..., **options) -> TaskResult``
 where ``target`` is ``None`` (the fp32 reference: the torch model, or the package's ONNX
 for ONNX-only models), a ``torch.nn.Module``, or the path of an ONNX file of the same
-model (e.g. a quantized one), run through ``ox_quant.runtime.make_session``.
+model (e.g. a quantized one), run through ``ox_quant.runtime.session.make_session``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ox_quant.tasks import TaskResult
+from ox_quant.evaluation.tasks import TaskResult
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from models import minilm
 from models.tasks.sentences import sentences
-from ox_quant.tasks import Progress, Runner, TaskResult, no_progress, runner_for, target_label
+from ox_quant.evaluation.tasks import Progress, Runner, TaskResult, no_progress, runner_for, target_label
 
 
 def embed(runner: Runner, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from models import ppocr
 from ox_quant.errors import OxQuantError
-from ox_quant.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
+from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
 
 LINES: tuple[str, ...] = (
     "Quantized weights must keep their accuracy.",

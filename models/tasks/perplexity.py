@@ -1,7 +1,7 @@
 """SmolLM2 task: perplexity on text.
 
 Text: a file the caller names, or by default every ``*.txt`` of the project's text
-directory (the Austen novels; see ``ox_quant.textdata``), each contributing an
+directory (the Austen novels; see ``ox_quant.evaluation.textdata``), each contributing an
 equal share of ``max_tokens`` from its start. Each file's tokens are cut into
 non-overlapping windows of ``context`` tokens (a final window shorter than 2 tokens
 is dropped); every window is run on its own, and the model predicts tokens 2..L of
@@ -21,8 +21,8 @@ import numpy as np
 
 from models import smollm2
 from ox_quant.errors import OxQuantError
-from ox_quant.tasks import Progress, TaskResult, no_progress, runner_for, target_label
-from ox_quant.textdata import read_text, text_files
+from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
+from ox_quant.evaluation.textdata import read_text, text_files
 
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_CONTEXT = 512

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models import crepe
-from ox_quant.tasks import Progress, TaskResult, no_progress, runner_for, target_label
+from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
 
 TONES = 16
 FRAMES_PER_TONE = 4

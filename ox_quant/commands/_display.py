@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from ox_quant.metrics import OutputMetrics
+from ox_quant.core.metrics import OutputMetrics
 
 
 def fmt(value: float | None, digits: int = 4) -> str:

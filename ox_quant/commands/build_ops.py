@@ -18,7 +18,7 @@ import click
 def build_ops_cmd(cuda: bool | None, cuda_arch: str | None, build_dir: Path | None, out_dir: Path | None,
                   jobs: int | None, as_json: bool) -> None:
     """Build ox-quant's ONNX Runtime custom-op libraries (CPU; CUDA when nvcc is there)."""
-    from ox_quant.ops_build import build_ops
+    from ox_quant.runtime.build import build_ops
 
     result = build_ops(cuda=cuda, build_dir=build_dir, out_dir=out_dir, jobs=jobs, cuda_architectures=cuda_arch)
     if as_json:

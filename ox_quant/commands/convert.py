@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ox_quant.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
+from ox_quant.core.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
 from ox_quant.errors import OxQuantError
 
 DEFAULT_BLOCK_SIZE = 128
@@ -126,8 +126,8 @@ def convert(
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
-    from ox_quant.convert import ConvertOptions, convert as run_convert
-    from ox_quant.selection import Selection, load_recipe, resolve_ops
+    from ox_quant.pipeline.convert import ConvertOptions, convert as run_convert
+    from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
         bits=bits,

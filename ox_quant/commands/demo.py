@@ -18,10 +18,10 @@ def demo_cmd(out_dir: str, bits: int, block_size: int, as_json: bool) -> None:
     """Build the example model (LLM-shaped MatMul blocks, seeded weights), convert it
     like `ox-quant convert model.onnx --block-size 128`, and verify it on ONNX Runtime."""
     from ox_quant.commands.convert import format_bytes, resolve_granularity
-    from ox_quant.config import QuantConfig
-    from ox_quant.convert import ConvertOptions, convert
-    from ox_quant.examples import llm_shaped_model
-    from ox_quant.verification import verify
+    from ox_quant.core.config import QuantConfig
+    from ox_quant.pipeline.convert import ConvertOptions, convert
+    from ox_quant.ir.examples import llm_shaped_model
+    from ox_quant.verification.verify import verify
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,8 @@ def export_cmd(
 ) -> None:
     """Export the PyTorch model SPEC (FILE.py:FACTORY, module:FACTORY or a registered name) to ONNX."""
     from ox_quant.commands._display import console as make_console, db, metrics_table, quiet_torch
-    from ox_quant.export import DEFAULT_CHECK_MIN_SQNR, DEFAULT_OPSET, export_spec, parse_dynamic_axis
-    from ox_quant.jsonify import to_jsonable
+    from ox_quant.export.exporter import DEFAULT_CHECK_MIN_SQNR, DEFAULT_OPSET, export_spec, parse_dynamic_axis
+    from ox_quant.core.jsonify import to_jsonable
 
     if static and dynamic_axes:
         raise OxQuantError("--static and --dynamic-axis exclude each other")

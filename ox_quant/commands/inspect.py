@@ -13,7 +13,7 @@ import click
 def inspect_cmd(model: str, as_json: bool) -> None:
     """Describe the quantized weights of MODEL (any tool's MatMulNBits/QDQ model)."""
     from ox_quant.commands.convert import format_bytes
-    from ox_quant.inspect import inspect_model
+    from ox_quant.pipeline.inspect import inspect_model
 
     info = inspect_model(model)
     if as_json:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import click
 
-from ox_quant.config import Format
+from ox_quant.core.config import Format
 from ox_quant.errors import OxQuantError
 
 
@@ -73,11 +73,11 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
 
     from models.tasks import TASKS
     from ox_quant.commands._display import quiet_torch
-    from ox_quant.selection import resolve_ops
-    from ox_quant.study import (
+    from ox_quant.pipeline.selection import resolve_ops
+    from ox_quant.study.run import (
         DEFAULT_OPS, STUDY_MODELS, StudyOptions, parse_bits_list, parse_granularity_list, run_study,
     )
-    from ox_quant.study_report import result_dict, write_report
+    from ox_quant.study.report import result_dict, write_report
 
     if model not in STUDY_MODELS:
         raise OxQuantError(f"unknown model {model!r}: the study runs on {', '.join(STUDY_MODELS)}")
@@ -103,7 +103,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     if out.exists() and not out.is_dir():
         raise OxQuantError(f"--out {out} exists and is not a directory")
     if report_only:
-        from ox_quant.study_report import load_result
+        from ox_quant.study.report import load_result
 
         saved = out / "study.json"
         if not saved.is_file():

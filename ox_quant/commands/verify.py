@@ -44,11 +44,11 @@ def verify_cmd(
 ) -> None:
     """Compare CAND (ONNX) with REF (ONNX model, or a PyTorch SPEC for a cross-framework check)."""
     from ox_quant.commands._display import console as make_console, db, fmt, metrics_table, quiet_torch
-    from ox_quant.inputs import parse_dim, parse_int_range
-    from ox_quant.jsonify import to_jsonable
-    from ox_quant.verification import verify
+    from ox_quant.verification.inputs import parse_dim, parse_int_range
+    from ox_quant.core.jsonify import to_jsonable
+    from ox_quant.verification.verify import verify
 
-    from ox_quant.spec import looks_like_onnx
+    from ox_quant.export.spec import looks_like_onnx
 
     with quiet_torch(load=not looks_like_onnx(reference)), contextlib.redirect_stdout(sys.stderr):
         report = verify(

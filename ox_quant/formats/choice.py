@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ox_quant.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
 
 MATMULNBITS_BITS = (2, 4, 8)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ox_quant.modelio import load_model, model_bytes
+from ox_quant.ir.modelio import load_model, model_bytes
 
 BITS_OF_DTYPE = {
     ir.DataType.INT4: 4,

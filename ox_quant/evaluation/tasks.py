@@ -61,7 +61,7 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """Runs an ONNX file through ``ox_quant.runtime.make_session``.
+    """Runs an ONNX file through ``ox_quant.runtime.session.make_session``.
 
     Only the feeds that the model declares as inputs are passed, so callers may
     offer optional inputs (e.g. ``token_type_ids``) that some exports lack.
@@ -71,7 +71,7 @@ class OrtRunner:
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", exact: bool = True,
                  threads: int | None = None):
-        from ox_quant.runtime import make_session
+        from ox_quant.runtime.session import make_session
 
         self.path = Path(path)
         self.session = make_session(self.path, provider=provider, exact=exact, threads=threads)

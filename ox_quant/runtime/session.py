@@ -140,7 +140,7 @@ def make_session(
         options.add_initializer(name, value)
         kept_values.append(value)  # ORT reads them during the session's whole life
     if CUSTOM_DOMAIN in model_domains(path):
-        from ox_quant.custom_ops import register_library
+        from ox_quant.runtime.custom_ops import register_library
 
         register_library(options, provider)
     providers: Sequence[str] = [PROVIDERS[provider]]

@@ -7,7 +7,7 @@
   (memory-mapped) when it is read, so folding costs no memory up front.
 
 A source read by several nodes is left alone (folding would store it twice); a tied
-``Transpose`` of an embedding table is understood by :mod:`ox_quant.sites` instead.
+``Transpose`` of an embedding table is understood by :mod:`ox_quant.ir.sites` instead.
 """
 
 from __future__ import annotations

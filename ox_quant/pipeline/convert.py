@@ -13,10 +13,10 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from ox_quant.config import Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.fold import fold_constant_weights
-from ox_quant.formats import (
+from ox_quant.ir.fold import fold_constant_weights
+from ox_quant.formats.choice import (
     FormatChoice,
     check_granularity_fits,
     choose_format,
@@ -25,7 +25,7 @@ from ox_quant.formats import (
     granularity_block_size,
     qdq_rejects,
 )
-from ox_quant.modelio import (
+from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     external_files,
     initializer_bytes,
@@ -33,10 +33,10 @@ from ox_quant.modelio import (
     model_bytes,
     save_model_atomically,
 )
-from ox_quant.runtime import CUSTOM_DOMAIN, max_ir_version
-from ox_quant.selection import Selection, config_for
-from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
-from ox_quant.writers import (
+from ox_quant.runtime.session import CUSTOM_DOMAIN, max_ir_version
+from ox_quant.pipeline.selection import Selection, config_for
+from ox_quant.ir.sites import Skip, WeightSite, find_sites, name_matches
+from ox_quant.formats.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
     write_custom,

@@ -54,13 +54,13 @@ def root_cause(exc: BaseException) -> str:
 def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
     """Load and validate an ONNX model; external data stays on disk, memory-mapped on first use.
 
-    Validation (``ox_quant.validate``) reads the graph, not the weights. ``runnable``: the
+    Validation (``ox_quant.ir.validate``) reads the graph, not the weights. ``runnable``: the
     model is to be converted, so ONNX Runtime must accept it as well.
     """
     import onnx
 
-    from ox_quant.runtime import max_ir_version
-    from ox_quant.validate import validate
+    from ox_quant.runtime.session import max_ir_version
+    from ox_quant.ir.validate import validate
 
     path = Path(path)
     if not path.is_file():

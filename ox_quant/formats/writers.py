@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.formats import custom_block_and_group
-from ox_quant.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
-from ox_quant.quantize import QuantizedWeight, quantize
-from ox_quant.sites import WeightSite
+from ox_quant.formats.choice import custom_block_and_group
+from ox_quant.core.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
+from ox_quant.core.quantize import QuantizedWeight, quantize
+from ox_quant.ir.sites import WeightSite
 
 MS_DOMAIN = "com.microsoft"
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
@@ -417,7 +417,7 @@ def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[
 
 def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
-    from ox_quant.custom_ops import DOMAIN, OP_TYPE, custom_matmul_initializers
+    from ox_quant.runtime.custom_ops import DOMAIN, OP_TYPE, custom_matmul_initializers
 
     block, group = custom_block_and_group(config, site.k, site.n)
     scale_np, _ = SCALE_DTYPES[site.dtype]

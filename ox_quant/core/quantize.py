@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ox_quant.config import Block, ChannelGroup, Granularity, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, Granularity, PerChannel, PerTensor, QuantConfig
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ox_quant.config import Block, PerChannel, QuantConfig
+from ox_quant.core.config import Block, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 
 PEER_BITS = (2, 4, 8)
@@ -52,7 +52,7 @@ def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
 
 def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any, fp32_value: float):
     """The peer row for ``config`` (a ``Row``): quantize, time, inspect and score."""
-    from ox_quant.study import PEER, Row, measure_row, remove_model, config_label, layout_of, scale_bytes
+    from ox_quant.study.run import PEER, Row, measure_row, remove_model, config_label, layout_of, scale_bytes
 
     label = config_label(config)
     base: dict[str, Any] = {"tool": PEER, "label": label, "bits": config.bits,
@@ -69,7 +69,7 @@ def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any
                    convert_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
     try:
-        from ox_quant.inspect import inspect_model
+        from ox_quant.pipeline.inspect import inspect_model
 
         info = inspect_model(out)
         if not info.quantized:

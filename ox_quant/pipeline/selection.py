@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ox_quant.config import Format, QuantConfig, parse_granularity
+from ox_quant.core.config import Format, QuantConfig, parse_granularity
 from ox_quant.errors import OxQuantError
-from ox_quant.sites import QUANTIZABLE_OPS, WeightSite, name_matches
+from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
 RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "accuracy_level"}
 

@@ -1,7 +1,7 @@
 """The textbook claims a study tests, each a rule over ox-quant's measured rows.
 
 ``loss`` is the change against fp32 in the bad direction (``StudyMetric.loss``); ``lossless``
-and ``noticeable`` are the task's thresholds (``ox_quant.study_metrics``). Only rows that
+and ``noticeable`` are the task's thresholds (``ox_quant.study.metrics``). Only rows that
 quantized every weight the study covers (status ``ok``) are used; a claim whose rows are
 missing is ``not tested`` and says which. On SmolLM2 the int4 block:32 asymmetric row is
 never used (its source weights are Q4_1: that configuration is near its source format).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ox_quant.study import Claim, Row, StudyResult
+    from ox_quant.study.run import Claim, Row, StudyResult
 
 
 def excluded_from_claims(model: str, row: "Row") -> str | None:
@@ -44,7 +44,7 @@ class _Rows:
 
 def _claim(key: str, statement: str, test: str, rows: _Rows,
            judge: Callable[[_Rows], tuple[str, str] | None]) -> "Claim":
-    from ox_quant.study import Claim
+    from ox_quant.study.run import Claim
 
     rows.missing = []
     try:

@@ -3,9 +3,9 @@
 The reference is an ONNX model or a PyTorch model SPEC (cross-framework check); the
 candidate is an ONNX model (a float export or a quantized model). Both run on the same
 inputs -- from an ``.npz`` file, or generated from the candidate's input specs with a
-fixed seed (``ox_quant.inputs``) -- and every candidate output is compared with the
+fixed seed (``ox_quant.verification.inputs``) -- and every candidate output is compared with the
 reference output of the same name (or position, when the names differ) with
-``ox_quant.metrics.compare``.
+``ox_quant.core.metrics.compare``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Mapping
 import numpy as np
 
 from ox_quant.errors import OxQuantError
-from ox_quant.inputs import generate_inputs, input_specs, load_graph, load_inputs
-from ox_quant.metrics import OutputMetrics, compare
-from ox_quant.per_layer import LayerReport, attribute_errors
-from ox_quant.spec import looks_like_onnx
+from ox_quant.verification.inputs import generate_inputs, input_specs, load_graph, load_inputs
+from ox_quant.core.metrics import OutputMetrics, compare
+from ox_quant.verification.per_layer import LayerReport, attribute_errors
+from ox_quant.export.spec import looks_like_onnx
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def run_onnx(
     model: str | os.PathLike, feeds: Mapping[str, np.ndarray], provider: str = "cpu", exact: bool = True
 ) -> tuple[list[str], list[np.ndarray]]:
     """Output names and arrays of ``model`` on ``feeds`` (extra feeds are ignored)."""
-    from ox_quant.runtime import make_session
+    from ox_quant.runtime.session import make_session
 
     session = make_session(model, provider, exact=exact)
     wanted = {i.name for i in session.get_inputs()}
@@ -128,7 +128,7 @@ def verify(
 
     ``inputs``: an ``.npz`` path or a name -> array mapping; None generates them
     (``seed``, ``dims`` for symbolic dimensions, ``int_range`` for integer inputs).
-    ``per_layer`` adds a ``LayerReport`` (ONNX reference only; see ``ox_quant.per_layer``).
+    ``per_layer`` adds a ``LayerReport`` (ONNX reference only; see ``ox_quant.verification.per_layer``).
     """
     cand_path = Path(candidate)
     if not cand_path.is_file():
@@ -156,8 +156,8 @@ def verify(
     if ref_is_onnx:
         ref_names, ref_arrays = run_onnx(reference, feeds, provider, exact)
     else:
-        from ox_quant.spec import load_spec
-        from ox_quant.torch_run import run_torch
+        from ox_quant.export.spec import load_spec
+        from ox_quant.export.torch_run import run_torch
 
         module, _ = load_spec(str(reference))
         ref_names, ref_arrays = None, run_torch(module, [feeds[n] for n in ordered])

@@ -3,9 +3,9 @@
 ``run_study`` exports (or prepares) the fp32 ONNX of a registered real model into the output
 directory, scores it (the baseline), then for each configuration runs ``convert`` and the
 model's task, and, when asked, ONNX Runtime's own ``MatMulNBitsQuantizer`` on the same
-configuration (``ox_quant.study_peer``). Every configuration yields a row: measured, or with
+configuration (``ox_quant.study.peer``). Every configuration yields a row: measured, or with
 the reason it could not be (a format that cannot express it, a converter that refuses it).
-Claims (``ox_quant.study_claims``) and the written report (``ox_quant.study_report``) are
+Claims (``ox_quant.study.claims``) and the written report (``ox_quant.study.report``) are
 built from the rows. The library never prints; progress goes through a callback.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ox_quant.config import Format, Granularity, QuantConfig, parse_granularity
+from ox_quant.core.config import Format, Granularity, QuantConfig, parse_granularity
 from ox_quant.errors import OxQuantError
-from ox_quant.study_metrics import StudyMetric, metric_for
+from ox_quant.study.metrics import StudyMetric, metric_for
 
 #: ``progress(stage, done, total)``: ``stage`` says what runs now (e.g. "int4 block:128: convert").
 StudyProgress = Callable[[str, int, int], None]
@@ -164,7 +164,7 @@ class StudyResult:
 def export_fp32(model: str, out: Path) -> Path:
     """Write the fp32 ONNX of ``model`` to ``out``: TorchScript exporter for MiniLM and SmolLM2
     (dynamo takes minutes on them here), dynamo for CREPE, ``prepare()`` for PP-OCR."""
-    from ox_quant.export import export_model
+    from ox_quant.export.exporter import export_model
 
     if model == "ppocr-rec":
         from models import ppocr
@@ -191,7 +191,7 @@ def task_extras(model: str) -> dict[str, Any]:
     from models import minilm
     from models.tasks.embedding import embed
     from models.tasks.sentences import sentences
-    from ox_quant.tasks import TorchRunner
+    from ox_quant.evaluation.tasks import TorchRunner
 
     return {"reference": embed(TorchRunner(minilm.load(), minilm.INPUT_NAMES), minilm.encode(sentences()))}
 
@@ -204,8 +204,8 @@ def scale_bytes(path: str | os.PathLike) -> tuple[int, int, int]:
     any tool's (codes excluded), read from shapes and dtypes only."""
     import onnx_ir as ir
 
-    from ox_quant.inspect import BITS_OF_DTYPE, describe_node
-    from ox_quant.modelio import load_model
+    from ox_quant.pipeline.inspect import BITS_OF_DTYPE, describe_node
+    from ox_quant.ir.modelio import load_model
 
     model = load_model(path)
     total, count, numel = 0, 0, 0
@@ -266,8 +266,8 @@ def measure_row(base: dict[str, Any], scorer: Scorer, path: Path, fp32_value: fl
 def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, scorer: Scorer,
              fp32_value: float) -> Row:
     """Convert ``src`` with ox-quant under ``config`` and score the result."""
-    from ox_quant.convert import ConvertOptions, convert
-    from ox_quant.selection import Selection
+    from ox_quant.pipeline.convert import ConvertOptions, convert
+    from ox_quant.pipeline.selection import Selection
 
     label = config_label(config)
     base: dict[str, Any] = {"tool": OX_QUANT, "label": label, "bits": config.bits,
@@ -363,10 +363,10 @@ def environment() -> dict[str, str]:
 def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: StudyProgress = _no_progress) -> StudyResult:
     """Run the study (see module doc) and write its models under ``out_dir``; returns the rows and claims.
 
-    Reports are written by ``ox_quant.study_report.write_report``.
+    Reports are written by ``ox_quant.study.report.write_report``.
     """
-    from ox_quant.study_claims import evaluate_claims
-    from ox_quant.study_peer import run_peer
+    from ox_quant.study.claims import evaluate_claims
+    from ox_quant.study.peer import run_peer
 
     if options.model not in STUDY_MODELS:
         raise OxQuantError(f"unknown model {options.model!r}: the study runs on {', '.join(STUDY_MODELS)}")

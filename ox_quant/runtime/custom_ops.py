@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ox_quant.errors import OxQuantError
-from ox_quant.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
+from ox_quant.core.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT8_ACCURACY_LEVEL = 4
@@ -39,7 +39,7 @@ OPSET_VERSION = 1
 CPU_LIBRARY = "libox_quant_ops.so"
 CUDA_LIBRARY = "libox_quant_ops_cuda.so"
 ENV_LIB = "OX_QUANT_OPS_LIB"
-LIB_DIR = Path(__file__).resolve().parent / "lib"
+LIB_DIR = Path(__file__).resolve().parents[1] / "lib"  # ox_quant/lib
 BUILD_HINT = "build it with `ox-quant build-ops` (or tools/build_ops.sh), or point OX_QUANT_OPS_LIB at it"
 
 

@@ -2,7 +2,7 @@
 
 For every quantized weight of the candidate -- a ``DequantizeLinear`` whose input is an
 integer initializer, or a ``com.microsoft.MatMulNBits`` node -- the weight is dequantized
-in numpy (``ox_quant.dequant``) and matched with the float initializer it replaces in the
+in numpy (``ox_quant.core.dequant``) and matched with the float initializer it replaces in the
 reference model:
 
 1. a reference initializer with the name of the DequantizeLinear output and the same shape;
@@ -26,9 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ox_quant.dequant import dequantize_linear, dequantize_matmulnbits
+from ox_quant.core.dequant import dequantize_linear, dequantize_matmulnbits
 from ox_quant.errors import OxQuantError
-from ox_quant.metrics import compare
+from ox_quant.core.metrics import compare
 
 _BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT2": 2, "UINT2": 2}
 
@@ -233,7 +233,7 @@ def attribute_errors(
 ) -> LayerReport:
     """Per-weight isolation (see module doc). ``reference_outputs`` are the unmodified
     reference model's outputs on ``feeds``, in its output order."""
-    from ox_quant.runtime import make_session
+    from ox_quant.runtime.session import make_session
 
     ref_path, cand_path = Path(reference), Path(candidate)
     ref_proto, cand_proto = _load(ref_path), _load(cand_path)

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ox_quant.config import Format
-from ox_quant.study import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
-from ox_quant.study_metrics import StudyMetric
-from ox_quant.study_claims import excluded_from_claims
+from ox_quant.core.config import Format
+from ox_quant.study.run import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
+from ox_quant.study.metrics import StudyMetric
+from ox_quant.study.claims import excluded_from_claims
 
 PLOT = "metric_vs_bpw.png"
 PLOT_ZOOM = "metric_vs_bpw_4bit_and_up.png"
@@ -60,7 +60,7 @@ _STUDY_NOTE_STARTS = ("Conv weights are written", "int4 block:32 asymmetric", "S
 
 def load_result(path: str | os.PathLike) -> StudyResult:
     """A ``StudyResult`` from a ``study.json`` (claims evaluated again from its rows)."""
-    from ox_quant.study_claims import evaluate_claims
+    from ox_quant.study.claims import evaluate_claims
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -92,7 +92,7 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
             f"{name} uses ai.onnx opset {opset}; ox-quant converts opset {MIN_OPSET} and newer "
             "(upgrade the model first, e.g. with onnx.version_converter)"
         )
-    from ox_quant.runtime import onnxruntime_supports_opset
+    from ox_quant.runtime.session import onnxruntime_supports_opset
 
     if not onnxruntime_supports_opset(opset):
         import onnxruntime
@@ -402,7 +402,7 @@ def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if any(node.domain == "ox_quant" for g in _graphs(proto.graph) for node in g.node):
-        from ox_quant.custom_ops import register_library
+        from ox_quant.runtime.custom_ops import register_library
 
         register_library(options, "cpu")  # raises, saying how to build it, when it is missing
     data = weightless_copy(proto, ir_version).SerializeToString()

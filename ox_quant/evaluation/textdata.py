@@ -18,7 +18,7 @@ RELATIVE = Path("shared") / "data" / "text"
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def text_dir(explicit: str | os.PathLike | None = None) -> Path:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ox_quant.custom_ops import CPU_LIBRARY, CUDA_LIBRARY, LIB_DIR
+from ox_quant.runtime.custom_ops import CPU_LIBRARY, CUDA_LIBRARY, LIB_DIR
 from ox_quant.errors import OxQuantError
 
 HEADER = "onnxruntime_cxx_api.h"
@@ -50,7 +50,7 @@ class BuildResult:
 
 def source_dir() -> Path:
     """``custom_ops/`` of this checkout."""
-    path = Path(__file__).resolve().parent.parent / "custom_ops"
+    path = Path(__file__).resolve().parents[2] / "custom_ops"
     if not (path / "CMakeLists.txt").is_file():
         raise OxQuantError(f"custom-op sources not found at {path} (an installed wheel has no sources: build from a checkout)")
     return path

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ox_quant.errors import OxQuantError
-from ox_quant.metrics import OutputMetrics, compare
+from ox_quant.core.metrics import OutputMetrics, compare
 
 DEFAULT_OPSET = 21
 """Opset 21: DequantizeLinear with ``block_size`` and INT4/UINT4, as the quantizer needs."""
@@ -189,7 +189,7 @@ def _dynamic_axes(axes) -> dict[str, dict[int, str]]:
 def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset, optimize, external) -> None:
     import torch
 
-    from ox_quant.runtime import max_ir_version
+    from ox_quant.runtime.session import max_ir_version
 
     dynamic = _dynamic_axes(axes)
     program = torch.onnx.export(
@@ -214,7 +214,7 @@ def _export_torchscript(module, inputs, path: Path, names, output_names, axes, o
     import onnx
     import torch
 
-    from ox_quant.runtime import max_ir_version
+    from ox_quant.runtime.session import max_ir_version
 
     dynamic = _dynamic_axes(axes)
     try:  # the TorchScript exporter stops at an older opset than dynamo (20 in torch 2.13)
@@ -247,7 +247,7 @@ def _export_torchscript(module, inputs, path: Path, names, output_names, axes, o
 
 
 def _check(path: Path, names: Sequence[str], inputs, expected: list[np.ndarray]) -> tuple[OutputMetrics, ...]:
-    from ox_quant.runtime import make_session
+    from ox_quant.runtime.session import make_session
 
     session = make_session(path, "cpu")
     feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
@@ -284,7 +284,7 @@ def export_model(
     """
     import onnx
 
-    from ox_quant.torch_run import run_torch
+    from ox_quant.export.torch_run import run_torch
 
     out = Path(output)
     if out.suffix.lower() != ".onnx":
@@ -361,8 +361,8 @@ def export_model(
 
 
 def export_spec(spec: str, output: str | os.PathLike, **options: Any) -> ExportReport:
-    """``export_model`` on the module and example inputs of a model SPEC (see ``ox_quant.spec``)."""
-    from ox_quant.spec import load_spec
+    """``export_model`` on the module and example inputs of a model SPEC (see ``ox_quant.export.spec``)."""
+    from ox_quant.export.spec import load_spec
 
     module, inputs = load_spec(spec)
     return export_model(module, inputs, output, **options)

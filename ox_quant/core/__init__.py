@@ -1,0 +1,1 @@
+"""Numpy-only building blocks: granularity and config types, quantization, bit packing, metrics."""

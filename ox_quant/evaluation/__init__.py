@@ -1,0 +1,1 @@
+"""Task evaluation of real models: runners over torch modules or ONNX files, text data."""

@@ -1,0 +1,1 @@
+"""The PyTorch side: factory specs, running torch modules, exporting to ONNX."""

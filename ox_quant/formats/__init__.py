@@ -1,0 +1,1 @@
+"""Quantized weight formats: which configs each can hold, writing them into the graph."""

@@ -1,0 +1,1 @@
+"""The convert and inspect pipelines: selection, planning, rewriting, reporting."""

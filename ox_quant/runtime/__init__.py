@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions, providers, the custom-op library and its build."""

@@ -1,0 +1,1 @@
+"""Bits x granularity studies on real models: rows, the peer quantizer, claims, reports."""

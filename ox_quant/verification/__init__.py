@@ -1,0 +1,1 @@
+"""Comparing a candidate model with a reference: inputs, output metrics, per-layer attribution."""
