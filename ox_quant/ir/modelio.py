@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import onnx
 import onnx_ir as ir
 
 from ox_quant.errors import OxQuantError
@@ -51,15 +52,18 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
+def load_model(
+    path: str | os.PathLike,
+    runnable: bool = False,
+    runtime_check: Callable[[onnx.ModelProto, Path], None] | None = None,
+) -> ir.Model:
     """Load and validate an ONNX model; external data stays on disk, memory-mapped on first use.
 
     Validation (``ox_quant.ir.validate``) reads the graph, not the weights. ``runnable``: the
-    model is to be converted, so ONNX Runtime must accept it as well.
+    model is to be converted (opsets ox-quant converts). ``runtime_check(proto, path)`` runs
+    after validation on the weight-free proto (e.g. ``ox_quant.runtime.loadable.check_runnable``,
+    which asks ONNX Runtime), so that this layer never imports onnxruntime.
     """
-    import onnx
-
-    from ox_quant.runtime.session import max_ir_version
     from ox_quant.ir.validate import validate
 
     path = Path(path)
@@ -69,7 +73,9 @@ def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
-    validate(proto, path, runnable, min(proto.ir_version, max_ir_version()))
+    validate(proto, path, runnable)
+    if runtime_check is not None:
+        runtime_check(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # a proto the checks above let through but the IR cannot hold
@@ -81,8 +87,6 @@ def load_model(path: str | os.PathLike, runnable: bool = False) -> ir.Model:
 
 def model_bytes(path: str | os.PathLike) -> int:
     """Size of a model file plus every external-data file it refers to."""
-    import onnx
-
     path = Path(path)
     total = path.stat().st_size
     proto = onnx.load(str(path), load_external_data=False)

@@ -4,7 +4,7 @@ The checks run on the parsed ``ModelProto`` (external data not loaded), in this 
 raising ``OxQuantError`` with a one-line reason:
 
 1. versions: IR version and ai.onnx opset that the installed onnx reads (and, for models to
-   be converted, that the installed ONNX Runtime runs); every string field is UTF-8;
+   be converted, an opset ox-quant converts); every string field is UTF-8;
 2. external data: each location is a relative path inside the model's folder, names a
    regular file, and the file holds ``offset + size`` bytes, ``size`` following from the
    tensor's shape and dtype;
@@ -15,9 +15,11 @@ raising ``OxQuantError`` with a one-line reason:
 5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
    GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
    agreeing with their constant inputs' shapes;
-6. for models to be converted: ONNX Runtime builds a session from the graph with every
-   initializer turned into a graph input, which checks what onnx's checker cannot (ops of
-   other domains such as com.microsoft, their attributes and types) without any weight.
+
+For models to be converted, ``ox_quant.runtime.loadable`` then asks ONNX Runtime to build a
+session from the graph with every initializer turned into a graph input (:func:`weightless_copy`),
+which checks what onnx's checker cannot (ops of other domains such as com.microsoft, their
+attributes and types) without any weight. This module never imports onnxruntime.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ _TYPED_FIELD = {
 
 def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
     """IR version and ai.onnx opset are ones the installed onnx reads; with ``runnable``, ones
-    ONNX Runtime runs too (opset :data:`MIN_OPSET` and newer, up to what it supports)."""
+    ox-quant converts too (opset :data:`MIN_OPSET` and newer; whether ONNX Runtime runs it is
+    checked by ``ox_quant.runtime.loadable``)."""
     ir_version = proto.ir_version
     if ir_version > onnx.IR_VERSION:
         raise OxQuantError(
@@ -92,33 +95,25 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
             f"{name} uses ai.onnx opset {opset}; ox-quant converts opset {MIN_OPSET} and newer "
             "(upgrade the model first, e.g. with onnx.version_converter)"
         )
-    from ox_quant.runtime.session import onnxruntime_supports_opset
-
-    if not onnxruntime_supports_opset(opset):
-        import onnxruntime
-
-        raise OxQuantError(
-            f"{name} uses ai.onnx opset {opset}, which the installed onnxruntime {onnxruntime.__version__} cannot run"
-        )
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and all its subgraphs (If/Loop/Scan bodies)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _graphs(sub)
+                    yield from graphs(sub)
 
 
 def _tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every initializer and tensor attribute, in every graph and model-local function."""
-    graphs = list(_graphs(proto.graph))
-    nodes = [node for g in graphs for node in g.node] + [node for f in proto.functions for node in f.node]
-    for g in graphs:
+    all_graphs = list(graphs(proto.graph))
+    nodes = [node for g in all_graphs for node in g.node] + [node for f in proto.functions for node in f.node]
+    for g in all_graphs:
         yield from g.initializer
     for node in nodes:
         for attr in node.attribute:
@@ -315,7 +310,7 @@ def check_custom_node(node: onnx.NodeProto) -> None:
 
 def check_quantized_nodes(proto: onnx.ModelProto) -> None:
     """Quantized nodes that ox-quant describes are self-consistent (see the checks above)."""
-    for graph in _graphs(proto.graph):
+    for graph in graphs(proto.graph):
         dims = {t.name: tuple(t.dims) for t in graph.initializer}
         for node in graph.node:
             if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
@@ -388,41 +383,11 @@ def weightless_copy(proto: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     return skeleton
 
 
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load model from \S+ failed:)?\s*")
-
-
-def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
-    """ONNX Runtime accepts the graph (ops, attributes, types, domains), weights left out."""
-    import onnxruntime as ort
-
-    name = path.name
-    options = ort.SessionOptions()
-    # subgraphs keep their (small) initializers; external ones are found beside the model
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if any(node.domain == "ox_quant" for g in _graphs(proto.graph) for node in g.node):
-        from ox_quant.runtime.custom_ops import register_library
-
-        register_library(options, "cpu")  # raises, saying how to build it, when it is missing
-    data = weightless_copy(proto, ir_version).SerializeToString()
-    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
-
-    try:
-        ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-    except NoKernel:
-        # The graph loaded and resolved; only the CPU EP lacks a kernel (e.g. bfloat16 MatMul).
-        # Another EP may run it, so this is not a fault of the model.
-        return
-    except Exception as exc:  # ORT reports every load failure as one of a few generic types
-        reason = _ORT_PREFIX.sub("", one_line(str(exc), limit=1000))
-        raise OxQuantError(f"ONNX Runtime {ort.__version__} rejects {name}: {one_line(reason)}") from exc
-
-
-def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int) -> None:
+def validate(proto: onnx.ModelProto, path: Path, runnable: bool) -> None:
     """All checks of this module on ``proto`` (parsed from ``path``), cheapest first.
 
-    ``ir_version`` is the version a converted model is written with (for ONNX Runtime's check).
+    ``runnable``: the model is to be converted (opsets ox-quant converts); whether ONNX Runtime
+    accepts it is :func:`ox_quant.runtime.loadable.check_runnable`'s job.
     """
     if not proto.HasField("graph"):
         raise OxQuantError(f"{path.name} is not an ONNX model: it has no graph")
@@ -432,5 +397,3 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int
     check_tensor_sizes(proto, path.name)
     check_structure(path)
     check_quantized_nodes(proto)
-    if runnable:
-        check_runnable(proto, path, ir_version)

@@ -33,6 +33,7 @@ from ox_quant.ir.modelio import (
     model_bytes,
     save_model_atomically,
 )
+from ox_quant.runtime.loadable import check_runnable
 from ox_quant.runtime.session import CUSTOM_DOMAIN, max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import Skip, WeightSite, find_sites, name_matches
@@ -326,7 +327,7 @@ def convert(
     selection = options.selection
     selection.compiled()  # validate regexes before touching any file
     src = Path(input_path)
-    model = load_model(src, runnable=True)
+    model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
     _check_paths(src, out, model)
     input_is_external = bool(external_files(model))
