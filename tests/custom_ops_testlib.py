@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ox_quant.runtime.custom_ops import CustomMatMulWeights, custom_matmul_initializers, make_custom_matmul_node
+from ox_quant.formats.custom_matmul import CustomMatMulWeights, custom_matmul_initializers, make_custom_matmul_node
 
 IR_VERSION = 10  # loadable by the installed onnxruntime
 
@@ -120,7 +120,7 @@ def check_output(case: Case, a: np.ndarray, y: np.ndarray) -> None:
 def int8_activation_reference(case: Case, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """accuracy_level 4 modelled exactly: (reference Y from the int8-rounded A, its magnitude
     bound |A_hat| @ ((codes + zp) * |scale|), A_hat) in float64, [rows, N]."""
-    from ox_quant.runtime.custom_ops import quantize_activations_int8
+    from ox_quant.formats.custom_matmul import quantize_activations_int8
 
     a2 = a.reshape(-1, case.k)
     qa, scale = quantize_activations_int8(a2, case.block_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models._locate import is_installed
+from ox_quant_models._locate import is_installed
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from custom_ops_testlib import IR_VERSION, check_int8_output, ensure_cpu_library, make_case
-from ox_quant.runtime.custom_ops import INT8_MAX_ROWS, make_custom_matmul_node
+from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, make_custom_matmul_node
 from ox_quant.runtime.session import make_session
 
 

@@ -51,7 +51,7 @@ def test_onnx_without_task_is_refused(tmp_path):
 
 
 def test_missing_package_names_setup_script():
-    from models._locate import package_dir
+    from ox_quant_models._locate import package_dir
     from ox_quant.errors import OxQuantError
 
     with pytest.raises(OxQuantError, match="tools/setup_models.sh"):

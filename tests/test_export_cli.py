@@ -18,7 +18,7 @@ def test_export_cli_json(tmp_path, capsys):
 
 
 def test_export_cli_human(tmp_path, capsys):
-    code, out, err = run_cli(capsys, "export", "models.toy:mlp", "-o", str(tmp_path / "m.onnx"))
+    code, out, err = run_cli(capsys, "export", "ox_quant_models.toy:mlp", "-o", str(tmp_path / "m.onnx"))
     assert code == 0, err
     assert "dynamo exporter" in out and "SQNR dB" in out
 
@@ -43,7 +43,7 @@ def test_export_error_paths(tmp_path, capsys):
     cases = [
         (["export", "no-such-model", "-o", out], "unknown model 'no-such-model'"),
         (["export", str(tmp_path / "missing.py") + ":f", "-o", out], "model spec file not found"),
-        (["export", "models.toy:nothing_here", "-o", out], "'nothing_here' is not a callable"),
+        (["export", "ox_quant_models.toy:nothing_here", "-o", out], "'nothing_here' is not a callable"),
         (["export", "no_such_pkg.mod:f", "-o", out], "cannot import module 'no_such_pkg.mod'"),
         (["export", "toy-mlp", "-o", str(tmp_path / "x.txt")], "must end with .onnx"),
         (["export", "toy-mlp", "-o", str(tmp_path / "nodir" / "x.onnx")], "does not exist"),

@@ -110,7 +110,7 @@ def test_spec_forms_and_inputs_untouched(tmp_path):
     report = export_spec(f"{source}:build", tmp_path / "lin.onnx")
     assert report.check_passed and report.inputs[0].shape == ("batch", 64)
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
-    module_report = export_spec("models.toy:cnn", tmp_path / "cnn.onnx", check=False)
+    module_report = export_spec("ox_quant_models.toy:cnn", tmp_path / "cnn.onnx", check=False)
     assert module_report.check == () and module_report.check_passed
 
 

@@ -468,7 +468,8 @@ def check_output_loads(path: Path) -> None:
     built (tests/test_custom_ops_cpu.py builds it), the model is held to onnx's checker and
     ox-quant's own validation instead.
     """
-    from ox_quant.runtime.session import CUSTOM_DOMAIN, model_domains
+    from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
+    from ox_quant.runtime.session import model_domains
 
     if CUSTOM_DOMAIN in model_domains(path) and not custom_library_available():
         onnx.checker.check_model(str(path), full_check=True)

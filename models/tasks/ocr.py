@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models import ppocr
+from ox_quant_models import ppocr
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
 

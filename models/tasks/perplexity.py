@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models import smollm2
+from ox_quant_models import smollm2
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
 from ox_quant.evaluation.textdata import read_text, text_files

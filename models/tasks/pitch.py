@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models import crepe
+from ox_quant_models import crepe
 from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
 
 TONES = 16

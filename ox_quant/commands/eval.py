@@ -17,7 +17,7 @@ SMOLLM2_ONLY = ("text", "max_tokens", "context")
 
 def _resolve(target: str, task: str | None) -> tuple[str, Any]:
     """``(task name, evaluate target)``: None for a model's fp32 reference, else an ONNX path."""
-    from models.tasks import NAMED_ONNX, TASKS, resolve_named_onnx
+    from ox_quant_models.tasks import NAMED_ONNX, TASKS, resolve_named_onnx
 
     names = ", ".join(sorted(TASKS))
     if task is not None and task not in TASKS:
@@ -63,7 +63,7 @@ def eval_cmd(target: str, task: str | None, text: str | None, max_tokens: int | 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from models.tasks import TASKS
+    from ox_quant_models.tasks import TASKS
     from ox_quant.commands._display import console as make_console, fmt, quiet_torch
 
     task_name, resolved = _resolve(target, task)

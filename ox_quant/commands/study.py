@@ -71,7 +71,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from models.tasks import TASKS
+    from ox_quant_models.tasks import TASKS
     from ox_quant.commands._display import quiet_torch
     from ox_quant.pipeline.selection import resolve_ops
     from ox_quant.study.run import (

@@ -4,7 +4,8 @@ A SPEC is one of
 
 * ``path/to/file.py:factory`` -- a Python file and a function in it;
 * ``package.module:factory`` -- an importable module and a function in it;
-* ``NAME`` -- a model registered in ``models.REGISTRY`` (e.g. ``toy-mlp``).
+* ``NAME`` -- a model registered in the ``ox_quant.registries`` entry-point group (ox-quant's
+  own zoo, ``ox_quant_models.REGISTRY``: e.g. ``toy-mlp``).
 
 A factory takes no arguments and returns ``(module, example_inputs)``: a
 ``torch.nn.Module`` and a tuple of example input tensors (a single tensor is accepted
@@ -31,12 +32,21 @@ def looks_like_onnx(text: str | os.PathLike) -> bool:
     return str(text).lower().endswith(".onnx")
 
 
+REGISTRY_GROUP = "ox_quant.registries"
+
+
 def _registry() -> dict[str, str]:
-    try:
-        import models
-    except ImportError:
-        return {}
-    return dict(getattr(models, "REGISTRY", {}))
+    """Registered model names -> ``"module:factory"``, from every installed package's mapping
+    in the ``ox_quant.registries`` entry-point group (ox-quant's own zoo is one of them)."""
+    from importlib.metadata import entry_points
+
+    names: dict[str, str] = {}
+    for entry in sorted(entry_points(group=REGISTRY_GROUP), key=lambda e: e.name):
+        try:
+            names.update(entry.load())
+        except Exception:  # a broken third-party registry must not break SPEC files and modules
+            continue
+    return names
 
 
 def _load_file_module(path: Path):

@@ -417,7 +417,7 @@ def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[
 
 def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
-    from ox_quant.runtime.custom_ops import DOMAIN, OP_TYPE, custom_matmul_initializers
+    from ox_quant.formats.custom_matmul import DOMAIN, OP_TYPE, custom_matmul_initializers
 
     block, group = custom_block_and_group(config, site.k, site.n)
     scale_np, _ = SCALE_DTYPES[site.dtype]

@@ -34,7 +34,8 @@ from ox_quant.ir.modelio import (
     save_model_atomically,
 )
 from ox_quant.runtime.loadable import check_runnable
-from ox_quant.runtime.session import CUSTOM_DOMAIN, max_ir_version
+from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
+from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.formats.writers import (

@@ -1,18 +1,6 @@
-"""ox-quant's native custom-op library (sources in ``custom_ops/``): finding it,
-registering it with ONNX Runtime, and building the inputs of its op.
-
-The op is ``ox_quant.MatMulNBits`` (domain ``ox_quant``, opset 1): com.microsoft.MatMulNBits'
-inputs and attributes, for any ``bits`` in 2..8 and any ``block_size``, plus the attribute
-``channel_group_size`` G (scales and zero points shared by G consecutive output channels)::
-
-    W[k, n] = (q[k, n] - zp[k // block_size, n // G]) * scale[k // block_size, n // G]
-    Y = A @ W (+ bias)
-
-Attribute ``accuracy_level`` (int, 0..4, default 0): 4 quantizes each row of A to int8 per
-block of ``block_size`` along K (symmetric, scale = max|a| / 127, round half to even) and
-computes the block dot products in integers on the CPU when M (rows of A) <= ``INT8_MAX_ROWS``
-(faster, ~1e-3 relative error, see :func:`quantize_activations_int8`); larger M, levels 0..3
-and the CUDA kernels compute in float32.
+"""ox-quant's native custom-op library (sources in ``custom_ops/``): finding it and
+registering it with ONNX Runtime. The op it provides is described, written and decoded by
+``ox_quant.formats.custom_matmul``.
 
 Two libraries: ``libox_quant_ops.so`` (CPU kernels) and ``libox_quant_ops_cuda.so`` (the same
 CPU kernels plus CUDA kernels). Build them with ``ox-quant build-ops``.
@@ -20,28 +8,16 @@ CPU kernels plus CUDA kernels). Build them with ``ox-quant build-ops``.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ox_quant.errors import OxQuantError
-from ox_quant.core.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
 
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-INT8_ACCURACY_LEVEL = 4
-INT8_MAX_ROWS = 8  # accuracy_level 4 quantizes A when M <= 8; larger M run the float path (faster there)
-DOMAIN = "ox_quant"
-OP_TYPE = "MatMulNBits"
-OPSET_VERSION = 1
 CPU_LIBRARY = "libox_quant_ops.so"
 CUDA_LIBRARY = "libox_quant_ops_cuda.so"
 ENV_LIB = "OX_QUANT_OPS_LIB"
 LIB_DIR = Path(__file__).resolve().parents[1] / "lib"  # ox_quant/lib
 BUILD_HINT = "build it with `ox-quant build-ops` (or tools/build_ops.sh), or point OX_QUANT_OPS_LIB at it"
-
 
 def library_path(provider: str = "cpu") -> Path:
     """Path of the custom-op library for ``provider`` ("cpu" or "cuda").
@@ -97,167 +73,3 @@ def register_library(options, provider: str = "cpu") -> Path:
 
 # ----------------------------------------------------------------------------------
 # Op inputs
-
-
-@dataclass(frozen=True)
-class CustomMatMulWeights:
-    """Constant inputs and attributes of one ``ox_quant.MatMulNBits`` node.
-
-    ``B``: uint8[N, n_blocks, blob] (blob = ceil(block_size*bits/8)); ``scales``:
-    [ceil(N/G) * n_blocks] in the activation dtype, index ``g * n_blocks + b``;
-    ``zero_points``: uint8[ceil(N/G) * ceil(n_blocks*bits/8)] or None (then 2**(bits-1)).
-    """
-
-    B: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-    attributes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def inputs(self) -> dict[str, np.ndarray]:
-        """``{"B", "scales"[, "zero_points"]}``: the node's inputs 1, 2 (and 3), in order."""
-        out = {"B": self.B, "scales": self.scales}
-        if self.zero_points is not None:
-            out["zero_points"] = self.zero_points
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Stored bytes (packed codes + scales + zero points), for bits-per-weight."""
-        return sum(int(a.nbytes) for a in self.inputs.values())
-
-
-def _grid(values: np.ndarray, n_blocks: int, n_groups: int, what: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.size != n_blocks * n_groups:
-        raise OxQuantError(
-            f"{what} has {arr.size} values, expected n_blocks*n_groups = {n_blocks}*{n_groups} (shape [n_blocks, n_groups])"
-        )
-    return arr.reshape(n_blocks, n_groups)
-
-
-def custom_matmul_initializers(
-    codes: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None,
-    bits: int,
-    block_size: int,
-    channel_group_size: int = 1,
-    dtype: np.dtype | type = np.float32,
-    accuracy_level: int | None = None,
-) -> CustomMatMulWeights:
-    """Inputs and attributes of ``ox_quant.MatMulNBits`` for ``W = (codes - zp) * scales``.
-
-    ``codes``: unsigned integers uint8[K, N] in [0, 2**bits). ``scales`` and ``zero_points``:
-    [n_blocks, n_groups] with n_blocks = ceil(K / block_size) and n_groups = ceil(N / G)
-    (any shape with that many values in that order: [n_groups] when n_blocks = 1, a scalar for
-    per-tensor). ``zero_points=None`` means the symmetric 2**(bits-1).
-    Granularities: block B -> (block_size=B, G=1); per-channel -> (K, 1);
-    channel-group G -> (K, G); per-tensor -> (K, N).
-    ``accuracy_level``: None leaves the attribute out (the op's default 0, float32); 0..4 writes
-    it (4 = int8 activations on the CPU).
-    """
-    codes = np.asarray(codes)
-    if codes.ndim != 2:
-        raise OxQuantError(f"codes must be [K, N], got shape {codes.shape}")
-    if not 2 <= bits <= 8:
-        raise OxQuantError(f"ox_quant.MatMulNBits takes 2..8 bits, got {bits}")
-    k, n = codes.shape
-    if block_size < 1 or channel_group_size < 1:
-        raise OxQuantError("block_size and channel_group_size must be >= 1")
-    _check_accuracy_level(accuracy_level)
-    if codes.size and (codes.min() < 0 or codes.max() >= 2**bits):
-        raise OxQuantError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
-    n_blocks = math.ceil(k / block_size)
-    n_groups = math.ceil(n / channel_group_size)
-    scale_grid = _grid(scales, n_blocks, n_groups, "scales")
-    packed = pack_matmulnbits(codes.astype(np.uint8), bits, block_size)
-    op_scales = np.ascontiguousarray(scale_grid.T.reshape(-1)).astype(dtype)
-    op_zp = None
-    if zero_points is not None:
-        zp_grid = _grid(zero_points, n_blocks, n_groups, "zero_points")
-        if zp_grid.min() < 0 or zp_grid.max() >= 2**bits:
-            raise OxQuantError(f"zero points must lie in [0, {2**bits - 1}] for {bits} bits")
-        op_zp = pack_zero_points(zp_grid.astype(np.uint8), bits)
-    attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
-    if channel_group_size != 1:
-        attributes["channel_group_size"] = channel_group_size
-    if accuracy_level is not None:
-        attributes["accuracy_level"] = int(accuracy_level)
-    return CustomMatMulWeights(B=packed, scales=op_scales, zero_points=op_zp, attributes=attributes)
-
-
-def _check_accuracy_level(level: int | None) -> None:
-    if level is not None and (isinstance(level, bool) or int(level) != level or int(level) not in ACCURACY_LEVELS):
-        raise OxQuantError(f"accuracy_level must be one of {ACCURACY_LEVELS} (4 = int8 activations), got {level!r}")
-
-
-def quantize_activations_int8(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """What ``accuracy_level=4`` does to A: ``(qa, scale)`` with int8 codes ``qa`` [..., K] and
-    float32 ``scale`` [..., ceil(K/block_size)], so that the op multiplies by
-    ``qa * scale[..., k // block_size]`` instead of A (then exact integer block dot products,
-    float32 accumulation across blocks).
-
-    Per row and block: ``amax = max|a|`` (float32), ``scale = amax / 127``,
-    ``qa = clip(rint(a * (127 / amax)), -127, 127)`` (float32 arithmetic, round half to even;
-    0 when amax = 0). float16 A is widened to float32 first.
-    """
-    a32 = np.asarray(a).astype(np.float32)
-    k = a32.shape[-1]
-    nb = math.ceil(k / block_size) if k else 0
-    qa = np.zeros(a32.shape, np.int8)
-    scale = np.zeros((*a32.shape[:-1], nb), np.float32)
-    for b in range(nb):
-        blk = a32[..., b * block_size:(b + 1) * block_size]
-        amax = np.abs(blk).max(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
-        inv = inv.astype(np.float32)
-        qa[..., b * block_size:(b + 1) * block_size] = np.clip(np.rint(blk * inv), -127, 127).astype(np.int8)
-        scale[..., b] = (amax / np.float32(127)).astype(np.float32)[..., 0]
-    return qa, scale
-
-
-def dequantize_custom_matmul(weights: CustomMatMulWeights) -> np.ndarray:
-    """The float64 weight ``W[K, N]`` that a node with these inputs multiplies by (reference)."""
-    attrs = weights.attributes
-    k, n, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    g = attrs.get("channel_group_size", 1)
-    n_blocks, n_groups = math.ceil(k / bs), math.ceil(n / g)
-    codes = unpack_matmulnbits(np.asarray(weights.B).reshape(n, n_blocks, -1), bits, bs, k).astype(np.float64)
-    scales = np.asarray(weights.scales, dtype=np.float64).reshape(n_groups, n_blocks).T
-    if weights.zero_points is None:
-        zps = np.full((n_blocks, n_groups), 2 ** (bits - 1), dtype=np.float64)
-    else:
-        zps = unpack_zero_points(weights.zero_points, bits, n_blocks, n_groups).astype(np.float64)
-    rows = np.arange(k) // bs
-    cols = np.arange(n) // g
-    return (codes - zps[rows][:, cols]) * scales[rows][:, cols]
-
-
-def make_custom_matmul_node(
-    a: str,
-    y: str,
-    weight_names: dict[str, str],
-    attributes: dict[str, int],
-    bias: str | None = None,
-    name: str | None = None,
-    accuracy_level: int | None = None,
-):
-    """An ``onnx.NodeProto`` for ``ox_quant.MatMulNBits`` with inputs
-    (a, B, scales, zero_points or "", "" (g_idx), bias); ``weight_names`` maps the keys of
-    :attr:`CustomMatMulWeights.inputs` to initializer names. ``accuracy_level`` (0..4), when
-    given, sets or replaces that attribute."""
-    from onnx import helper
-
-    _check_accuracy_level(attributes.get("accuracy_level"))
-    _check_accuracy_level(accuracy_level)
-    if accuracy_level is not None:
-        attributes = {**attributes, "accuracy_level": int(accuracy_level)}
-
-    inputs = [a, weight_names["B"], weight_names["scales"], weight_names.get("zero_points", "")]
-    if bias:
-        inputs += ["", bias]
-    while inputs and not inputs[-1]:
-        inputs.pop()
-    return helper.make_node(OP_TYPE, inputs, [y], domain=DOMAIN, name=name or "", **attributes)

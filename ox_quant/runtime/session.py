@@ -8,14 +8,13 @@ QDQ-fusion accuracy setting and the custom-op library whenever a model needs it.
 from __future__ import annotations
 
 import functools
-import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 
-CUSTOM_DOMAIN = "ox_quant"
 # Newest ai.onnx opset onnxruntime 1.31 runs (measured); newer ones are probed.
 KNOWN_MAX_OPSET = 26
 

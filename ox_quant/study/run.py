@@ -167,15 +167,15 @@ def export_fp32(model: str, out: Path) -> Path:
     from ox_quant.export.exporter import export_model
 
     if model == "ppocr-rec":
-        from models import ppocr
+        from ox_quant_models import ppocr
 
         return ppocr.prepare(out)
     if model == "minilm":
-        from models import minilm as module
+        from ox_quant_models import minilm as module
     elif model == "smollm2":
-        from models import smollm2 as module
+        from ox_quant_models import smollm2 as module
     elif model == "crepe-tiny":
-        from models import crepe as module
+        from ox_quant_models import crepe as module
     else:
         raise OxQuantError(f"unknown model {model!r}: the study runs on {', '.join(STUDY_MODELS)}")
     net, inputs = module.factory()
@@ -188,9 +188,9 @@ def task_extras(model: str) -> dict[str, Any]:
     """Keyword options computed once per study (MiniLM: the fp32 torch reference embeddings)."""
     if model != "minilm":
         return {}
-    from models import minilm
-    from models.tasks.embedding import embed
-    from models.tasks.sentences import sentences
+    from ox_quant_models import minilm
+    from ox_quant_models.tasks.embedding import embed
+    from ox_quant_models.tasks.sentences import sentences
     from ox_quant.evaluation.tasks import TorchRunner
 
     return {"reference": embed(TorchRunner(minilm.load(), minilm.INPUT_NAMES), minilm.encode(sentences()))}
@@ -235,7 +235,7 @@ class Scorer:
     """Scores ONNX files with the model's task, keeping per-study state (options, reference)."""
 
     def __init__(self, model: str, metric: StudyMetric, options: dict[str, Any], provider: str):
-        from models.tasks import TASKS
+        from ox_quant_models.tasks import TASKS
 
         self.task = TASKS[model]
         self.evaluate = self.task.function()
