@@ -9,7 +9,7 @@ import pytest
 from real_models import ox_quant, require
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.study.run import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
+from ox_quant.study.rows import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
 from ox_quant.study.claims import evaluate_claims
 from ox_quant.study.metrics import metric_for
 from ox_quant.study.peer import peer_arguments
@@ -82,7 +82,8 @@ def test_numbers_match_a_direct_convert_and_evaluate(crepe_study, tmp_path):
     from ox_quant_models.tasks.pitch import evaluate
     from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.pipeline.selection import Selection
-    from ox_quant.study.run import DEFAULT_OPS, scale_bytes
+    from ox_quant.study.measure import scale_bytes
+    from ox_quant.study.rows import DEFAULT_OPS
 
     out, data = crepe_study
     row = next(r for r in data["rows"] if r["label"] == "int4 block:64")

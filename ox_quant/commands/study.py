@@ -74,9 +74,8 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     from ox_quant_models.tasks import TASKS
     from ox_quant.commands._display import quiet_torch
     from ox_quant.pipeline.selection import resolve_ops
-    from ox_quant.study.run import (
-        DEFAULT_OPS, STUDY_MODELS, StudyOptions, parse_bits_list, parse_granularity_list, run_study,
-    )
+    from ox_quant.study.rows import DEFAULT_OPS, STUDY_MODELS, StudyOptions, parse_bits_list, parse_granularity_list
+    from ox_quant.study.run import run_study
     from ox_quant.study.report import result_dict, write_report
 
     if model not in STUDY_MODELS:

@@ -9,13 +9,12 @@ never used (its source weights are Q4_1: that configuration is near its source f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from ox_quant.study.run import Claim, Row, StudyResult
+from ox_quant.study.rows import Claim, Row, StudyResult
 
 
-def excluded_from_claims(model: str, row: "Row") -> str | None:
+def excluded_from_claims(model: str, row: Row) -> str | None:
     """Why a row may not support any claim (None: it may)."""
     if model == "smollm2" and row.bits == 4 and row.granularity == "block:32" and row.symmetric is False:
         return "SmolLM2's source weights are Q4_1 (4-bit, blocks of 32, asymmetric): this configuration is near its source format"
@@ -23,7 +22,7 @@ def excluded_from_claims(model: str, row: "Row") -> str | None:
 
 
 class _Rows:
-    def __init__(self, result: "StudyResult"):
+    def __init__(self, result: StudyResult):
         self.result = result
         self.metric = result.metric
         self.by_key = {(r.bits, r.granularity): r for r in result.rows
@@ -43,9 +42,7 @@ class _Rows:
 
 
 def _claim(key: str, statement: str, test: str, rows: _Rows,
-           judge: Callable[[_Rows], tuple[str, str] | None]) -> "Claim":
-    from ox_quant.study.run import Claim
-
+           judge: Callable[[_Rows], tuple[str, str] | None]) -> Claim:
     rows.missing = []
     try:
         verdict = judge(rows)
@@ -148,7 +145,7 @@ def _channel_groups(r: _Rows) -> tuple[str, str] | None:
     return verdict, "; ".join(parts)
 
 
-def evaluate_claims(result: "StudyResult") -> list["Claim"]:
+def evaluate_claims(result: StudyResult) -> list[Claim]:
     """Test the five claims of issue 5 on ``result``'s ox-quant rows."""
     m = result.metric
     rows = _Rows(result)

@@ -52,7 +52,8 @@ def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
 
 def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any, fp32_value: float):
     """The peer row for ``config`` (a ``Row``): quantize, time, inspect and score."""
-    from ox_quant.study.run import PEER, Row, measure_row, remove_model, config_label, layout_of, scale_bytes
+    from ox_quant.study.measure import layout_of, measure_row, remove_model, scale_bytes
+    from ox_quant.study.rows import PEER, Row, config_label
 
     label = config_label(config)
     base: dict[str, Any] = {"tool": PEER, "label": label, "bits": config.bits,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ox_quant.core.config import Format
-from ox_quant.study.run import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
+from ox_quant.study.rows import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
 from ox_quant.study.metrics import StudyMetric
 from ox_quant.study.claims import excluded_from_claims
 
