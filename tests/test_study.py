@@ -11,7 +11,7 @@ from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTen
 from ox_quant.errors import OxQuantError
 from ox_quant.study.rows import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
 from ox_quant.study.claims import evaluate_claims
-from ox_quant.study.metrics import metric_for
+from ox_quant_models.tasks import study_facts
 from ox_quant.study.peer import peer_arguments
 
 try:
@@ -142,7 +142,7 @@ def test_peer_arguments(config, expected):
 
 
 def _row(bits: int, gran: str, value: float, fp32: float = 10.0, weights: int = 5, symmetric: bool = True) -> Row:
-    m = metric_for("smollm2")
+    m = study_facts("smollm2").metric
     bpw = bits + (0.0 if gran == "tensor" else 0.25)
     return Row(tool="ox-quant", label=f"int{bits} {gran}", bits=bits, granularity=gran, symmetric=symmetric,
                status="ok", value=value, change=m.change(value, fp32), loss=m.loss(value, fp32),
@@ -151,7 +151,7 @@ def _row(bits: int, gran: str, value: float, fp32: float = 10.0, weights: int = 
 
 def _result(rows: list[Row]) -> StudyResult:
     fp32 = Row(tool="fp32", label="fp32", bits=None, granularity=None, symmetric=None, status="ok", value=10.0)
-    return StudyResult(model="smollm2", metric=metric_for("smollm2"), options=StudyOptions(model="smollm2"),
+    return StudyResult(model="smollm2", metric=study_facts("smollm2").metric, options=StudyOptions(model="smollm2"),
                        fp32=fp32, rows=tuple(rows), peer_rows=(), claims=(), notes=(), details={},
                        environment={}, seconds=0.0)
 

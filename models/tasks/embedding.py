@@ -95,3 +95,10 @@ def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,
         details={"sentences": len(texts), "max_tokens": int(feeds["input_ids"].shape[1])},
         seconds=time.perf_counter() - start,
     )
+
+
+def study_extras() -> dict[str, Any]:
+    """Options computed once per study: the fp32 torch reference embeddings."""
+    from ox_quant.evaluation.tasks import TorchRunner
+
+    return {"reference": embed(TorchRunner(minilm.load(), minilm.INPUT_NAMES), minilm.encode(sentences()))}

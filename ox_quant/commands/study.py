@@ -74,12 +74,12 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     from ox_quant_models.tasks import TASKS
     from ox_quant.commands._display import quiet_torch
     from ox_quant.pipeline.selection import resolve_ops
-    from ox_quant.study.rows import DEFAULT_OPS, STUDY_MODELS, StudyOptions, parse_bits_list, parse_granularity_list
+    from ox_quant.study.rows import DEFAULT_OPS, StudyOptions, parse_bits_list, parse_granularity_list
+    from ox_quant_models.tasks import study_facts
     from ox_quant.study.run import run_study
     from ox_quant.study.report import result_dict, write_report
 
-    if model not in STUDY_MODELS:
-        raise OxQuantError(f"unknown model {model!r}: the study runs on {', '.join(STUDY_MODELS)}")
+    study_facts(model)  # unknown model: one line naming the models a study runs on
     task_options = tuple((k, v) for k, v in (("text", text), ("max_tokens", max_tokens), ("context", context))
                          if v is not None)
     unsupported = sorted({k for k, _ in task_options} - set(TASKS[model].options))

@@ -12,13 +12,15 @@ from __future__ import annotations
 from typing import Callable
 
 from ox_quant.study.rows import Claim, Row, StudyResult
+from ox_quant_models.tasks import TASKS
 
 
 def excluded_from_claims(model: str, row: Row) -> str | None:
-    """Why a row may not support any claim (None: it may)."""
-    if model == "smollm2" and row.bits == 4 and row.granularity == "block:32" and row.symmetric is False:
-        return "SmolLM2's source weights are Q4_1 (4-bit, blocks of 32, asymmetric): this configuration is near its source format"
-    return None
+    """Why a row may not support any claim (None: it may): the model's study facts say."""
+    task = TASKS.get(model)
+    if task is None or task.study is None:
+        return None
+    return task.study.excluded_reason(row.bits, row.granularity, row.symmetric)
 
 
 class _Rows:

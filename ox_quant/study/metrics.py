@@ -1,16 +1,15 @@
-"""What a granularity study measures on each real model, and what counts as a loss.
+"""How a study judges a change of a task's metric.
 
-Each task's study metric, its direction, whether its change is read relative to fp32, and the
-two thresholds the claims use: a loss at most ``lossless`` is *near lossless*; a loss of at
-least ``noticeable`` is *noticeable* (in between: small). Fixed before any study was run;
-``docs/study/README.md`` repeats them.
+A study metric has a direction, says whether its change is read relative to fp32, and carries
+the two thresholds the claims use: a loss at most ``lossless`` is *near lossless*; a loss of at
+least ``noticeable`` is *noticeable* (in between: small). Each model's metric is one of its
+study facts, kept with its task in the model zoo (``ox_quant_models.tasks``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ox_quant.errors import OxQuantError
 
 
 @dataclass(frozen=True)
@@ -60,31 +59,3 @@ class StudyMetric:
         if loss >= self.noticeable:
             return "noticeable"
         return "small"
-
-
-METRICS: dict[str, StudyMetric] = {
-    "minilm": StudyMetric(
-        "minilm", "cosine_mean", higher_is_better=True, relative=False, lossless=0.002, noticeable=0.005,
-        why="mean cosine between each sentence's embedding and its fp32 embedding (fp32 = 1)",
-    ),
-    "smollm2": StudyMetric(
-        "smollm2", "perplexity", higher_is_better=False, relative=True, lossless=0.01, noticeable=0.03,
-        why="perplexity on the Austen texts; change read relative to fp32",
-    ),
-    "crepe-tiny": StudyMetric(
-        "crepe-tiny", "cents_error_mean", higher_is_better=False, relative=False, lossless=1.0, noticeable=5.0,
-        why="mean absolute pitch error in cents over 64 frames (raw pitch accuracy, the task's primary "
-            "metric, moves in steps of 1/64 and is reported beside it)",
-    ),
-    "ppocr-rec": StudyMetric(
-        "ppocr-rec", "cer", higher_is_better=False, relative=False, lossless=0.003, noticeable=0.01,
-        why="character error rate over 8 rendered lines, 342 characters (one character = 0.0029)",
-    ),
-}
-
-
-def metric_for(task: str) -> StudyMetric:
-    try:
-        return METRICS[task]
-    except KeyError:
-        raise OxQuantError(f"no study metric for task {task!r}: use one of {', '.join(sorted(METRICS))}") from None

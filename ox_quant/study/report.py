@@ -12,6 +12,7 @@ from ox_quant.core.config import Format
 from ox_quant.study.rows import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
 from ox_quant.study.metrics import StudyMetric
 from ox_quant.study.claims import excluded_from_claims
+from ox_quant_models.tasks import TASKS
 
 PLOT = "metric_vs_bpw.png"
 PLOT_ZOOM = "metric_vs_bpw_4bit_and_up.png"
@@ -52,7 +53,9 @@ def result_dict(result: StudyResult, command: str | None = None) -> dict[str, An
 
 def all_notes(result: StudyResult) -> list[str]:
     """The task's caveats, then the study's (see ``study_notes``)."""
-    return list(dict.fromkeys([*result.notes, *study_notes(result.options, list(result.rows))]))
+    task = TASKS.get(result.model)
+    model_notes = task.study.notes if task is not None and task.study is not None else ()
+    return list(dict.fromkeys([*result.notes, *study_notes(result.options, list(result.rows), model_notes)]))
 
 
 _STUDY_NOTE_STARTS = ("Conv weights are written", "int4 block:32 asymmetric", "SmolLM2's fp32 weights are", "Embedding tables")

@@ -9,7 +9,6 @@ from ox_quant.core.config import Format, Granularity, QuantConfig, parse_granula
 from ox_quant.errors import OxQuantError
 from ox_quant.study.metrics import StudyMetric
 
-STUDY_MODELS = ("minilm", "smollm2", "crepe-tiny", "ppocr-rec")
 DEFAULT_BITS = (8, 4, 3, 2)
 DEFAULT_GRANULARITIES = "tensor,channel-group:128,channel,block:256,block:128,block:64,block:32"
 #: Weights of these ops are quantized by default: every row then covers the same weights
@@ -160,18 +159,16 @@ def mark_partial(rows: list[Row]) -> list[Row]:
     return out
 
 
-def study_notes(options: StudyOptions, rows: list[Row]) -> list[str]:
-    """Caveats the rows need: Conv weights ignore block granularities; SmolLM2's source format."""
+def study_notes(options: StudyOptions, rows: list[Row], model_notes: tuple[str, ...] = ()) -> list[str]:
+    """Caveats the rows need: Conv weights ignore block granularities; the model's own caveats
+    (its study facts' ``notes``, e.g. SmolLM2's source format); float embedding tables."""
     notes = []
     if any("Conv: qdq channel" in r.layout and r.granularity not in ("channel", None) for r in rows):
         notes.append("Conv weights are written per output channel (QDQ) whatever block or channel-group "
                      "granularity a row asks for; those rows differ from per-channel only in their MatMul/Gemm "
                      "weights. Below 4 bits no format holds Conv weights, so those rows quantize MatMul/Gemm only "
                      "(status partial).")
-    if options.model == "smollm2":
-        notes.append("int4 block:32 asymmetric is near SmolLM2's source format (ONNX's integer zero points do not "
-                     "land exactly on Q4_1's float-minimum grid, docs/real-models.md); no claim in this report rests "
-                     "on that configuration (it is excluded from the claims when present).")
+    notes.extend(model_notes)
     if "Gather" not in options.include_ops:
         notes.append("Embedding tables (Gather) stay float in every row, so that every row quantizes the same "
                      "weights (no format holds a 3-bit table) and matches the peer, which quantizes MatMul only.")

@@ -20,49 +20,13 @@ from typing import Any, Callable
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.study.metrics import metric_for
 from ox_quant.study.measure import Scorer, layout_of, measure_row, remove_model, scale_bytes
-from ox_quant.study.rows import OX_QUANT, STUDY_MODELS, Row, StudyOptions, StudyResult, config_label, mark_partial, no_progress
+from ox_quant.study.rows import OX_QUANT, Row, StudyOptions, StudyResult, config_label, mark_partial, no_progress
 
 #: ``progress(stage, done, total)``: ``stage`` says what runs now (e.g. "int4 block:128: convert").
 StudyProgress = Callable[[str, int, int], None]
 
 # ---------------------------------------------------------------------------- fp32 model
-
-
-def export_fp32(model: str, out: Path) -> Path:
-    """Write the fp32 ONNX of ``model`` to ``out``: TorchScript exporter for MiniLM and SmolLM2
-    (dynamo takes minutes on them here), dynamo for CREPE, ``prepare()`` for PP-OCR."""
-    from ox_quant.export.exporter import export_model
-
-    if model == "ppocr-rec":
-        from ox_quant_models import ppocr
-
-        return ppocr.prepare(out)
-    if model == "minilm":
-        from ox_quant_models import minilm as module
-    elif model == "smollm2":
-        from ox_quant_models import smollm2 as module
-    elif model == "crepe-tiny":
-        from ox_quant_models import crepe as module
-    else:
-        raise OxQuantError(f"unknown model {model!r}: the study runs on {', '.join(STUDY_MODELS)}")
-    net, inputs = module.factory()
-    dynamo = model == "crepe-tiny"
-    export_model(net, inputs, out, output_names=module.OUTPUT_NAMES, dynamo=dynamo, check=model != "smollm2")
-    return out
-
-
-def task_extras(model: str) -> dict[str, Any]:
-    """Keyword options computed once per study (MiniLM: the fp32 torch reference embeddings)."""
-    if model != "minilm":
-        return {}
-    from ox_quant_models import minilm
-    from ox_quant_models.tasks.embedding import embed
-    from ox_quant_models.tasks.sentences import sentences
-    from ox_quant.evaluation.tasks import TorchRunner
-
-    return {"reference": embed(TorchRunner(minilm.load(), minilm.INPUT_NAMES), minilm.encode(sentences()))}
 
 
 def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, scorer: Scorer,
@@ -127,9 +91,10 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     from ox_quant.study.claims import evaluate_claims
     from ox_quant.study.peer import run_peer
 
-    if options.model not in STUDY_MODELS:
-        raise OxQuantError(f"unknown model {options.model!r}: the study runs on {', '.join(STUDY_MODELS)}")
-    metric = metric_for(options.model)
+    from ox_quant_models.tasks import study_facts
+
+    facts = study_facts(options.model)
+    metric = facts.metric
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "models"
@@ -141,11 +106,11 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
 
     progress("export fp32", step, total)
     t0 = time.perf_counter()
-    src = export_fp32(options.model, work / f"{options.model}.onnx")
+    src = facts.export(work / f"{options.model}.onnx")
     export_seconds = time.perf_counter() - t0
     step += 1
     progress("score fp32", step, total)
-    scorer = Scorer(options.model, metric, {**dict(options.task_options), **task_extras(options.model)},
+    scorer = Scorer(options.model, metric, {**dict(options.task_options), **facts.task_extras()},
                     options.provider)
     metrics, notes, details, seconds = scorer(src)
     fp32 = Row(tool="fp32", label="fp32", bits=None, granularity=None, symmetric=None, status="ok",
