@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ox_quant.runtime.session import make_session
@@ -73,3 +75,18 @@ def random_weights(rng: np.random.Generator, *dims: int) -> dict[str, np.ndarray
         w[:, 0] = 0.0  # all-zero output channel: no NaN/Inf allowed
         out[f"W{i}"] = w
     return out
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``ox-quant ARGS`` in-process: (exit code, stdout, stderr)."""
+    from ox_quant.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,7 +14,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import matmul_model, random_weights
+from tests.helpers import matmul_model, random_weights
+from tests.helpers import run_cli as cli
 from ox_quant.cli import main
 from ox_quant.errors import OxQuantError
 from ox_quant.runtime.session import make_session
@@ -22,11 +23,6 @@ from ox_quant.runtime.session import make_session
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -186,7 +182,7 @@ def test_opset_newer_than_onnxruntime_runs(model, tmp_path, capsys):
     if unsupported is None:
         pytest.skip(f"the installed onnxruntime runs every opset this onnx knows (up to {newest})")
     edit(model, _set_opset(unsupported))
-    assert_rejected(capsys, tmp_path, ["convert", str(model)], f"which the installed onnxruntime")
+    assert_rejected(capsys, tmp_path, ["convert", str(model)], "which the installed onnxruntime")
     code, _, err = cli(capsys, "inspect", str(model))  # reading it needs no ONNX Runtime
     assert code == 0, err
 

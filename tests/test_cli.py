@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -11,19 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import matmul_model, random_weights, relative_error, run
-from ox_quant.cli import main
+from tests.helpers import digest, matmul_model, random_weights, relative_error, run
+from tests.helpers import run_cli as cli
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from helpers import matmul_model, random_weights, relative_error, run
+from tests.helpers import matmul_model, random_weights, relative_error, run
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError

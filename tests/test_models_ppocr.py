@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from real_models import convert_int8_per_channel, require
+from tests.real_models import convert_int8_per_channel, require
+
+pytestmark = pytest.mark.models
 
 needs_package = require("rapidocr_onnxruntime", "rapidocr-onnxruntime")
 

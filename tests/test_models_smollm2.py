@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from real_models import convert_int8_per_channel, require
+from tests.real_models import convert_int8_per_channel, require
+
+pytestmark = pytest.mark.models
 
 TOKENS, CONTEXT = 512, 128
 

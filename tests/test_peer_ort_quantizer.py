@@ -18,11 +18,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from helpers import matmul_model, random_weights, run
+from tests.helpers import matmul_model, random_weights, run
 from ox_quant.core.config import Block, Format, QuantConfig
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.inspect import inspect_model
-from ox_quant.core.packing import unpack_matmulnbits, unpack_zero_points
+from ox_quant.core.packing import unpack_matmulnbits
 
 K, N = 200, 64  # K not a multiple of the block sizes below
 

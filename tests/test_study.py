@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from real_models import ox_quant, require
+from tests.real_models import ox_quant, require
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.study.rows import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
 from ox_quant.study.claims import evaluate_claims
 from ox_quant_models.tasks import study_facts
 from ox_quant.study.peer import peer_arguments
+
+pytestmark = [pytest.mark.slow, pytest.mark.models]
 
 try:
     import matplotlib  # noqa: F401

@@ -7,7 +7,7 @@ import pytest
 
 from ox_quant.verification.inputs import generate_inputs, load_graph
 from ox_quant.runtime.session import cuda_available
-from verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
+from tests.verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
 
 
 def test_generated_integer_inputs_follow_the_embedding(exported):  # noqa: F811
@@ -41,6 +41,7 @@ def test_cuda_without_gpu_is_one_line(exported, capsys):  # noqa: F811
     assert_one_line_error(code, err, "CUDA execution provider is not available")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA device here: CPU vs CUDA comparison needs a GPU")
 def test_cuda_compares_with_cpu(exported, capsys):  # noqa: F811
     path, _ = exported["toy-mlp"]

@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from ox_quant.core.jsonify import to_jsonable
 from ox_quant.core.metrics import compare
 from ox_quant.verification.verify import verify
-from verify_support import exported, quantize_qdq  # noqa: F401 (fixture)
+from tests.verify_support import exported, quantize_qdq  # noqa: F401 (fixture)
 
 
 def _ort_outputs(path, feeds):

@@ -4,7 +4,6 @@ per-layer attribution is what an independent rebuild of the model measures."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import onnx
@@ -14,20 +13,7 @@ from onnx import numpy_helper
 
 from ox_quant.verification.per_layer import quantized_weights, _Tensors
 from ox_quant.verification.verify import verify
-from verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
-
-
-def _has_convert() -> bool:
-    from ox_quant.cli import COMMANDS
-
-    try:
-        __import__(COMMANDS["convert"].split(":")[0])
-    except (KeyError, ImportError):
-        return False
-    return True
-
-
-needs_convert = pytest.mark.skipif(not _has_convert(), reason="ox-quant convert is not on this branch yet")
+from tests.verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
 
 
 def test_hand_built_qdq_order_and_threshold(exported, tmp_path, capsys):  # noqa: F811
@@ -49,7 +35,6 @@ def test_hand_built_qdq_order_and_threshold(exported, tmp_path, capsys):  # noqa
     assert set(payload["outputs"][0]) >= {"name", "max_abs_err", "mean_abs_err", "rel_l2", "sqnr_db", "cosine"}
 
 
-@needs_convert
 def test_convert_cli_configs_are_ordered(exported, tmp_path, capsys):  # noqa: F811
     ref, _ = exported["toy-transformer"]
     configs = {
@@ -85,7 +70,6 @@ def _isolated_sqnr(ref_path, tmp_path, weight_name, values, feeds):
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
-@needs_convert
 def test_per_layer_matches_independent_rebuild(exported, tmp_path, capsys, fmt):  # noqa: F811
     ref, _ = exported["toy-transformer"]
     cand = tmp_path / f"{fmt}.onnx"

@@ -14,6 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.helpers import run_cli
+
 TOY_MODELS = ("toy-mlp", "toy-transformer", "toy-cnn")
 
 
@@ -34,16 +36,6 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, object]]:
             path = out_dir / f"{name}.onnx"
             _EXPORTED[name] = (path, export_spec(name, path))
     return _EXPORTED
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``ox-quant ARGS`` in-process: (exit code, stdout, stderr)."""
-    from ox_quant.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 def run_json(capsys, *args: str) -> tuple[int, dict]:
