@@ -9,6 +9,7 @@ never used (its source weights are Q4_1: that configuration is near its source f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from ox_quant.study.rows import Claim, Row, StudyResult
@@ -23,17 +24,32 @@ def excluded_from_claims(model: str, row: Row) -> str | None:
     return task.study.excluded_reason(row.bits, row.granularity, row.symmetric)
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """The numbers of a measured row (every field known) that the claims read."""
+
+    value: float
+    loss: float
+    bits_per_weight: float
+
+
 class _Rows:
     def __init__(self, result: StudyResult):
         self.result = result
         self.metric = result.metric
-        self.by_key = {(r.bits, r.granularity): r for r in result.rows
-                       if r.status == "ok" and excluded_from_claims(result.model, r) is None}
+        self.by_key: dict[tuple[int, str], _Measured] = {}
+        for r in result.rows:
+            if r.status != "ok" or excluded_from_claims(result.model, r) is not None:
+                continue
+            bits, granularity, value, loss, bpw = r.bits, r.granularity, r.value, r.loss, r.bits_per_weight
+            if bits is None or granularity is None or value is None or loss is None or bpw is None:
+                continue  # a row without its numbers supports no claim
+            self.by_key[(bits, granularity)] = _Measured(value, loss, bpw)
         self.missing: list[str] = []
 
     def loss(self, bits: int, granularity: str) -> float | None:
         row = self.by_key.get((bits, granularity))
-        if row is None or row.loss is None:
+        if row is None:
             self.missing.append(f"int{bits} {granularity}")
             return None
         return row.loss

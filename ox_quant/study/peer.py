@@ -15,6 +15,8 @@ from typing import Any
 
 from ox_quant.core.config import Block, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.study.measure import layout_of, measure_row, remove_model, scale_bytes
+from ox_quant.study.rows import PEER, Row, config_label
 
 PEER_BITS = (2, 4, 8)
 PEER_NAME = "MatMulNBitsQuantizer"
@@ -50,10 +52,8 @@ def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
     onnx.save(quantizer.model.model, str(dst))
 
 
-def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any, fp32_value: float):
+def run_peer(config: QuantConfig, src: Path, work: Path, keep: bool, scorer: Any, fp32_value: float | None) -> Row:
     """The peer row for ``config`` (a ``Row``): quantize, time, inspect and score."""
-    from ox_quant.study.measure import layout_of, measure_row, remove_model, scale_bytes
-    from ox_quant.study.rows import PEER, Row, config_label
 
     label = config_label(config)
     base: dict[str, Any] = {"tool": PEER, "label": label, "bits": config.bits,

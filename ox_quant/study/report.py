@@ -176,29 +176,33 @@ def plot(result: StudyResult, path: Path, min_bits: int = 0) -> None:
 
     m = result.metric
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    groups: dict[tuple[str, str], list[Row]] = {}
+    fp32 = result.fp32.value
+    if fp32 is None:
+        return  # nothing to plot against
+    # (bits per weight, metric value, bits) of every measured row, per (tool, granularity)
+    groups: dict[tuple[str, str], list[tuple[float, float, int | None]]] = {}
     for r in [*result.rows, *result.peer_rows]:
         if r.status == "ok" and r.value is not None and (r.bits or 0) >= min_bits and math.isfinite(r.value):
-            groups.setdefault((r.tool, r.granularity or ""), []).append(r)
+            groups.setdefault((r.tool, r.granularity or ""), []).append((r.bits_per_weight or 0.0, r.value, r.bits))
     cmap = plt.get_cmap("tab10")
     colours = {g: cmap(i % 10) for i, g in enumerate(str(g) for g in result.options.granularities)}
-    for (tool, gran), rows in groups.items():
-        rows = sorted(rows, key=lambda r: r.bits_per_weight or 0)
+    for (tool, gran), points in groups.items():
+        points.sort(key=lambda p: p[0])
         peer = tool == PEER
-        ax.plot([r.bits_per_weight for r in rows], [r.value for r in rows], linestyle="--" if peer else "-",
+        ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="--" if peer else "-",
                 marker="s" if peer else "o", color=colours.get(gran, "black"), alpha=0.8 if peer else 1.0,
                 label=f"{gran} (ORT quantizer)" if peer else gran)
-        for r in rows:
-            ax.annotate(f"{r.bits}", (r.bits_per_weight, r.value), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(result.fp32.value, color="grey", linestyle=":", label="fp32")
-    values = sorted(r.value for rows in groups.values() for r in rows if r.value is not None)
+        for bpw, value, bits in points:
+            ax.annotate(f"{bits}", (bpw, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(fp32, color="grey", linestyle=":", label="fp32")
+    values = sorted(p[1] for points in groups.values() for p in points)
     if min_bits and len(values) >= 4:  # zoom: the best three quarters of the points (others are in the table)
         import numpy as np
 
         if m.higher_is_better:
-            lo, hi = float(np.quantile(values, 0.25)), max(values[-1], result.fp32.value)
+            lo, hi = float(np.quantile(values, 0.25)), max(values[-1], fp32)
         else:
-            lo, hi = min(values[0], result.fp32.value), float(np.quantile(values, 0.75))
+            lo, hi = min(values[0], fp32), float(np.quantile(values, 0.75))
         pad = (hi - lo) * 0.08 or abs(hi) * 0.01 or 1e-6
         ax.set_ylim(lo - pad, hi + pad)
         ax.text(0.01, 0.01, "y range: best 75% of points; the rest are off the chart (see the tables)",

@@ -30,7 +30,7 @@ StudyProgress = Callable[[str, int, int], None]
 
 
 def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, scorer: Scorer,
-             fp32_value: float) -> Row:
+             fp32_value: float | None) -> Row:
     """Convert ``src`` with ox-quant under ``config`` and score the result."""
     from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.pipeline.selection import Selection
