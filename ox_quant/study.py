@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ox_quant.config import Format, Granularity, QuantConfig, parse_granularity
 from ox_quant.errors import OxQuantError
+from ox_quant.ort import load as load_onnxruntime
 from ox_quant.study_metrics import StudyMetric, metric_for
 
 #: ``progress(stage, done, total)``: ``stage`` says what runs now (e.g. "int4 block:128: convert").
@@ -344,7 +345,7 @@ def study_notes(options: StudyOptions, rows: list[Row]) -> list[str]:
 def environment() -> dict[str, str]:
     import numpy
     import onnx
-    import onnxruntime
+    onnxruntime = load_onnxruntime()
 
     from ox_quant import __version__
 

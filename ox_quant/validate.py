@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 from onnx import TensorProto
 
 from ox_quant.errors import OxQuantError, one_line
+from ox_quant.ort import load as load_onnxruntime
 
 # Oldest IR version read: IR 3 introduced opset imports.
 MIN_IR_VERSION = 3
@@ -95,7 +96,7 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
     from ox_quant.runtime import onnxruntime_supports_opset
 
     if not onnxruntime_supports_opset(opset):
-        import onnxruntime
+        onnxruntime = load_onnxruntime()
 
         raise OxQuantError(
             f"{name} uses ai.onnx opset {opset}, which the installed onnxruntime {onnxruntime.__version__} cannot run"
@@ -393,7 +394,7 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load
 
 def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
     """ONNX Runtime accepts the graph (ops, attributes, types, domains), weights left out."""
-    import onnxruntime as ort
+    ort = load_onnxruntime()
 
     name = path.name
     options = ort.SessionOptions()
