@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +46,16 @@ def installed(package_dirs: list[Path] | None = None) -> list[str]:
     return found
 
 
+def module_dirs() -> list[Path] | None:
+    """The directories ``import onnxruntime`` reads (found without running its code); None if none."""
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return [Path(p) for p in locations] or None
+
+
 def repair_command(owners: list[str]) -> str:
     """The shell command that restores a working ONNX Runtime for these installed distributions."""
     if len(owners) > 1:
@@ -59,7 +70,7 @@ def load() -> ModuleType:
         module = importlib.import_module("onnxruntime")
     except ModuleNotFoundError as exc:
         if exc.name != "onnxruntime":  # a file inside the package is missing
-            owners = installed()
+            owners = installed(module_dirs())
             raise OxQuantError(
                 f"ONNX Runtime is installed incompletely ({one_line(str(exc), 120)}): run {repair_command(owners)}"
             ) from None
@@ -72,12 +83,11 @@ def load() -> ModuleType:
         raise OxQuantError(f"ONNX Runtime is not installed: run {INSTALL}") from None
     except ImportError as exc:
         raise OxQuantError(
-            f"ONNX Runtime cannot be imported ({one_line(str(exc), 160)}): run {repair_command(installed())}"
+            f"ONNX Runtime cannot be imported ({one_line(str(exc), 160)}): run {repair_command(installed(module_dirs()))}"
         ) from None
     missing = [name for name in REQUIRED if not hasattr(module, name)]
     if missing:
-        dirs = [Path(p) for p in getattr(module, "__path__", [])]
-        owners = installed(dirs) if dirs else installed()
+        owners = installed([Path(p) for p in getattr(module, "__path__", [])] or None)
         if getattr(module, "__file__", None) is None:  # a directory without __init__.py
             what = f"its onnxruntime directory holds only leftover files (removing one of {CPU} and {GPU} deletes files both use)"
         else:

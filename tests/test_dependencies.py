@@ -164,6 +164,15 @@ def test_cli_with_module_lacking_session_options(tmp_path, model):
     assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx", "site"]
 
 
+def test_cli_with_package_missing_its_native_module(tmp_path, model):
+    """``__init__.py`` present but the compiled module gone (the other package's uninstall took it)."""
+    site = fake_site(tmp_path, dists=("onnxruntime",), init="from onnxruntime.capi._pybind_state import SessionOptions\n")
+    proc = run_cli(["convert", str(model)], pythonpath=[site])
+    assert_one_line(proc, "ONNX Runtime is installed incompletely (No module named 'onnxruntime.capi._pybind_state')",
+                    "run pip install --force-reinstall --no-deps onnxruntime")
+    assert "onnxruntime-gpu" not in proc.stderr  # the system's other ORT package lives elsewhere
+
+
 def test_cli_with_leftover_directory_of_two_packages(tmp_path, model):
     """The reported state: both ORT packages installed, one uninstalled, a namespace package left."""
     site = fake_site(tmp_path, dists=("onnxruntime", "onnxruntime-gpu"), init=None)
