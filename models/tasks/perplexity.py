@@ -1,7 +1,7 @@
 """SmolLM2 task: perplexity on text.
 
-Text: a file the caller names, or by default every ``*.txt`` of the project's text
-directory (the Austen novels; see ``ox_quant.evaluation.textdata``), each contributing an
+Text: a file the caller names, or by default every text of the project's text
+directory (the Austen novels shipped in the package; see ``ox_quant.evaluation.textdata``), each contributing an
 equal share of ``max_tokens`` from its start. Each file's tokens are cut into
 non-overlapping windows of ``context`` tokens (a final window shorter than 2 tokens
 is dropped); every window is run on its own, and the model predicts tokens 2..L of
@@ -22,7 +22,7 @@ import numpy as np
 from ox_quant_models import smollm2
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
-from ox_quant.evaluation.textdata import read_text, text_files
+from ox_quant.evaluation.textdata import read_text, text_files, text_name
 
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_CONTEXT = 512
@@ -69,7 +69,7 @@ def load_token_lists(text: str | os.PathLike | None, max_tokens: int) -> tuple[l
         if len(ids) < 2:
             raise OxQuantError(f"text file {path} has fewer than 2 tokens")
         lists.append(ids)
-    return lists, [p.name for p in paths]
+    return lists, [text_name(p) for p in paths]
 
 
 def evaluate(target: Any = None, *, provider: str = "cpu", exact: bool = True,

@@ -45,7 +45,7 @@ def _resolve(target: str, task: str | None) -> tuple[str, Any]:
 @click.command("eval")
 @click.argument("target", metavar="MODEL_OR_ONNX")
 @click.option("--task", help="Task to score an .onnx file with: minilm, smollm2, crepe-tiny, ppocr-rec.")
-@click.option("--text", type=click.Path(dir_okay=False), help="smollm2: UTF-8 text file for perplexity (default: the *.txt of shared/data/text, or of $OX_QUANT_TEXT_DIR).")
+@click.option("--text", type=click.Path(dir_okay=False), help="smollm2: UTF-8 text file for perplexity (default: the Austen novels shipped with ox-quant, or the *.txt of $OX_QUANT_TEXT_DIR).")
 @click.option("--tokens", "max_tokens", type=click.IntRange(min=2), help="smollm2: tokens to read (default 2048).")
 @click.option("--context", type=click.IntRange(min=2), help="smollm2: window length in tokens (default 512).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

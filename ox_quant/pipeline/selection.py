@@ -84,10 +84,16 @@ def load_recipe(path: str | Path) -> tuple[Rule, ...]:
     if not path.is_file():
         raise OxQuantError(f"recipe {path}: no such file")
     text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    if is_yaml:
+        try:
             import yaml
-
+        except ImportError:
+            raise OxQuantError(
+                f"recipe {path.name}: reading YAML needs PyYAML: run pip install pyyaml (or write the recipe as .json)"
+            ) from None
+    try:
+        if is_yaml:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

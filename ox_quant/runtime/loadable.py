@@ -16,6 +16,7 @@ import onnx
 from ox_quant.errors import OxQuantError, one_line
 from ox_quant.ir.validate import ONNX_DOMAINS, graphs, weightless_copy
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
+from ox_quant.runtime.ort import load as load_onnxruntime
 from ox_quant.runtime.session import max_ir_version, onnxruntime_supports_opset
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load model from \S+ failed:)?\s*")
@@ -23,12 +24,11 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load
 
 def check_opset_runnable(proto: onnx.ModelProto, name: str) -> None:
     """The model's ai.onnx opset is one the installed ONNX Runtime runs."""
-    import onnxruntime
-
     opset = next(entry.version for entry in proto.opset_import if entry.domain in ONNX_DOMAINS)
     if not onnxruntime_supports_opset(opset):
         raise OxQuantError(
-            f"{name} uses ai.onnx opset {opset}, which the installed onnxruntime {onnxruntime.__version__} cannot run"
+            f"{name} uses ai.onnx opset {opset}, which the installed onnxruntime {load_onnxruntime().__version__} "
+            "cannot run"
         )
 
 
@@ -38,8 +38,7 @@ def check_runnable(proto: onnx.ModelProto, path: Path) -> None:
     The graph is checked at the IR version a converted model is written with (capped to what
     the installed ONNX Runtime loads).
     """
-    import onnxruntime as ort
-
+    ort = load_onnxruntime()
     name = path.name
     check_opset_runnable(proto, name)
     options = ort.SessionOptions()

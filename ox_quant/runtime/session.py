@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
+from ox_quant.runtime.ort import load as load_onnxruntime
 
 # Newest ai.onnx opset onnxruntime 1.31 runs (measured); newer ones are probed.
 KNOWN_MAX_OPSET = 26
@@ -25,7 +26,7 @@ PROVIDERS = {
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = load_onnxruntime()
 
     return list(ort.get_available_providers())
 
@@ -45,7 +46,7 @@ def cuda_available() -> bool:
     if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
         return False
     import onnx
-    import onnxruntime as ort
+    ort = load_onnxruntime()
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -67,7 +68,7 @@ def onnxruntime_supports_opset(opset: int) -> bool:
     """Whether the installed onnxruntime loads ai.onnx opset ``opset`` (probed once above 26)."""
     if opset <= KNOWN_MAX_OPSET:
         return True
-    import onnxruntime as ort
+    ort = load_onnxruntime()
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -99,7 +100,7 @@ def make_session_options(exact: bool = True, threads: int | None = None):
     """Session options. ``exact=True`` keeps ORT's DQ+MatMul -> MatMulNBits fusion at
     float accuracy (``session.qdq_matmulnbits_accuracy_level = "0"``) instead of its
     default int8-activation path (accuracy_level 4, ~2e-3 relative error)."""
-    import onnxruntime as ort
+    ort = load_onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -125,13 +126,15 @@ def make_session(
     for this session only (ORT ``add_initializer``; the file is not touched).
     Raises ``OxQuantError`` with a one-line reason when the model cannot be loaded.
     """
-    import onnxruntime as ort
+    ort = load_onnxruntime()
 
     path = Path(model)
     if provider not in PROVIDERS:
         raise OxQuantError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
     if provider == "cuda" and not cuda_available():
-        raise OxQuantError("the CUDA execution provider is not available on this machine (no GPU or no CUDA runtime)")
+        from ox_quant.runtime.ort import cuda_hint
+
+        raise OxQuantError(f"the CUDA execution provider is not available: {cuda_hint()}")
     options = make_session_options(exact=exact, threads=threads)
     kept_values = []
     for name, array in (initializers or {}).items():
@@ -159,7 +162,7 @@ def max_ir_version() -> int:
     """The newest ONNX IR version the installed onnxruntime loads (probed once with a
     one-node model, newest first)."""
     import onnx
-    import onnxruntime as ort
+    ort = load_onnxruntime()
     from onnx import helper
 
     graph = helper.make_graph(

@@ -42,6 +42,10 @@ def peer_arguments(config: QuantConfig) -> dict[str, Any] | str:
 def quantize_with_peer(src: Path, dst: Path, arguments: dict[str, Any]) -> None:
     """Run ``MatMulNBitsQuantizer`` on ``src`` and save its model to ``dst``."""
     import onnx
+
+    from ox_quant.runtime.ort import load as load_onnxruntime
+
+    load_onnxruntime()  # one line on a missing or broken ONNX Runtime, before its submodules
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.runtime.ort import load as load_onnxruntime
 from ox_quant.study.measure import Scorer, layout_of, measure_row, remove_model, scale_bytes
 from ox_quant.study.rows import OX_QUANT, Row, StudyOptions, StudyResult, config_label, mark_partial, no_progress
 
@@ -67,7 +68,7 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
 def environment() -> dict[str, str]:
     import numpy
     import onnx
-    import onnxruntime
+    onnxruntime = load_onnxruntime()
 
     from ox_quant import __version__
 
