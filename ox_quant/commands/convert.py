@@ -103,7 +103,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     default="auto",
     show_default=True,
     help="auto: per weight, MatMulNBits (GatherBlockQuantized for embeddings) where ONNX Runtime's CPU "
-    "kernels accept the config, else QDQ (DequantizeLinear; always for Conv and tied weights), else ox-quant's "
+    "kernels accept the config, else QDQ (DequantizeLinear; always for Conv), else ox-quant's "
     "custom op (e.g. 3, 5-7 bits; needs its library at run time). matmulnbits|qdq|custom: that format only; "
     "a weight it cannot hold stays float and is listed as skipped (exit 1 if it can hold none).",
 )
