@@ -330,7 +330,7 @@ def _outside_requested_format(site: WeightSite, config: QuantConfig, choice: For
     if allowed is None or choice.format in allowed:
         return None
     return Skip(site.name, f"--format {config.format.value} cannot hold {site.op} weights like this one "
-                           f"(only {choice.format} does: {choice.reason}); --format auto writes them")
+                           f"(ox-quant writes them as {choice.format}: {choice.reason})")
 
 
 def describe_selection(selection: Selection) -> str:
@@ -392,10 +392,10 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
         else:
             plan.append((site, *planned))
     if errors and not plan:
-        raise errors[0][1]
+        raise OxQuantError(f"{errors[0][1]}; nothing written") from errors[0][1]
     if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
         misfit = site_skips[0]
-        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
+        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name}); nothing written")
     return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
 
 
