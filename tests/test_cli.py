@@ -49,7 +49,8 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["output"] == str(out_path)
     assert report["quantized"] == [
         {
-            "name": "W0", "op": "MatMul", "shape": [256, 128], "bits": 8, "granularity": "channel",
+            "name": "W0", "op": "MatMul", "shape": [256, 128], "stored_shape": [256, 128], "bits": 8,
+            "granularity": "channel",
             "block_size": -1, "symmetric": True, "format": "qdq",
             "format_reason": report["quantized"][0]["format_reason"],
             "stored_bytes": 256 * 128 + 128 * 4, "bits_per_weight": pytest.approx((256 * 128 + 512) * 8 / (256 * 128)),

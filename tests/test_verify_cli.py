@@ -27,7 +27,8 @@ def test_inputs_from_npz_and_json(exported, tmp_path, capsys):  # noqa: F811
     np.savez(npz, input_ids=np.arange(15, dtype=np.int32).reshape(3, 5))  # int32 is cast to int64
     code, payload = run_json(capsys, "verify", "toy-transformer", str(path), "--inputs", str(npz), "--min-sqnr", "80")
     assert code == 0 and payload["passed"] is True
-    assert payload["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [3, 5], "source": "file"}]
+    assert payload["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [3, 5], "source": "file",
+                                  "generated": False, "min": 0, "max": 14, "rule": None}]
     assert payload["reference_kind"] == "pytorch" and payload["outputs"][0]["shape"] == [3, 5, 256]
     code, payload = run_json(capsys, "verify", str(path), str(path), "--int-range", "0:10", "--dim", "batch=1")
     assert code == 0 and payload["outputs"][0]["sqnr_db"] is None  # identical: infinite SQNR

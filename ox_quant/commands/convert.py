@@ -44,18 +44,25 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     from rich.console import Console
     from rich.table import Table
 
+    from ox_quant.pipeline.convert import group_skips
+
     console = Console(highlight=False, soft_wrap=True)
     if report.quantized:
         table = Table(title=f"{len(report.quantized)} weights quantized", title_justify="left")
-        for column in ("weight", "op", "shape", "config", "format", "bpw"):
+        # "shape" is the tensor as stored (what `inspect` shows); "[K, N]" the matrix view that
+        # scales are laid out on, shown when it differs for some weight (Conv, transB=1 Gemm).
+        kn_view = any(tuple(q.stored_shape) != tuple(q.shape) for q in report.quantized)
+        columns = ("weight", "op", "shape") + (("[K, N]",) if kn_view else ()) + ("config", "format", "bpw")
+        for column in columns:
             table.add_column(column, justify="right" if column == "bpw" else "left")
         rows = report.quantized if len(report.quantized) <= 40 else report.quantized[:40]
         for q in rows:
             config = f"int{q.bits} {q.granularity}" + (f":{q.block_size}" if q.block_size and q.block_size > 0 else "")
             config += "" if q.symmetric else " asym"
-            table.add_row(q.name, q.op, "x".join(map(str, q.shape)), config, q.format, f"{q.bits_per_weight:.3f}")
+            shapes = ["x".join(map(str, q.stored_shape))] + (["x".join(map(str, q.shape))] if kn_view else [])
+            table.add_row(q.name, q.op, *shapes, config, q.format, f"{q.bits_per_weight:.3f}")
         if len(report.quantized) > len(rows):
-            table.add_row(f"... {len(report.quantized) - len(rows)} more", "", "", "", "", "")
+            table.add_row(f"... {len(report.quantized) - len(rows)} more", *[""] * (len(columns) - 1))
         console.print(table)
         reasons = sorted({f"{q.format}: {q.format_reason}" for q in report.quantized})
         for reason in reasons:
@@ -63,9 +70,12 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     else:
         console.print("no weights quantized")
     if report.skipped:
-        console.print(f"{len(report.skipped)} skipped:")
-        for s in report.skipped:
-            console.print(f"  {s.name}: {s.reason}")
+        console.print(f"{len(report.skipped)} left as they are (--json lists each):")
+        for group in group_skips(report.skipped):
+            more = f", ... (+{group.count - len(group.names)})" if group.count > len(group.names) else ""
+            console.print(f"  {group.count:>4}  {group.reason}: {', '.join(group.names)}{more}")
+    for change in report.version_changes:
+        console.print(f"note: {change.describe()}")
     bpw = report.bits_per_weight
     console.print(
         f"size {format_bytes(report.input_bytes)} -> {format_bytes(report.output_bytes)}"
@@ -92,7 +102,10 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     type=click.Choice([f.value for f in Format]),
     default="auto",
     show_default=True,
-    help="auto: MatMulNBits where ONNX Runtime's CPU kernel accepts the config, QDQ otherwise.",
+    help="auto: per weight, MatMulNBits (GatherBlockQuantized for embeddings) where ONNX Runtime's CPU "
+    "kernels accept the config, else QDQ (DequantizeLinear; always for Conv), else ox-quant's "
+    "custom op (e.g. 3, 5-7 bits; needs its library at run time). matmulnbits|qdq|custom: that format only; "
+    "a weight it cannot hold stays float and is listed as skipped (exit 1 if it can hold none).",
 )
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")

@@ -39,4 +39,6 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         console.print(f"{info.bits_per_weight:.3f} bits per quantized weight")
     else:
         console.print("no quantized weights")
-    console.print(f"{info.float_weights} float initializers, {format_bytes(info.float_weight_bytes)}")
+    inits = info.float_weights - info.float_constants
+    console.print(f"{info.float_weights} float tensors left as float ({inits} initializers, "
+                  f"{info.float_constants} in Constant nodes), {format_bytes(info.float_weight_bytes)}")

@@ -42,7 +42,15 @@ def verify_cmd(
     top: int,
     as_json: bool,
 ) -> None:
-    """Compare CAND (ONNX) with REF (ONNX model, or a PyTorch SPEC for a cross-framework check)."""
+    """Compare CAND (ONNX) with REF (ONNX model, or a PyTorch SPEC for a cross-framework check).
+
+    \b
+    Without --inputs, inputs are generated from CAND's input specs (seeded): floats standard
+    normal; integers in [0, rows) when they index an embedding table, else [0, 16) (set with
+    --int-range); symbolic dimensions 2 for batch, else 16 (set with --dim). The inputs used
+    are printed. Without --min-sqnr/--min-cosine nothing is checked: the verdict is
+    "no thresholds given" (exit 0 unless an output is not finite).
+    """
     from ox_quant.commands._display import console as make_console, db, fmt, metrics_table, quiet_torch
     from ox_quant.verification.inputs import parse_dim, parse_int_range
     from ox_quant.core.jsonify import to_jsonable
@@ -66,13 +74,17 @@ def verify_cmd(
         )
     if as_json:
         payload = to_jsonable(report)
-        payload["passed"] = report.passed
+        payload["passed"] = report.passed if report.checked else None
+        payload["verdict"] = report.verdict
         payload["per_layer"] = payload.pop("layers")
         click.echo(json.dumps(payload))
     else:
         console = make_console()
-        inputs = ", ".join(f"{i.name} {i.dtype}[{'x'.join(map(str, i.shape))}]" for i in report.inputs)
-        console.print(f"inputs ({report.inputs[0].source if report.inputs else 'none'}, seed {report.seed}): {inputs}", highlight=False)
+        source = report.inputs[0].source if report.inputs else "none"
+        console.print(f"inputs ({source}" + (f", seed {report.seed}" if source == "generated" else "") + "):",
+                      highlight=False)
+        for info in report.inputs:
+            console.print(f"  {info.describe()}", highlight=False)
         title = f"{report.candidate} vs {report.reference} ({report.reference_kind}) on {report.provider}"
         console.print(metrics_table(title, report.outputs))
         if report.provider_check:
@@ -90,6 +102,10 @@ def verify_cmd(
                 console.print(f"not attributed: {miss.candidate_weight}: {miss.reason}", highlight=False)
         for note in report.notes:
             console.print(f"note: {note}", highlight=False)
-        console.print("PASSED" if report.passed else "FAILED", highlight=False)
+        if report.verdict == "no thresholds given":
+            console.print("no thresholds given: nothing checked (pass --min-sqnr DB or --min-cosine C for a verdict)",
+                          highlight=False)
+        else:
+            console.print(report.verdict.upper(), highlight=False)
     if not report.passed:
         raise OxQuantError("verification failed: " + "; ".join(report.failures))

@@ -11,7 +11,8 @@ raising ``OxQuantError`` with a one-line reason:
 3. embedded tensors: ``raw_data`` (or the typed field) holds exactly as many elements or
    bytes as the shape and dtype say;
 4. ONNX's checker with strict shape and type inference, on the file (it never reads
-   external data);
+   external data); a missing opset import of ``com.microsoft`` or ``ox_quant``, which ONNX
+   Runtime does not need, is added first (in memory);
 5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
    GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
    agreeing with their constant inputs' shapes;
@@ -320,14 +321,33 @@ def check_quantized_nodes(proto: onnx.ModelProto) -> None:
                 check_custom_node(node)
 
 
-def check_structure(path: Path) -> None:
-    """ONNX's checker with strict shape and type inference, run on the file.
+# Domains whose nodes ONNX Runtime runs without an opset import (its own contrib ops and
+# ox-quant's custom ops have one version, 1); ONNX's checker insists on the import.
+IMPLIED_OPSETS = {"com.microsoft": 1, "ox_quant": 1}
+
+
+def add_implied_opsets(proto: onnx.ModelProto) -> list[str]:
+    """Add the missing opset import of each :data:`IMPLIED_OPSETS` domain that a node uses
+    (ONNX Runtime's own quantizer writes MatMulNBits without one). In memory only; returns
+    the domains added."""
+    imported = {entry.domain for entry in proto.opset_import}
+    used = {node.domain for g in graphs(proto.graph) for node in g.node}
+    used |= {node.domain for f in proto.functions for node in f.node}
+    added = sorted(d for d in IMPLIED_OPSETS if d in used and d not in imported)
+    for domain in added:
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, IMPLIED_OPSETS[domain]))
+    return added
+
+
+def check_structure(path: Path, proto: onnx.ModelProto | None = None) -> None:
+    """ONNX's checker with strict shape and type inference, run on the file (or on ``proto``,
+    parsed from it, when its opset imports were completed in memory).
 
     Given a path, the checker parses the graph itself and does not read external data, so the
     cost is that of the graph file, not the weights.
     """
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(proto if proto is not None else str(path), full_check=True)
     except UnicodeDecodeError:  # the checker's own message quotes a name that is not UTF-8
         raise OxQuantError(f"{path.name} is not a valid ONNX model: it holds a name that is not valid UTF-8") from None
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
@@ -394,5 +414,6 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool) -> None:
     check_text(proto, path.name)
     check_external_data(proto, path.parent, path.name)
     check_tensor_sizes(proto, path.name)
-    check_structure(path)
+    completed = add_implied_opsets(proto)
+    check_structure(path, proto if completed else None)
     check_quantized_nodes(proto)

@@ -7,6 +7,8 @@ a temporary name beside its destination and renamed into place.
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -37,7 +39,7 @@ from ox_quant.runtime.loadable import check_runnable
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
-from ox_quant.ir.sites import Skip, WeightSite, find_sites, name_matches
+from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.formats.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
@@ -60,7 +62,9 @@ class ConvertOptions:
 
 @dataclass(frozen=True)
 class QuantizedEntry:
-    """One quantized weight in the report."""
+    """One quantized weight in the report. ``shape`` is the normalised ``W[K, N]``;
+    ``stored_shape`` the tensor's shape in the model (e.g. ``[Cout, Cin, kh, kw]`` for Conv,
+    ``[N, K]`` for a ``transB=1`` Gemm), as ``inspect`` shows it."""
 
     name: str
     op: str
@@ -72,6 +76,7 @@ class QuantizedEntry:
     format: str
     format_reason: str
     stored_bytes: int
+    stored_shape: tuple[int, ...] = ()
 
     @property
     def bits_per_weight(self) -> float:
@@ -82,6 +87,7 @@ class QuantizedEntry:
             "name": self.name,
             "op": self.op,
             "shape": list(self.shape),
+            "stored_shape": list(self.stored_shape or self.shape),
             "bits": self.bits,
             "granularity": self.granularity,
             "block_size": self.block_size,
@@ -91,6 +97,48 @@ class QuantizedEntry:
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
         }
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    """A version of the model that ``convert`` changed: ``what`` went ``old -> new`` because ``reason``."""
+
+    what: str
+    """``"ai.onnx opset"`` or ``"IR version"``."""
+    old: int
+    new: int
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"what": self.what, "from": self.old, "to": self.new, "reason": self.reason}
+
+    def describe(self) -> str:
+        return f"{self.what} {'raised' if self.new > self.old else 'lowered'} {self.old} -> {self.new}: {self.reason}"
+
+
+SKIP_NAMES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class SkipGroup:
+    """Skips that share one reason: how many, and the first few names."""
+
+    reason: str
+    count: int
+    names: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reason": self.reason, "count": self.count, "names": list(self.names)}
+
+
+def group_skips(skips: tuple[Skip, ...] | list[Skip]) -> list[SkipGroup]:
+    """Skips grouped by reason (a leading element count is left out of the reason), largest
+    group first, each with its first :data:`SKIP_NAMES_SHOWN` names."""
+    groups: dict[str, list[str]] = {}
+    for skip in skips:
+        groups.setdefault(re.sub(r"^\d+ elements, ", "", skip.reason), []).append(skip.name)
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return [SkipGroup(reason, len(names), tuple(names[:SKIP_NAMES_SHOWN])) for reason, names in ordered]
 
 
 @dataclass(frozen=True)
@@ -104,6 +152,7 @@ class ConvertReport:
     skipped: tuple[Skip, ...]
     input_bytes: int
     output_bytes: int
+    version_changes: tuple[VersionChange, ...] = ()
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -121,6 +170,8 @@ class ConvertReport:
             "external_data": str(self.external_data) if self.external_data else None,
             "quantized": [q.as_dict() for q in self.quantized],
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "skipped_summary": [g.as_dict() for g in group_skips(self.skipped)],
+            "version_changes": [c.as_dict() for c in self.version_changes],
             "bits_per_weight": round(bpw, 4) if bpw is not None else None,
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
@@ -266,6 +317,49 @@ def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightS
 
 Plan = list[tuple[WeightSite, QuantConfig, FormatChoice]]
 
+# What each explicitly requested --format may write (MatMulNBits' sibling for embeddings too).
+REQUESTED_WRITES = {
+    Format.MATMULNBITS: ("matmulnbits", "gather_block_quantized"),
+    Format.QDQ: ("qdq",),
+    Format.CUSTOM: ("custom",),
+}
+
+
+def _outside_requested_format(site: WeightSite, config: QuantConfig, choice: FormatChoice) -> Skip | None:
+    """The rule for an explicit ``--format``: a weight it cannot hold stays float (a skip
+    with the reason), it is never written in another format."""
+    allowed = REQUESTED_WRITES.get(config.format)
+    if allowed is None or choice.format in allowed:
+        return None
+    return Skip(site.name, f"--format {config.format.value} cannot hold {site.op} weights like this one "
+                           f"(ox-quant writes them as {choice.format}: {choice.reason})")
+
+
+def describe_selection(selection: Selection) -> str:
+    """The selection flags in force, as the command line spells them."""
+    parts = []
+    if tuple(selection.include_ops) != QUANTIZABLE_OPS:
+        parts.append("ops " + ", ".join(selection.include_ops) if selection.include_ops else "no op types")
+    parts += [f"--include {p!r}" for p in selection.include]
+    parts += [f"--exclude {p!r}" for p in selection.exclude]
+    if selection.min_elements:
+        parts.append(f"--min-elements {selection.min_elements}")
+    return "; ".join(parts)
+
+
+def _nothing_selected(model: ir.Model, selection: Selection) -> OxQuantError | None:
+    """The error when the selection filtered out every weight the model offers (None when
+    the model offers none: then there is nothing to select from)."""
+    every, _ = find_sites(model)
+    if not every:
+        return None
+    ops = Counter(site.op for site in every)
+    offered = ", ".join(f"{op} ({n})" for op, n in sorted(ops.items()))
+    return OxQuantError(
+        f"no weight matched the selection ({describe_selection(selection) or 'default'}): the model's "
+        f"quantizable weights are read by {offered}; nothing written"
+    )
+
 
 def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
     """Every weight site with its config and format, and the skips (with reasons).
@@ -276,6 +370,10 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
     found, skips = find_sites(model, selection.include_ops)
     sites, filtered = _select(found, selection)
     skips = skips + filtered
+    if not sites:
+        nothing = _nothing_selected(model, selection)
+        if nothing is not None:
+            raise nothing
     plan: Plan = []
     site_skips: list[Skip] = []
     errors: list[tuple[WeightSite, OxQuantError]] = []
@@ -291,13 +389,15 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
             continue
         if isinstance(planned, Skip):
             site_skips.append(planned)
+        elif (outside := _outside_requested_format(site, *planned)) is not None:
+            site_skips.append(outside)
         else:
             plan.append((site, *planned))
     if errors and not plan:
-        raise errors[0][1]
+        raise OxQuantError(f"{errors[0][1]}; nothing written") from errors[0][1]
     if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
         misfit = site_skips[0]
-        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
+        raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name}); nothing written")
     return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
 
 
@@ -336,9 +436,16 @@ def convert(
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
     formats = {choice.format for _, _, choice in plan}
-    if "qdq" in formats and _default_opset(model) < QDQ_MIN_OPSET:
+    changes: list[VersionChange] = []
+    if "qdq" in formats and (old_opset := _default_opset(model)) < QDQ_MIN_OPSET:
         # The upgrade may rebuild the graph: plan again on the upgraded one.
         _ensure_opset(model, QDQ_MIN_OPSET)
+        qdq_count = sum(choice.format == "qdq" for _, _, choice in plan)
+        changes.append(VersionChange(
+            "ai.onnx opset", old_opset, _default_opset(model),
+            f"{qdq_count} weight(s) are written as DequantizeLinear, which ox-quant writes at opset "
+            f"{QDQ_MIN_OPSET} (INT4/UINT4 codes and block scales need it); the whole graph was converted",
+        ))
         plan, skips = _plan(model, options)
         formats = {choice.format for _, _, choice in plan}
     if formats & {"matmulnbits", "gather_block_quantized"}:
@@ -370,11 +477,17 @@ def convert(
                 format=choice.format,
                 format_reason=choice.reason,
                 stored_bytes=nbytes,
+                stored_shape=tuple(site.stored_shape),
             )
         )
 
     needed_ir = 10 if "qdq" in formats else model.ir_version
+    old_ir = model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
+    if model.ir_version != old_ir:
+        why = ("the installed onnxruntime loads IR up to " f"{max_ir_version()}" if model.ir_version < old_ir
+               else "INT4/UINT4 initializers need IR 10")
+        changes.append(VersionChange("IR version", old_ir, model.ir_version, why))
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_path = save_model_atomically(model, out, external)
     return ConvertReport(
@@ -385,4 +498,5 @@ def convert(
         skipped=tuple(skips),
         input_bytes=model_bytes(src),
         output_bytes=model_bytes(out),
+        version_changes=tuple(changes),
     )

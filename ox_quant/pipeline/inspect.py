@@ -69,6 +69,9 @@ class QuantizedTensorInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """``float_weights``: float tensors left as float, initializers plus tensors held by
+    ``Constant`` nodes (``float_constants`` of them); scales of quantized weights excluded."""
+
     path: Path
     ir_version: int
     opsets: dict[str, int]
@@ -77,6 +80,7 @@ class ModelInfo:
     float_weights: int
     float_weight_bytes: int
     quantized: tuple[QuantizedTensorInfo, ...]
+    float_constants: int = 0
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -93,6 +97,7 @@ class ModelInfo:
             "model_bytes": self.model_bytes,
             "float_weights": self.float_weights,
             "float_weight_bytes": self.float_weight_bytes,
+            "float_constants": self.float_constants,
             "quantized": [q.as_dict() for q in self.quantized],
             "bits_per_weight": round(bpw, 4) if bpw is not None else None,
         }
@@ -231,29 +236,56 @@ def describe_node(node: ir.Node) -> QuantizedTensorInfo | None:
     return None
 
 
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+# Inputs that hold a quantized weight's codes, scales and zero points, per op.
+_PARAM_INPUTS = {"MatMulNBits": (1, 2, 3, 4), "GatherBlockQuantized": (0, 2, 3), "DequantizeLinear": (0, 1, 2)}
+
+
+def _quant_params(node: ir.Node) -> list[ir.Value]:
+    """The inputs of a quantized node that belong to its weight (not its activation or bias)."""
+    indices = _PARAM_INPUTS.get(node.op_type, (1, 2, 3, 4))
+    return [v for i, v in enumerate(node.inputs) if i in indices and v is not None]
+
+
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a ``Constant`` node holds in its ``value`` attribute, if any."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = node.attributes.get("value")
+    return attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+
+
 def inspect_model(path: str | os.PathLike) -> ModelInfo:
-    """Describe ``path``: its quantized weights and its remaining float weights."""
+    """Describe ``path``: its quantized weights and its remaining float weights
+    (initializers and ``Constant`` nodes)."""
     model = load_model(path)
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     quantized = []
-    num_nodes = 0
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        num_nodes += 1
+    params: set[int] = set()  # ids of the values that hold quantized weights' codes and scales
+    for node in nodes:
         info = describe_node(node)
         if info is not None:
             quantized.append(info)
+            params |= {id(v) for v in _quant_params(node)}
+    constants = [
+        tensor
+        for node in nodes
+        if (tensor := _constant_tensor(node)) is not None and tensor.dtype in FLOAT_TYPES and id(node.outputs[0]) not in params
+    ]
     floats = [
         v.const_value
         for g in model.graphs()
         for v in g.initializers.values()
-        if v.const_value is not None and v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        if v.const_value is not None and v.const_value.dtype in FLOAT_TYPES and id(v) not in params
     ]
     return ModelInfo(
         path=Path(path),
         ir_version=model.ir_version,
         opsets=dict(model.opset_imports),
-        num_nodes=num_nodes,
+        num_nodes=len(nodes),
         model_bytes=model_bytes(path),
-        float_weights=len(floats),
-        float_weight_bytes=sum(t.nbytes for t in floats),
+        float_weights=len(floats) + len(constants),
+        float_weight_bytes=sum(t.nbytes for t in floats) + sum(t.nbytes for t in constants),
         quantized=tuple(quantized),
+        float_constants=len(constants),
     )

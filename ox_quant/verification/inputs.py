@@ -110,6 +110,29 @@ def resolve_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def value_rule(graph, spec: InputSpec, int_range: tuple[int, int] | None = None) -> str:
+    """How :func:`generate_inputs` fills ``spec``, in words (e.g. ``"integers in [0, 16)
+    (default range)"``), so that reports can say what the model was fed."""
+    if spec.dtype.kind == "f":
+        return "standard normal"
+    if spec.dtype.kind == "b":
+        return "fair coin"
+    if spec.dtype.kind in "iu":
+        lo, hi, why = _int_bounds(graph, spec, int_range)
+        return f"integers in [{lo}, {hi}) ({why})"
+    return f"cannot be generated ({spec.dtype})"
+
+
+def _int_bounds(graph, spec: InputSpec, int_range: tuple[int, int] | None) -> tuple[int, int, str]:
+    """``(lo, hi, why)`` of the half-open range generated integer input ``spec`` takes."""
+    if int_range is not None:
+        return int_range[0], int_range[1], "--int-range"
+    rows = embedding_rows(graph, spec.name)
+    if rows:
+        return 0, rows, "rows of the embedding table it indexes"
+    return DEFAULT_INT_RANGE[0], DEFAULT_INT_RANGE[1], "default range: set it with --int-range LO:HI"
+
+
 def generate_inputs(
     graph,
     *,
@@ -127,11 +150,7 @@ def generate_inputs(
         elif spec.dtype.kind == "b":
             arrays[spec.name] = rng.integers(0, 2, shape).astype(bool)
         elif spec.dtype.kind in "iu":
-            if int_range is not None:
-                lo, hi = int_range
-            else:
-                rows = embedding_rows(graph, spec.name)
-                lo, hi = (0, rows) if rows else DEFAULT_INT_RANGE
+            lo, hi, _ = _int_bounds(graph, spec, int_range)
             if hi <= lo:
                 raise OxQuantError(f"input {spec.name!r}: empty integer range [{lo}, {hi})")
             arrays[spec.name] = rng.integers(lo, hi, shape).astype(spec.dtype)
