@@ -237,3 +237,24 @@ def test_every_gemm_becomes_matmulnbits(tmp_path, trans_a, alpha, beta, bias):
         ref = ref + beta * c.astype(np.float32).astype(np.float64)
     assert relative_error(run(tmp_path / "q.onnx", feed)[0], ref) <= 1e-5
     assert entry.stored_bytes == inspect_model(tmp_path / "q.onnx").quantized[0].stored_bytes
+
+
+def test_per_layer_attributes_the_tied_table(tmp_path):
+    """``verify --per-layer`` finds the float table behind the reference's Transpose and
+    puts the dequantized table there (both of its uses, as in the candidate)."""
+    from ox_quant import verify
+    from ox_quant.examples import llm_shaped_model
+
+    src = tmp_path / "llm.onnx"
+    llm_shaped_model(src, layers=1, hidden=128, mlp=256, vocab=300, tied=True)
+    config = QuantConfig(granularity=Block(64))
+    (entry, *_) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    assert (entry.name, entry.format) == ("embed.weight", TIED_FORMAT)
+    report = verify(src, tmp_path / "q.onnx", per_layer=True)
+    assert report.layers.unmatched == ()
+    (table,) = [layer for layer in report.layers.layers if layer.weight == "embed.weight"]
+    assert (table.format, table.shape) == ("matmulnbits", (300, 128))  # the reference table, [V, D]
+    weight = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(src)).graph.initializer if t.name == "embed.weight"))
+    deq = quantize(weight.T, config).dequantize()
+    expected = 10 * np.log10(np.sum(weight.astype(np.float64) ** 2) / np.sum((weight - deq.T) ** 2))
+    assert table.weight_sqnr_db == pytest.approx(expected, abs=1e-3)
