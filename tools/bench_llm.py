@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def model_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def session(path: Path, threads: int):
+def session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -66,7 +67,7 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def time_runs(sessions: dict[str, object], feed: dict[str, np.ndarray], repeat: int, warmup: int) -> dict[str, list[float]]:
+def time_runs(sessions: dict[str, Any], feed: dict[str, np.ndarray], repeat: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per run of each session, runs interleaved (one of each per round)."""
     for _ in range(warmup):
         for sess in sessions.values():
@@ -92,7 +93,7 @@ def stats(seconds: list[float]) -> dict[str, float]:
             "min_ms": float(ms.min())}
 
 
-def bench_model(kind: str, args: argparse.Namespace) -> list[dict[str, object]]:
+def bench_model(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     work = args.workdir / kind
     work.mkdir(parents=True, exist_ok=True)
     src = work / "float.onnx"
@@ -118,7 +119,7 @@ def bench_model(kind: str, args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def print_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     def cell(s: dict[str, float]) -> str:
         return f"{s['median_ms']:.2f} ({s['q25_ms']:.2f}-{s['q75_ms']:.2f}; min {s['min_ms']:.2f})"
 
