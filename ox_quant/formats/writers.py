@@ -158,9 +158,9 @@ class Writer:
         return value
 
     def add_array(self, array: np.ndarray, dtype: ir.DataType, suffix: str) -> ir.Value:
-        value = _initializer(self.graph, ir.Tensor(array, dtype=dtype, name=self.name(suffix)))
-        self.created.append(value)
-        return value
+        """A float tensor beside the weight (a Gemm's bias): stored, not counted as weight bytes
+        (bits per weight counts codes, scales and zero points)."""
+        return _initializer(self.graph, ir.Tensor(array, dtype=dtype, name=self.name(suffix)))
 
     @property
     def scale_dtype(self) -> ir.DataType:
@@ -233,26 +233,31 @@ def gemm_bias(node: ir.Node, n: int) -> np.ndarray | None | str:
 
 
 def matmulnbits_blocker(site: WeightSite) -> str | None:
-    """Why a site's uses cannot all become MatMulNBits nodes (None when they can)."""
+    """Why a site's uses cannot all become MatMulNBits nodes (None when they can).
+
+    Every Gemm can: ``alpha``, ``transA`` and a bias that is not a constant ``[N]`` become
+    small nodes around the MatMulNBits (see :func:`_gemm_nodes`)."""
     for use in site.uses:
-        if use.kind == "gemm":
-            bias = gemm_bias(use.node, site.n)
-            if isinstance(bias, str):
-                return bias
-        elif use.kind != "matmul":
+        if use.kind not in ("matmul", "gemm", "transpose_matmul"):
             return f"{use.op} cannot read a MatMulNBits weight"
     return None
 
 
 def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
-    assert isinstance(config.granularity, Block)
-    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
-    if config.accuracy_level is not None:
-        attributes["accuracy_level"] = config.accuracy_level
     w = Writer(site, config, used_names, on_done)
     shapes = matmulnbits_shapes(site.k, site.n, config)
+    attributes = matmulnbits_attributes(site, config)
     return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
+
+
+def matmulnbits_attributes(site: WeightSite, config: QuantConfig) -> dict[str, int]:
+    """``K``, ``N``, ``bits``, ``block_size`` (and ``accuracy_level`` when set) of MatMulNBits."""
+    assert isinstance(config.granularity, Block)
+    attributes = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
+    if config.accuracy_level is not None:
+        attributes["accuracy_level"] = config.accuracy_level
+    return attributes
 
 
 def _write_nbits_nodes(
@@ -264,19 +269,82 @@ def _write_nbits_nodes(
     dtypes = {"B": ir.DataType.UINT8, "scales": w.scale_dtype, "zero_points": ir.DataType.UINT8}
     suffix = {"B": "_Q", "scales": "_scales", "zero_points": "_zp"}
     inputs = {key: w.add(lazy, key, dtypes[key], shape, suffix[key]) for key, shape in shapes.items()}
-    for use in w.site.uses:
-        node = use.node
-        new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
-        if use.kind == "gemm":
-            bias = gemm_bias(node, w.site.n)
-            if isinstance(bias, np.ndarray):
-                new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
-        while new_inputs[-1] is None:
-            new_inputs.pop()
-        prefix = "" if domain == MS_DOMAIN else domain + "_"
-        name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
-        w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
+    replace_nbits_uses(w, inputs, op_type, domain, attributes)
     return w.finish()
+
+
+def replace_nbits_uses(
+    w: Writer, inputs: dict[str, ir.Value], op_type: str, domain: str, attributes: dict[str, int]
+) -> None:
+    """Replace each MatMul/Gemm use of ``w.site`` (and each MatMul behind a ``Transpose``
+    use, the Transpose then removed) by ``domain.op_type(A, B, scales[, zero_points][, bias])``.
+    Gather uses are left to the caller."""
+    for use in w.site.uses:
+        if use.kind == "transpose_matmul":
+            transpose = use.node
+            for consumer in list(transpose.outputs[0].uses()):
+                _replace_by_nbits(w, consumer.node, "matmul", inputs, op_type, domain, attributes)
+            (transpose.graph or w.graph).remove(transpose, safe=True)
+        elif use.kind in ("matmul", "gemm"):
+            _replace_by_nbits(w, use.node, use.kind, inputs, op_type, domain, attributes)
+
+
+def _replace_by_nbits(
+    w: Writer, node: ir.Node, kind: str, inputs: dict[str, ir.Value], op_type: str, domain: str,
+    attributes: dict[str, int],
+) -> None:
+    new_inputs: list[ir.Value | None] = [node.inputs[0], inputs["B"], inputs["scales"], inputs.get("zero_points")]
+    old_bias = node.inputs[2] if kind == "gemm" and len(node.inputs) > 2 else None
+    bias = gemm_bias(node, w.site.n) if kind == "gemm" else None
+    if isinstance(bias, np.ndarray):
+        new_inputs += [None, w.add_array(bias, w.scale_dtype, "_bias")]
+    while new_inputs[-1] is None:
+        new_inputs.pop()
+    prefix = "" if domain == MS_DOMAIN else domain + "_"
+    name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+    if isinstance(bias, str):  # alpha, transA or a bias MatMulNBits cannot take
+        nodes = _gemm_nodes(w, node, new_inputs, lambda inputs: ir.node(op_type, inputs, attributes, domain=domain, name=name))
+        ir.convenience.replace_nodes_and_values(node.graph or w.graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
+        return
+    w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
+    if old_bias is not None and old_bias.graph is not None:  # replaced by the beta * C copy
+        _drop_if_unused(old_bias.graph, old_bias)
+
+
+def _gemm_nodes(
+    w: Writer, gemm: ir.Node, nbits_inputs: list[ir.Value | None], make_nbits: Callable[[list[ir.Value | None]], ir.Node]
+) -> list[ir.Node]:
+    """``Y = alpha * A' @ W + beta * C`` (``A' = A.T`` when ``transA=1``) as
+    ``[Transpose] -> MatMulNBits -> [Mul alpha] -> [Add C or beta * C]``."""
+    attrs = gemm.attributes
+    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    beta = attrs["beta"].as_float() if "beta" in attrs else 1.0
+    dtype = SCALE_DTYPES[w.site.dtype][0]
+    nodes: list[ir.Node] = []
+
+    def step(op: str, inputs: list[ir.Value | None], **attributes: object) -> ir.Value:
+        node = ir.node(op, inputs, attributes, name=w.name(f"_gemm_{op}"))  # type: ignore[arg-type]
+        node.outputs[0].name = _fresh_name(w.used_names, (node.name or op) + "_out")
+        nodes.append(node)
+        return node.outputs[0]
+
+    def scalar(value: float, suffix: str) -> ir.Value:
+        return _initializer(w.graph, ir.Tensor(np.array(value, dtype=dtype), name=w.name(suffix)))
+
+    if "transA" in attrs and attrs["transA"].as_int():
+        nbits_inputs[0] = step("Transpose", [nbits_inputs[0]], perm=[1, 0])
+    nbits = make_nbits(nbits_inputs)
+    nbits.outputs[0].name = _fresh_name(w.used_names, (nbits.name or "MatMulNBits") + "_out")
+    nodes.append(nbits)
+    y = nbits.outputs[0]
+    if alpha != 1.0:
+        y = step("Mul", [y, scalar(alpha, "_gemm_alpha")])
+    c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    if c is not None:
+        if beta != 1.0:
+            c = step("Mul", [c, scalar(beta, "_gemm_beta")])
+        step("Add", [y, c])
+    return nodes
 
 
 # ----------------------------------------------------------------------------------

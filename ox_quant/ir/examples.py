@@ -8,6 +8,11 @@ Used by ``ox-quant demo`` (the embedded default: no download, no model package) 
 
 with ``Wq, Wk, Wv, Wo: [hidden, hidden]``, ``Wgate, Wup: [hidden, mlp]``,
 ``Wdown: [mlp, hidden]``, weights ~ N(0, 1/K).
+
+With ``vocab``, the model reads ``input_ids[batch, seq]`` through an embedding table
+``embed.weight[vocab, hidden]`` and writes ``logits[batch, seq, vocab]``: through
+``MatMul(y, Transpose(embed.weight))`` when ``tied`` (Llama/GPT-2 style), else through
+its own ``lm_head.weight[hidden, vocab]``.
 """
 
 from __future__ import annotations
@@ -24,14 +29,20 @@ def llm_shaped_model(
     mlp: int = 688,
     seed: int = 0,
     external: bool = False,
+    vocab: int | None = None,
+    tied: bool = False,
 ) -> int:
-    """Write the example model to ``path``; return its MatMul weight bytes."""
+    """Write the example model to ``path``; return its weight bytes (MatMul and embedding)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     x = "x"
+    if vocab is not None:
+        embed = (rng.standard_normal((vocab, hidden), dtype=np.float32) * np.float32(1.0 / np.sqrt(hidden))).astype(np.float32)
+        inits.append(numpy_helper.from_array(embed, "embed.weight"))
+        nodes.append(helper.make_node("Gather", ["embed.weight", "input_ids"], ["x"], name="embed_tokens"))
     for i in range(layers):
         p = f"layer{i}."
 
@@ -54,13 +65,20 @@ def llm_shaped_model(
         out = "y" if i == layers - 1 else p + "out"
         nodes.append(helper.make_node("Add", [p + "h", p + "down"], [out]))
         x = out
-    graph = helper.make_graph(
-        nodes,
-        "llm_shaped",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
-        inits,
-    )
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])]
+    if vocab is not None:
+        if tied:
+            nodes.append(helper.make_node("Transpose", ["embed.weight"], ["embed.weight_t"], perm=[1, 0]))
+            head = "embed.weight_t"
+        else:
+            w = (rng.standard_normal((hidden, vocab), dtype=np.float32) * np.float32(1.0 / np.sqrt(hidden))).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, "lm_head.weight"))
+            head = "lm_head.weight"
+        nodes.append(helper.make_node("MatMul", ["y", head], ["logits"], name="lm_head"))
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+    graph = helper.make_graph(nodes, "llm_shaped", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     if external:

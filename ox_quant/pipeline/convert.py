@@ -40,6 +40,7 @@ from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
+from ox_quant.formats.tied import TIED_FORMAT, plan_tied, write_tied
 from ox_quant.formats.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
@@ -279,16 +280,14 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
         return config, choose_qdq_only(config, "bfloat16 weights: only DequantizeLinear takes bfloat16 scales")
     if kinds == {"gather"}:
         return config, choose_gather_format(config, site.k, site.n, site.dtype)
-    if kinds <= {"matmul", "gemm"}:
-        blocker = matmulnbits_blocker(site)
-        if blocker is None:
-            return config, choose_format(config, site.k, site.n, site.dtype)
-        if config.format in (Format.MATMULNBITS, Format.CUSTOM):
-            return Skip(site.name, f"--format {config.format.value}: {blocker}")
-        return config, choose_qdq_only(config, blocker)
     if "gather" in kinds:
-        return config, choose_qdq_only(config, "tied weight: one DequantizeLinear serves the Gather and the MatMul")
-    return config, choose_qdq_only(config, "the MatMul reads the weight through a Transpose")
+        return plan_tied(site, config)
+    blocker = matmulnbits_blocker(site)  # MatMul, Gemm, MatMul behind a Transpose
+    if blocker is None:
+        return config, choose_format(config, site.k, site.n, site.dtype)
+    if config.format in (Format.MATMULNBITS, Format.CUSTOM):
+        return Skip(site.name, f"--format {config.format.value}: {blocker}")
+    return config, choose_qdq_only(config, blocker)
 
 
 WRITERS = {
@@ -296,6 +295,7 @@ WRITERS = {
     "qdq": write_qdq,
     "gather_block_quantized": write_gather_block_quantized,
     "custom": write_custom,
+    TIED_FORMAT: write_tied,
 }
 
 
@@ -448,7 +448,7 @@ def convert(
         ))
         plan, skips = _plan(model, options)
         formats = {choice.format for _, _, choice in plan}
-    if formats & {"matmulnbits", "gather_block_quantized"}:
+    if formats & {"matmulnbits", "gather_block_quantized", TIED_FORMAT}:
         model.opset_imports[MS_DOMAIN] = 1
     if "custom" in formats:
         model.opset_imports[CUSTOM_DOMAIN] = 1

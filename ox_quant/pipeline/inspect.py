@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -114,7 +114,35 @@ def _const_bytes(value: ir.Value | None) -> int:
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
+    """Input ``i``, seen through a ``Reshape``/``Unsqueeze`` of a constant (a tied table's
+    GatherBlockQuantized reads MatMulNBits' scales that way)."""
+    value = node.inputs[i] if len(node.inputs) > i else None
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type in ("Reshape", "Unsqueeze") and producer.domain in ("", "ai.onnx"):
+        source = producer.inputs[0]
+        if source is not None and source.const_value is not None:
+            return source
+    return value
+
+
+STORED_INPUTS = {"MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3), "DequantizeLinear": (0, 1, 2)}
+
+
+def _stored_values(node: ir.Node) -> list[ir.Value]:
+    """The constant tensors a quantized node reads its weight from (codes, scales, zero points)."""
+    indices = STORED_INPUTS.get(node.op_type, (1, 2, 3))  # ox_quant custom ops: MatMulNBits' order
+    values = [_input(node, i) for i in indices]
+    return [v for v in values if v is not None and v.const_value is not None]
+
+
+def _merge(first: QuantizedTensorInfo, other: QuantizedTensorInfo, stored_bytes: int) -> QuantizedTensorInfo:
+    """One weight read by several nodes (a shared or tied table): the bytes stored once, the
+    ops and formats of every reader, a projection's ``[K, N]`` shape over a lookup's."""
+    if first.op == "Gather" and other.op != "Gather":
+        first, other = other, first
+    ops = sorted(set(first.op.split("+")) | set(other.op.split("+")), key=lambda op: (op != "Gather", op))
+    formats = sorted(set(first.format.split("+")) | set(other.format.split("+")))
+    return replace(first, op="+".join(ops), format="+".join(formats), stored_bytes=stored_bytes)
 
 
 def _describe_nbits(node: ir.Node, fmt: str) -> QuantizedTensorInfo | None:
@@ -260,13 +288,23 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     (initializers and ``Constant`` nodes)."""
     model = load_model(path)
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    quantized = []
+    found: dict[int, tuple[QuantizedTensorInfo, dict[int, ir.Value]]] = {}
     params: set[int] = set()  # ids of the values that hold quantized weights' codes and scales
     for node in nodes:
         info = describe_node(node)
-        if info is not None:
-            quantized.append(info)
-            params |= {id(v) for v in _quant_params(node)}
+        if info is None:
+            continue
+        params |= {id(v) for v in _quant_params(node)}
+        stored = _stored_values(node)
+        values = {id(v): v for v in stored}
+        key = id(stored[0]) if stored else id(node)  # the codes' tensor identifies the weight
+        if key in found:  # the same stored weight, read by another node
+            first, seen = found[key]
+            seen.update(values)
+            info = _merge(first, info, sum(_const_bytes(v) for v in seen.values()))
+            values = seen
+        found[key] = (info, values)
+    quantized = [info for info, _ in found.values()]
     constants = [
         tensor
         for node in nodes

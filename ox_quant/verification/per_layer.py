@@ -184,9 +184,12 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
         if ref_node is None or ref_node.op_type not in ("MatMul", "Gemm") or len(ref_node.input) < 2:
             return None
         name = ref_node.input[1]
+        replacement = _as_kn(ref_node, kn)  # transposing twice is the identity
+        transpose = ref_producer.get(name)
+        if name not in ref and transpose is not None and transpose.op_type == "Transpose" and replacement.ndim == 2:
+            name, replacement = transpose.input[0], replacement.T  # a tied table read as MatMul(h, Transpose(T))
         if name not in ref:
             return None
-        replacement = _as_kn(ref_node, kn)  # transposing twice is the identity
         if ref.shape(name) != replacement.shape:
             return None
         return name, replacement
