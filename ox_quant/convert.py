@@ -36,6 +36,7 @@ from ox_quant.modelio import (
 from ox_quant.runtime import CUSTOM_DOMAIN, max_ir_version
 from ox_quant.selection import Selection, config_for
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
+from ox_quant.wire import load_attribute_tensors
 from ox_quant.writers import (
     MS_DOMAIN,
     matmulnbits_blocker,
@@ -329,7 +330,7 @@ def convert(
     model = load_model(src, runnable=True)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
     _check_paths(src, out, model)
-    input_is_external = bool(external_files(model))
+    input_is_external = bool(external_files(model) - {src.resolve()})  # not its own embedded weights
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
@@ -374,6 +375,8 @@ def convert(
     needed_ir = 10 if "qdq" in formats else model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    if external:  # the saver re-writes initializers, not attribute tensors read in place
+        load_attribute_tensors(model, src.resolve())
     data_path = save_model_atomically(model, out, external)
     return ConvertReport(
         input=src,

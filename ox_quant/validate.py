@@ -326,14 +326,33 @@ def check_quantized_nodes(proto: onnx.ModelProto) -> None:
                 check_custom_node(node)
 
 
-def check_structure(path: Path) -> None:
+def _checker_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its external-data locations marked as in-memory ("#" + location), which
+    the checker does not look up (given a proto, it would resolve them against the working
+    directory); :func:`check_external_data` has checked them."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for tensor in _tensors(copy):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "#" + entry.value
+    return copy
+
+
+def check_structure(path: Path, proto: onnx.ModelProto | None = None) -> None:
     """ONNX's checker with strict shape and type inference, run on the file.
 
     Given a path, the checker parses the graph itself and does not read external data, so the
-    cost is that of the graph file, not the weights.
+    cost is that of the graph file, not the weights. A model whose embedded weights were left
+    in the file (``ox_quant.wire``) is checked from its small ``proto`` instead, which costs
+    the graph where parsing the file would cost the weights.
     """
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        if proto is None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(_checker_copy(proto), full_check=True)
     except UnicodeDecodeError:  # the checker's own message quotes a name that is not UTF-8
         raise OxQuantError(f"{path.name} is not a valid ONNX model: it holds a name that is not valid UTF-8") from None
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
@@ -391,21 +410,33 @@ def weightless_copy(proto: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*(Load model from \S+ failed:)?\s*")
 
 
-def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
-    """ONNX Runtime accepts the graph (ops, attributes, types, domains), weights left out."""
+def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int, in_place: bool = False) -> None:
+    """ONNX Runtime accepts the graph (ops, attributes, types, domains), weights left out.
+
+    ``in_place``: tensors naming the model file itself are read from the file it resolves to
+    (ONNX Runtime refuses external data reached through a symbolic link)."""
     import onnxruntime as ort
 
     name = path.name
     options = ort.SessionOptions()
+    skeleton = weightless_copy(proto, ir_version)
+    folder = path.parent.resolve()
+    if in_place:
+        real = path.resolve()
+        folder = real.parent
+        for tensor in _tensors(skeleton):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value == path.name:
+                    entry.value = real.name
     # subgraphs keep their (small) initializers; external ones are found beside the model
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if any(node.domain == "ox_quant" for g in _graphs(proto.graph) for node in g.node):
         from ox_quant.custom_ops import register_library
 
         register_library(options, "cpu")  # raises, saying how to build it, when it is missing
-    data = weightless_copy(proto, ir_version).SerializeToString()
+    data = skeleton.SerializeToString()
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
 
     try:
@@ -419,10 +450,11 @@ def check_runnable(proto: onnx.ModelProto, path: Path, ir_version: int) -> None:
         raise OxQuantError(f"ONNX Runtime {ort.__version__} rejects {name}: {one_line(reason)}") from exc
 
 
-def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int) -> None:
+def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int, in_place: bool = False) -> None:
     """All checks of this module on ``proto`` (parsed from ``path``), cheapest first.
 
-    ``ir_version`` is the version a converted model is written with (for ONNX Runtime's check).
+    ``ir_version`` is the version a converted model is written with (for ONNX Runtime's check);
+    ``in_place``: ``proto`` refers to embedded tensors in the file (``ox_quant.wire.scan``).
     """
     if not proto.HasField("graph"):
         raise OxQuantError(f"{path.name} is not an ONNX model: it has no graph")
@@ -430,7 +462,7 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool, ir_version: int
     check_text(proto, path.name)
     check_external_data(proto, path.parent, path.name)
     check_tensor_sizes(proto, path.name)
-    check_structure(path)
+    check_structure(path, proto if in_place else None)
     check_quantized_nodes(proto)
     if runnable:
-        check_runnable(proto, path, ir_version)
+        check_runnable(proto, path, ir_version, in_place)
