@@ -11,7 +11,8 @@ raising ``OxQuantError`` with a one-line reason:
 3. embedded tensors: ``raw_data`` (or the typed field) holds exactly as many elements or
    bytes as the shape and dtype say;
 4. ONNX's checker with strict shape and type inference, on the file (it never reads
-   external data);
+   external data), or, for a model whose embedded weights were left in the file
+   (``ox_quant.wire``), on the parsed graph;
 5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
    GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
    agreeing with their constant inputs' shapes;

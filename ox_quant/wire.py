@@ -140,7 +140,7 @@ def fields(buf: Buffer, start: int, end: int) -> Iterator[Field]:
 class Scan:
     """A model file's serialization with its large tensors turned into references to the file."""
 
-    data: bytes
+    data: bytes  # empty when no tensor is referenced in place (the file is then parsed as it is)
     in_place: int  # tensors referenced in place
     in_place_bytes: int  # their data bytes
     typed: dict[int, int]  # offset -> data field, for those read from float_data / double_data
@@ -217,11 +217,11 @@ def scan_buffer(buf: Buffer, location: str, min_bytes: int) -> Scan:
         raise ValueError("min_bytes must be positive")
     reader = _Reader(buf, location, min_bytes)
     data = reader.message(0, len(buf), MODEL)
-    return Scan(bytes(buf) if data is None else data, reader.count, reader.nbytes, reader.typed)
+    return Scan(data or b"", reader.count, reader.nbytes, reader.typed)
 
 
 def scan(path: str | os.PathLike, min_bytes: int) -> Scan:
-    """The model file ``path`` with every tensor of at least ``min_bytes`` of ``raw_data``
+    """The model file ``path`` with every tensor of at least ``min_bytes`` of data
     referenced in place (``location`` = the file's name). Raises :class:`WireError` on bytes
     that are not a protobuf message (the caller then leaves the verdict to ONNX's parser)."""
     path = Path(path)

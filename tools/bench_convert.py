@@ -8,7 +8,7 @@ external data (or, with ``--embedded``, inside the .onnx file: protobuf caps tha
 (4-bit, block 128), and reports wall time and peak RSS of each and their ratio.
 
     python tools/bench_convert.py --layers 3 --workdir /tmp/oxq-bench
-    python tools/bench_convert.py --layers 1 --embedded --workdir /tmp/oxq-bench
+    python tools/bench_convert.py --layers 1 --embedded --workdir oxq-bench
 
 Run by hand; needs ~2.5 GB of free disk for 3 layers.
 """
