@@ -14,12 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx_ir as ir
 
 from ox_quant import wire
 from ox_quant.errors import OxQuantError
+
+if TYPE_CHECKING:
+    import onnx
 
 # Outputs whose initializers exceed this many bytes always use external data.
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
@@ -59,7 +62,7 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def read_proto(path: Path) -> tuple["onnx.ModelProto", dict[int, int] | None]:
+def read_proto(path: Path) -> tuple[onnx.ModelProto, dict[int, int] | None]:
     """The model file's ``ModelProto`` without external data, and, if its large embedded
     tensors were left in the file (as external data naming the file itself: ``wire.scan``),
     the offsets of those read from typed fields (``Scan.typed``), else None.
@@ -78,9 +81,10 @@ def read_proto(path: Path) -> tuple["onnx.ModelProto", dict[int, int] | None]:
             proto = onnx.ModelProto()
             try:
                 proto.ParseFromString(scanned.data)
-                return proto, scanned.typed
-            except Exception:  # the parser's verdict comes from onnx.load below
+            except Exception:  # noqa: S110  the parser's verdict comes from onnx.load below
                 pass
+            else:
+                return proto, scanned.typed
     try:
         return onnx.load(str(path), format="protobuf", load_external_data=False), None
     except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin

@@ -24,11 +24,13 @@ FunctionProto.node=7; everything else is copied byte for byte.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Union
 
 import onnx_ir as ir
 
@@ -254,8 +256,8 @@ def _placeholder(tensor: ir.TensorProtocol, index: int) -> ir.ExternalTensor:
         offset=None,
         length=None,
         dtype=tensor.dtype,
-        shape=ir.Shape(tensor.shape),
-        name=tensor.name,
+        shape=ir.Shape(tensor.shape.numpy()),
+        name=tensor.name,  # type: ignore[arg-type]  # None: a nameless attribute tensor
         doc_string=tensor.doc_string,
         metadata_props=dict(tensor.metadata_props),
     )
@@ -284,7 +286,7 @@ def swap_tensors(
             if tensor is not None and which(tensor):
                 value.const_value = replace(tensor, len(tensors))
                 tensors.append(tensor)
-                undo.append(lambda value=value, tensor=tensor: setattr(value, "const_value", tensor))
+                undo.append(functools.partial(setattr, value, "const_value", tensor))
     for node in _nodes(model):
         for key, attr in list(node.attributes.items()):
             if attr.is_ref() or attr.value is None:
@@ -304,7 +306,7 @@ def swap_tensors(
             else:
                 continue
             node.attributes[key] = new
-            undo.append(lambda node=node, key=key, attr=attr: node.attributes.__setitem__(key, attr))
+            undo.append(functools.partial(node.attributes.__setitem__, key, attr))
 
     def restore() -> None:
         for step in reversed(undo):
@@ -359,7 +361,7 @@ class _Splicer:
         if index is None:
             return None
         size, number = self.sizes[index], self.data_fields[index]
-        raw = [tag(number, 2) + varint(size), index]
+        raw: list[Piece] = [tag(number, 2) + varint(size), index]
         pieces: list[Piece] = []
         for f in found:  # protobuf writes fields in number order: the data goes before the first above it
             if f.number in (EXTERNAL_DATA, DATA_LOCATION):
@@ -448,7 +450,7 @@ def rebase_in_place(model: ir.Model, location: str, real: Path) -> int:
             offset=tensor.offset,
             length=tensor.length,
             dtype=tensor.dtype,
-            shape=ir.Shape(tensor.shape),
+            shape=ir.Shape(tensor.shape.numpy()),
             name=tensor.name,
             doc_string=tensor.doc_string,
             metadata_props=dict(tensor.metadata_props),

@@ -18,13 +18,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from helpers import run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import run
-import ox_quant.modelio as modelio
-from ox_quant import wire
+from ox_quant import modelio, wire
 from ox_quant.config import Block, QuantConfig
 from ox_quant.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError
