@@ -278,8 +278,11 @@ def test_truncated_embedded_model_is_refused_as_before(tmp_path):
 # with the same weights in external data; parsing whole protos put it 619 MiB above.
 CHILD = """
 import sys
+import ox_quant.modelio
 from ox_quant.config import Block, QuantConfig
 from ox_quant.convert import ConvertOptions, convert
+if sys.argv[3] == "whole":
+    ox_quant.modelio.IN_PLACE_BYTES = None
 convert(sys.argv[1], sys.argv[2], ConvertOptions(config=QuantConfig(bits=4, granularity=Block(128))))
 with open("/proc/self/status") as status:  # this process's own peak (getrusage counts the parent's at exec)
     print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
@@ -321,9 +324,10 @@ def write_embedded_model(path: Path, count: int, k: int, n: int) -> None:
         f.truncate(f.tell())
 
 
-def child_peak(src: Path, out: Path) -> int:
+def child_peak(src: Path, out: Path, whole: bool = False) -> int:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    args = [sys.executable, "-c", CHILD, str(src), str(out), "whole" if whole else "in-place"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
 
@@ -345,3 +349,6 @@ def test_embedded_model_converts_in_memory_near_one_weight(tmp_path):
         f"(model {model_bytes / 2**20:.0f} MiB)"
     )
     run(tmp_path / "big_out.onnx", {"x": np.ones((1, k), np.float32)})
+    # The bound tells the two apart: whole protos (the reference path) exceed it.
+    assert child_peak(big, tmp_path / "whole_out.onnx", whole=True) - baseline > 4 * weight
+    assert (tmp_path / "whole_out.onnx").read_bytes() == (tmp_path / "big_out.onnx").read_bytes()
