@@ -2,11 +2,13 @@
 """Benchmark: ``ox-quant convert`` against ONNX Runtime's ``MatMulNBitsQuantizer``.
 
 Generates a float32 model with LLM-shaped MatMuls (hidden 2048, MLP 5504; per layer
-q/k/v/o 2048x2048, gate/up 2048x5504, down 5504x2048: ~200 MB a layer) stored as
-external data, then times both quantizers as whole processes in the same run, same
-config (4-bit, block 128), and reports wall time and peak RSS of each and their ratio.
+q/k/v/o 2048x2048, gate/up 2048x5504, down 5504x2048: ~193 MiB a layer) stored as
+external data (or, with ``--embedded``, inside the .onnx file: protobuf caps that at 2 GB,
+10 layers), then times both quantizers as whole processes in the same run, same config
+(4-bit, block 128), and reports wall time and peak RSS of each and their ratio.
 
     python tools/bench_convert.py --layers 3 --workdir /tmp/oxq-bench
+    python tools/bench_convert.py --layers 1 --embedded --workdir oxq-bench
 
 Run by hand; needs ~2.5 GB of free disk for 3 layers.
 """
@@ -27,11 +29,11 @@ HIDDEN = 2048
 MLP = 5504
 
 
-def build_model(path: Path, layers: int, seed: int = 0) -> int:
-    """Write the benchmark model (external data) and return its weight bytes."""
+def build_model(path: Path, layers: int, seed: int = 0, embedded: bool = False) -> int:
+    """Write the benchmark model (external data unless ``embedded``) and return its weight bytes."""
     from ox_quant.ir.examples import llm_shaped_model
 
-    return llm_shaped_model(path, layers=layers, hidden=HIDDEN, mlp=MLP, seed=seed, external=True)
+    return llm_shaped_model(path, layers=layers, hidden=HIDDEN, mlp=MLP, seed=seed, external=not embedded)
 
 
 def _vm_hwm(pid: int) -> int | None:
@@ -46,14 +48,16 @@ def _vm_hwm(pid: int) -> int | None:
     return None
 
 
-def timed(cmd: list[str]) -> tuple[float, int, int]:
+def timed(cmd: list[str], cwd: Path) -> tuple[float, int, int]:
     """Run ``cmd``; return (wall seconds, peak RSS bytes, exit code) of that process.
 
     Peak RSS is the child's own VmHWM, sampled every 10 ms (getrusage's ru_maxrss would
     include the benchmark process's memory copied at fork time).
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Run outside any checkout: ``python -m`` puts the working directory first on sys.path,
+    # and the ox_quant measured must be the one this script imports (PYTHONPATH or installed).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     peak = 0
     while proc.poll() is None:
         hwm = _vm_hwm(proc.pid)
@@ -78,14 +82,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench-convert"))
     parser.add_argument("--repeat", type=int, default=2, help="runs of each tool; the best wall time is kept")
     parser.add_argument("--asymmetric", action="store_true")
+    parser.add_argument("--embedded", action="store_true", help="weights inside the .onnx file, not external data")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     args = parser.parse_args()
 
+    args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.workdir / "llm_shaped.onnx"
     t0 = time.perf_counter()
-    weight_bytes = build_model(src, args.layers)
-    print(f"model: {args.layers} layers, {weight_bytes / 2**20:.0f} MiB of float32 MatMul weights "
+    weight_bytes = build_model(src, args.layers, embedded=args.embedded)
+    layout = "embedded" if args.embedded else "external data"
+    print(f"model: {args.layers} layers, {weight_bytes / 2**20:.0f} MiB of float32 MatMul weights, {layout} "
           f"(built in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
     sym = not args.asymmetric
@@ -104,7 +111,7 @@ def main() -> None:
             for p in args.workdir.iterdir():
                 if p.name.startswith(out.stem):
                     p.unlink()
-            wall, rss, _ = timed(cmd)
+            wall, rss, _ = timed(cmd, args.workdir)
             results[name].append((wall, rss))
             print(f"{name}: {wall:.2f} s, peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
 
@@ -114,6 +121,7 @@ def main() -> None:
     summary = {
         "layers": args.layers,
         "weight_mib": round(weight_bytes / 2**20, 1),
+        "layout": layout,
         "config": f"int4 block128 {'sym' if sym else 'asym'}",
         "ox_quant_wall_s": round(ours_wall, 2),
         "ort_wall_s": round(ort_wall, 2),

@@ -1,7 +1,11 @@
-"""Loading models with memory-mapped external data, and saving them atomically.
+"""Loading models with memory-mapped weights, and saving them atomically.
 
-Outputs are written into a temporary folder beside the destination and renamed into
-place (external data first, then the model), so a failure leaves no partial file.
+External data is memory-mapped; so are the large tensors of a model file that embeds its
+weights: :mod:`ox_quant.ir.wire` reads the file with those tensors as references into the file
+itself, so the graph is parsed and the weights are not. Embedded outputs are written one
+large tensor at a time. Outputs are written into a temporary folder beside the destination
+and renamed into place (external data first, then the model), so a failure leaves no
+partial file.
 """
 
 from __future__ import annotations
@@ -10,15 +14,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 import onnx_ir as ir
 
+from ox_quant.ir import wire
 from ox_quant.errors import OxQuantError
+
+if TYPE_CHECKING:
+    import onnx
 
 # Outputs whose initializers exceed this many bytes always use external data.
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 * 1024
+# Embedded tensors of at least this many bytes are read in place (wire.scan) and written
+# streamed (wire.save_embedded). None: whole protos are parsed and serialized instead.
+IN_PLACE_BYTES: int | None = 4096
 
 
 def external_files(model: ir.Model) -> set[Path]:
@@ -52,12 +63,41 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def read_proto(path: Path) -> tuple[onnx.ModelProto, dict[int, int] | None]:
+    """The model file's ``ModelProto`` without external data, and, if its large embedded
+    tensors were left in the file (as external data naming the file itself: ``wire.scan``),
+    the offsets of those read from typed fields (``Scan.typed``), else None.
+
+    A file with more than one hard link is parsed whole (onnx_ir refuses to map such files);
+    so is one the scan cannot read, and ONNX's parser gives the verdict.
+    """
+    import onnx
+
+    if IN_PLACE_BYTES is not None and path.stat().st_nlink == 1:
+        try:
+            scanned = wire.scan(path, IN_PLACE_BYTES)
+        except (wire.WireError, OSError, ValueError):
+            scanned = None
+        if scanned is not None and scanned.in_place:
+            proto = onnx.ModelProto()
+            try:
+                proto.ParseFromString(scanned.data)
+            except Exception:  # noqa: S110  the parser's verdict comes from onnx.load below
+                pass
+            else:
+                return proto, scanned.typed
+    try:
+        return onnx.load(str(path), format="protobuf", load_external_data=False), None
+    except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
+        raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
+
+
 def load_model(
     path: str | os.PathLike,
     runnable: bool = False,
     runtime_check: Callable[[onnx.ModelProto, Path], None] | None = None,
 ) -> ir.Model:
-    """Load and validate an ONNX model; external data stays on disk, memory-mapped on first use.
+    """Load and validate an ONNX model; its weights stay on disk, memory-mapped on first use.
 
     Validation (``ox_quant.ir.validate``) reads the graph, not the weights. ``runnable``: the
     model is to be converted (opsets ox-quant converts). ``runtime_check(proto, path)`` runs
@@ -69,11 +109,9 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise OxQuantError(f"{path}: no such file")
-    try:
-        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
-    except Exception as exc:  # the parser's verdict on the bytes: protobuf DecodeError and kin
-        raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
-    validate(proto, path, runnable)
+    proto, typed = read_proto(path)
+    in_place = typed is not None
+    validate(proto, path, runnable, in_place=in_place)
     if runtime_check is not None:
         runtime_check(proto, path)
     try:
@@ -82,6 +120,9 @@ def load_model(
         raise OxQuantError(f"{path.name} is not a readable ONNX model: {root_cause(exc)}") from exc
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
+    if in_place:  # through a symbolic link too, and in functions, which set_base_dir skips
+        wire.rebase_in_place(model, path.name, path.resolve())
+        model.meta[wire.TYPED_IN_PLACE] = (path.resolve(), typed)  # written back into those fields
     return model
 
 
@@ -89,14 +130,14 @@ def model_bytes(path: str | os.PathLike) -> int:
     """Size of a model file plus every external-data file it refers to."""
     path = Path(path)
     total = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
+    proto, _ = read_proto(path)
     seen: set[str] = set()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in seen:
                 seen.add(entry.value)
                 data = path.parent / entry.value
-                if data.is_file():
+                if data.is_file() and data.resolve() != path.resolve():  # not weights read in place
                     total += data.stat().st_size
     return total
 
@@ -130,12 +171,15 @@ def save_model_atomically(
         if on_tensor is not None:
             def callback(tensor, info) -> None:  # type: ignore[no-untyped-def]
                 on_tensor(tensor.name or "", info.index, info.total)
-        ir.save(
-            model,
-            tmp_model,
-            external_data=data_name if external else None,
-            callback=callback if external else None,
-        )
+        if external or IN_PLACE_BYTES is None:
+            ir.save(
+                model,
+                tmp_model,
+                external_data=data_name if external else None,
+                callback=callback if external else None,
+            )
+        else:
+            wire.save_embedded(model, tmp_model, IN_PLACE_BYTES)
         data_path = None
         if external and (tmp_dir / data_name).exists():
             data_path = output.parent / data_name

@@ -12,7 +12,8 @@ raising ``OxQuantError`` with a one-line reason:
    bytes as the shape and dtype say;
 4. ONNX's checker with strict shape and type inference, on the file (it never reads
    external data); a missing opset import of ``com.microsoft`` or ``ox_quant``, which ONNX
-   Runtime does not need, is added first (in memory);
+   Runtime does not need, is added first (in memory); for a model whose embedded weights were left in the file
+   (``ox_quant.ir.wire``), it runs on the parsed graph;
 5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
    GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
    agreeing with their constant inputs' shapes;
@@ -109,7 +110,7 @@ def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from graphs(sub)
 
 
-def _tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+def tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every initializer and tensor attribute, in every graph and model-local function."""
     all_graphs = list(graphs(proto.graph))
     nodes = [node for g in all_graphs for node in g.node] + [node for f in proto.functions for node in f.node]
@@ -168,7 +169,7 @@ def expected_nbytes(tensor: TensorProto) -> int | None:
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> None:
     """Each external tensor names a regular file inside ``base_dir`` that is long enough."""
     base = base_dir.resolve()
-    for tensor in _tensors(proto):
+    for tensor in tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         label = f"tensor {_text(tensor.name, 'a tensor name in ' + name)!r}"
@@ -214,7 +215,7 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
 
 def check_tensor_sizes(proto: onnx.ModelProto, name: str) -> None:
     """Embedded tensors hold exactly the data their shape and dtype say."""
-    for tensor in _tensors(proto):
+    for tensor in tensors(proto):
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
         label = f"tensor {_text(tensor.name, 'a tensor name in ' + name)!r}"
@@ -339,15 +340,35 @@ def add_implied_opsets(proto: onnx.ModelProto) -> list[str]:
     return added
 
 
+def _checker_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its external-data locations marked as in-memory ("#" + location), which
+    the checker does not look up (given a proto, it would resolve them against the working
+    directory); :func:`check_external_data` has checked them."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for tensor in tensors(copy):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "#" + entry.value
+    return copy
+
+
 def check_structure(path: Path, proto: onnx.ModelProto | None = None) -> None:
     """ONNX's checker with strict shape and type inference, run on the file (or on ``proto``,
-    parsed from it, when its opset imports were completed in memory).
+    parsed from it, when its opset imports were completed in memory or its embedded weights were
+    left in the file).
 
     Given a path, the checker parses the graph itself and does not read external data, so the
-    cost is that of the graph file, not the weights.
+    cost is that of the graph file, not the weights. A model whose embedded weights were left
+    in the file (``ox_quant.ir.wire``) is checked from its small ``proto`` instead, which costs
+    the graph where parsing the file would cost the weights.
     """
     try:
-        onnx.checker.check_model(proto if proto is not None else str(path), full_check=True)
+        if proto is None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(_checker_copy(proto), full_check=True)
     except UnicodeDecodeError:  # the checker's own message quotes a name that is not UTF-8
         raise OxQuantError(f"{path.name} is not a valid ONNX model: it holds a name that is not valid UTF-8") from None
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
@@ -402,11 +423,12 @@ def weightless_copy(proto: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     return skeleton
 
 
-def validate(proto: onnx.ModelProto, path: Path, runnable: bool) -> None:
+def validate(proto: onnx.ModelProto, path: Path, runnable: bool, in_place: bool = False) -> None:
     """All checks of this module on ``proto`` (parsed from ``path``), cheapest first.
 
     ``runnable``: the model is to be converted (opsets ox-quant converts); whether ONNX Runtime
     accepts it is :func:`ox_quant.runtime.loadable.check_runnable`'s job.
+    ``in_place``: ``proto`` refers to embedded tensors in the file (``ox_quant.ir.wire.scan``).
     """
     if not proto.HasField("graph"):
         raise OxQuantError(f"{path.name} is not an ONNX model: it has no graph")
@@ -415,5 +437,5 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool) -> None:
     check_external_data(proto, path.parent, path.name)
     check_tensor_sizes(proto, path.name)
     completed = add_implied_opsets(proto)
-    check_structure(path, proto if completed else None)
+    check_structure(path, proto if completed or in_place else None)
     check_quantized_nodes(proto)

@@ -40,6 +40,7 @@ from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
+from ox_quant.ir.wire import load_attribute_tensors
 from ox_quant.formats.tied import TIED_FORMAT, plan_tied, write_tied
 from ox_quant.formats.writers import (
     MS_DOMAIN,
@@ -431,7 +432,7 @@ def convert(
     model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
     _check_paths(src, out, model)
-    input_is_external = bool(external_files(model))
+    input_is_external = bool(external_files(model) - {src.resolve()})  # not its own embedded weights
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
@@ -489,6 +490,8 @@ def convert(
                else "INT4/UINT4 initializers need IR 10")
         changes.append(VersionChange("IR version", old_ir, model.ir_version, why))
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    if external:  # the saver re-writes initializers, not attribute tensors read in place
+        load_attribute_tensors(model, src.resolve())
     data_path = save_model_atomically(model, out, external)
     return ConvertReport(
         input=src,

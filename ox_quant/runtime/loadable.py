@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ox_quant.errors import OxQuantError, one_line
-from ox_quant.ir.validate import ONNX_DOMAINS, graphs, weightless_copy
+from ox_quant.ir.validate import ONNX_DOMAINS, graphs, tensors, weightless_copy
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.ort import load as load_onnxruntime
 from ox_quant.runtime.session import max_ir_version, onnxruntime_supports_opset
@@ -41,17 +41,28 @@ def check_runnable(proto: onnx.ModelProto, path: Path) -> None:
     ort = load_onnxruntime()
     name = path.name
     check_opset_runnable(proto, name)
+    skeleton = weightless_copy(proto, min(proto.ir_version, max_ir_version()))
+    folder = path.parent.resolve()
+    # Embedded tensors left in the file (``ox_quant.ir.wire``) name the model file itself: read
+    # them from the file it resolves to (ONNX Runtime refuses external data reached through a
+    # symbolic link).
+    in_place = [entry for tensor in tensors(skeleton) for entry in tensor.external_data
+                if entry.key == "location" and entry.value == path.name]
+    if in_place:
+        real = path.resolve()
+        folder = real.parent
+        for entry in in_place:
+            entry.value = real.name
     options = ort.SessionOptions()
     # subgraphs keep their (small) initializers; external ones are found beside the model
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if any(node.domain == CUSTOM_DOMAIN for g in graphs(proto.graph) for node in g.node):
         from ox_quant.runtime.custom_ops import register_library
 
         register_library(options, "cpu")  # raises, saying how to build it, when it is missing
-    ir_version = min(proto.ir_version, max_ir_version())
-    data = weightless_copy(proto, ir_version).SerializeToString()
+    data = skeleton.SerializeToString()
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
 
     try:
