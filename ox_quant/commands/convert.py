@@ -8,28 +8,8 @@ import time
 
 import click
 
-from ox_quant.core.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
+from ox_quant.core.config import DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
 from ox_quant.errors import OxQuantError
-
-DEFAULT_BLOCK_SIZE = 128
-
-
-def resolve_granularity(granularity: str | None, block_size: int | None) -> Granularity:
-    """Combine ``--granularity`` and ``--block-size`` per the CLI contract.
-
-    ``--block-size N`` alone means block N (-1: per-channel); neither means block 128.
-    """
-    if granularity is None:
-        if block_size == -1:
-            return PerChannel()
-        return parse_granularity("block", block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
-    kind = granularity.split(":", 1)[0]
-    if kind in ("tensor", "channel") and block_size is not None and block_size != -1:
-        raise OxQuantError(f"--block-size applies to block and channel-group granularity, not {kind}")
-    if kind in ("block", "channel-group") and ":" not in granularity and block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE
-    return parse_granularity(granularity, block_size)
-
 
 def format_bytes(n: int) -> str:
     size = float(n)
@@ -79,7 +59,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code, 2 to 8.")
-@click.option("--block-size", type=int, default=None, help="Block size along K (default 128); -1 = per-channel. Alone, implies --granularity block.")
+@click.option("--block-size", type=int, default=None, help=f"Block size along K (default {DEFAULT_BLOCK_SIZE}); {PER_CHANNEL_BLOCK_SIZE} = per-channel. Alone, implies --granularity block.")
 @click.option(
     "--granularity",
     metavar="tensor|channel|block[:B]|channel-group[:G]",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ox_quant.core.config import Block, ChannelGroup, Granularity, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Granularity, QuantConfig
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,7 @@ class QuantizedWeight:
 
 def group_sizes(granularity: Granularity, k: int, n: int) -> tuple[int, int]:
     """``(rows, cols)`` of weights sharing one scale (the last group may be partial)."""
-    if isinstance(granularity, PerTensor):
-        return k, n
-    if isinstance(granularity, PerChannel):
-        return k, 1
-    if isinstance(granularity, Block):
-        return granularity.size, 1
-    if isinstance(granularity, ChannelGroup):
-        return k, granularity.size
-    raise TypeError(f"unknown granularity {granularity!r}")
+    return granularity.block_shape(k, n)
 
 
 def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: int) -> np.ndarray:

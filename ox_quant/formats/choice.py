@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Format, QuantConfig
 from ox_quant.errors import OxQuantError
 
 MATMULNBITS_BITS = (2, 4, 8)
@@ -44,10 +44,11 @@ def _ms_block_op_rejects(op: str, config: QuantConfig, dtype: str, along: str) -
     """The limits ONNX Runtime's CPU kernels of MatMulNBits and GatherBlockQuantized share."""
     if config.bits not in MATMULNBITS_BITS:
         return f"{op} takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
+    block = config.granularity.k_block
+    if block is None:
         return f"{op} needs block scales along {along}, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return f"{op} block size must be a power of two from 16 to 256, not {config.granularity.size}"
+    if block not in MATMULNBITS_BLOCK_SIZES:
+        return f"{op} block size must be a power of two from 16 to 256, not {block}"
     if dtype not in FLOAT_DTYPES:
         return f"{op} takes float32/float16 weights, not {dtype.lower()}"
     return None
@@ -67,12 +68,7 @@ def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> st
 
 def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
     """Why the granularity does not fit a ``[K, N]`` weight (None when it does)."""
-    g = config.granularity
-    if isinstance(g, Block) and g.size > k:
-        return f"block size {g.size} is larger than K={k}"
-    if isinstance(g, ChannelGroup) and g.size > n:
-        return f"channel-group size {g.size} is larger than N={n}"
-    return None
+    return config.granularity.misfit(k, n)
 
 
 def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
@@ -88,16 +84,7 @@ def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") ->
 
 def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
     """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
-    g = config.granularity
-    if isinstance(g, Block):
-        return g.size, 1
-    if isinstance(g, PerChannel):
-        return k, 1
-    if isinstance(g, ChannelGroup):
-        return k, g.size
-    if isinstance(g, PerTensor):
-        return k, n
-    raise TypeError(g)
+    return config.granularity.block_shape(k, n)
 
 
 def _requested(config: QuantConfig, written: str, rejection: str | None) -> FormatChoice:
@@ -166,11 +153,4 @@ def choose_qdq_only(config: QuantConfig, why: str) -> FormatChoice:
 
 def granularity_block_size(config: QuantConfig) -> int | None:
     """The ``block_size`` reported for a granularity: B, G, -1 (per-channel) or None."""
-    g = config.granularity
-    if isinstance(g, (Block, ChannelGroup)):
-        return g.size
-    if isinstance(g, PerChannel):
-        return -1
-    if isinstance(g, PerTensor):
-        return None
-    raise TypeError(g)
+    return config.granularity.block_size

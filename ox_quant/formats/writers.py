@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.core.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.choice import custom_block_and_group
 from ox_quant.core.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
@@ -185,8 +185,8 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[int, ...]]:
     """Input shapes of MatMulNBits: B ``[N, nb, blob]``, scales ``[N*nb]``, zero points."""
-    assert isinstance(config.granularity, Block)
-    bs = config.granularity.size
+    bs = config.granularity.k_block
+    assert bs is not None
     nb = math.ceil(k / bs)
     shapes = {"B": (n, nb, math.ceil(bs * config.bits / 8)), "scales": (n * nb,)}
     if not config.symmetric:
@@ -196,8 +196,8 @@ def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[i
 
 def pack_for_matmulnbits(config: QuantConfig) -> Packer:
     """Codes/scales/zero points ``[nb, N]`` -> MatMulNBits inputs (N-major)."""
-    assert isinstance(config.granularity, Block)
-    bs = config.granularity.size
+    bs = config.granularity.k_block
+    assert bs is not None
 
     def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
         out = {
@@ -246,8 +246,9 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
 
 def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
-    assert isinstance(config.granularity, Block)
-    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
+    block = config.granularity.k_block
+    assert block is not None
+    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": block}
     if config.accuracy_level is not None:
         attributes["accuracy_level"] = config.accuracy_level
     w = Writer(site, config, used_names, on_done)
@@ -291,9 +292,10 @@ def write_gather_block_quantized(
     Table ``[V, D]`` (``W = table.T``: K = D, N = V): data ``uint8[V, D*bits/8]`` (each row a
     bitstream), scales ``[V, ceil(D/B)]``, zero points ``uint8[V, ceil(nb*bits/8)]``.
     """
-    assert isinstance(config.granularity, Block)
+    block = config.granularity.k_block
+    assert block is not None
     v, d = site.n, site.k
-    nb = math.ceil(d / config.granularity.size)
+    nb = math.ceil(d / block)
 
     def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
         out = {"data": pack_bitstream(np.ascontiguousarray(q.codes.T), q.bits), "scales": np.ascontiguousarray(q.scales.T)}
@@ -308,7 +310,7 @@ def write_gather_block_quantized(
     inputs: list[ir.Value | None] = [data, None, scales]
     if not config.symmetric:
         inputs.append(w.add(lazy, "zero_points", ir.DataType.UINT8, (v, math.ceil(nb * config.bits / 8)), "_zp"))
-    attributes = {"block_size": config.granularity.size, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
+    attributes = {"block_size": block, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
     for use in site.uses:
         node = use.node
         node_inputs = list(inputs)
@@ -331,16 +333,14 @@ def qdq_layout(site: WeightSite, config: QuantConfig) -> tuple[dict[str, int], t
     """
     g = config.granularity
     n_axis, k_axis = (1, 0) if site.layout == "KN" else (0, 1)
-    if isinstance(g, PerTensor):
+    if g.per_tensor:
         return {}, ()
-    if isinstance(g, (PerChannel, ChannelGroup)):
+    if g.k_block is None:  # per-channel, channel-group: one value per output channel
         return {"axis": n_axis}, (site.n,)
-    if isinstance(g, Block):
-        if len(site.stored_shape) != 2:
-            raise ValueError("block scales need a rank-2 weight")
-        nb = math.ceil(site.k / g.size)
-        return {"axis": k_axis, "block_size": g.size}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
-    raise TypeError(g)
+    if len(site.stored_shape) != 2:
+        raise ValueError("block scales need a rank-2 weight")
+    nb = math.ceil(site.k / g.k_block)
+    return {"axis": k_axis, "block_size": g.k_block}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
 
 
 def qdq_dtype(config: QuantConfig) -> ir.DataType:
@@ -355,8 +355,9 @@ def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
     nk = site.layout == "NK"
 
     def params(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
-        if isinstance(q.granularity, ChannelGroup):  # one value per channel, repeated G times
-            a = np.repeat(a[0], q.granularity.size)[: site.n]
+        group = q.granularity.n_group
+        if group is not None:  # one value per channel, repeated G times
+            a = np.repeat(a[0], group)[: site.n]
         elif nk and a.ndim == 2:
             a = a.T
         return np.ascontiguousarray(a).reshape(param_shape)

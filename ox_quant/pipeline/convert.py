@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from ox_quant.core.config import Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.fold import fold_constant_weights
 from ox_quant.formats.choice import (
@@ -216,7 +216,7 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     """
     kinds = site.kinds
     if kinds == {"conv"}:
-        if not isinstance(config.granularity, (PerTensor, PerChannel)):
+        if config.granularity.k_block is not None or config.granularity.n_group is not None:
             config = replace(config, granularity=PerChannel())
         if qdq_rejects(config, site.k, site.n):
             return Skip(site.name, f"Conv weights are written as QDQ, which takes 4 or 8 bits, not {config.bits}")

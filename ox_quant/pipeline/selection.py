@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ox_quant.core.config import Format, QuantConfig, parse_granularity
+from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
@@ -130,12 +130,11 @@ def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "
         if "granularity" in overrides or "block_size" in overrides:
             block = overrides.get("block_size")
             text = overrides.get("granularity")
-            if text is None:
-                text = "channel" if block == -1 else "block"
-            kind = str(text).split(":")[0]
-            if block is None and kind in ("block", "channel-group") and ":" not in str(text):
-                block = getattr(base.granularity, "size", 128)
-            changes["granularity"] = parse_granularity(str(text), None if block is None else int(block))
+            size = base.granularity.block_size
+            default = size if size is not None and size > 0 else DEFAULT_BLOCK_SIZE
+            changes["granularity"] = resolve_granularity(
+                None if text is None else str(text), None if block is None else int(block), default, "block_size"
+            )
     except (ValueError, TypeError) as exc:
         raise OxQuantError(f"{where}: {exc}") from None
     return replace(base, **changes)
