@@ -21,13 +21,14 @@ PACKAGE = REPO / "ox_quant"
 ZOO = REPO / "models"
 
 #: Bottom to top. A layer may import itself and the layers before it.
-LAYERS = ("errors", "core", "ir", "formats", "runtime", "pipeline", "export", "verification",
+LAYERS = ("errors", "core", "algorithms", "ir", "formats", "runtime", "pipeline", "export", "verification",
           "evaluation", "study", "commands", "cli")
 #: Layers that may import the model zoo.
 ZOO_USERS = {"evaluation", "study", "commands", "cli"}
 #: Third-party packages a layer must never import.
 FORBIDDEN = {
     "core": {"onnxruntime", "onnx", "onnx_ir", "torch", "onnxscript"},
+    "algorithms": {"onnxruntime", "onnx", "onnx_ir", "torch", "onnxscript"},
     "ir": {"onnxruntime", "torch"},
     "formats": {"onnxruntime", "torch"},
 }

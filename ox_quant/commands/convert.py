@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ox_quant.core.config import DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
+from ox_quant.core.config import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
 from ox_quant.errors import OxQuantError
 
 def format_bytes(n: int) -> str:
@@ -76,6 +76,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
 )
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
+@click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
 @click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
@@ -92,6 +93,7 @@ def convert(
     fmt: str,
     symmetric: bool,
     accuracy_level: int | None,
+    algorithm: str,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
     include_op: tuple[str, ...],
@@ -115,6 +117,7 @@ def convert(
         symmetric=symmetric,
         format=Format(fmt),
         accuracy_level=accuracy_level,
+        algorithm=algorithm,
     )
     if min_elements < 0:
         raise OxQuantError(f"--min-elements must be >= 0, got {min_elements}")

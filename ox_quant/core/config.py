@@ -28,6 +28,8 @@ DEFAULT_BLOCK_SIZE = 128
 """Block size along K when none is given (CLI, recipes, the default config)."""
 PER_CHANNEL_BLOCK_SIZE = -1
 """A block size of -1 means per-channel (the GPTQ convention); also how it is reported."""
+DEFAULT_ALGORITHM = "rtn"
+"""Round-to-nearest: the algorithm used when none is named (``ox_quant.algorithms.registry``)."""
 
 
 class Granularity:
@@ -244,6 +246,8 @@ class QuantConfig:
     scale = absmax / (2**(bits-1) - 1). Asymmetric: scale and zero point cover
     ``[min(w_min, 0), max(w_max, 0)]`` of each group (zero stays exactly representable).
     ``accuracy_level`` is passed through to MatMulNBits (None: not written).
+    ``algorithm`` names the quantizer that chooses scales and codes (``ox_quant.algorithms``;
+    checked against its registry when a conversion is planned).
     """
 
     bits: int = 4
@@ -251,6 +255,7 @@ class QuantConfig:
     symmetric: bool = True
     format: Format = Format.AUTO
     accuracy_level: int | None = None
+    algorithm: str = DEFAULT_ALGORITHM
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:

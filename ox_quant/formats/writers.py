@@ -19,7 +19,8 @@ from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.choice import custom_block_and_group
 from ox_quant.core.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
-from ox_quant.core.quantize import QuantizedWeight, quantize
+from ox_quant.core.quantize import QuantizedWeight
+from ox_quant.algorithms.base import Quantizer, SiteStats
 from ox_quant.ir.sites import WeightSite
 
 MS_DOMAIN = "com.microsoft"
@@ -59,9 +60,19 @@ class LazyQuantizedArrays:
     asked for again (the saver asks once).
     """
 
-    def __init__(self, site: WeightSite, config: QuantConfig, packer: Packer, on_done: ProgressHook | None):
+    def __init__(
+        self,
+        site: WeightSite,
+        config: QuantConfig,
+        packer: Packer,
+        on_done: ProgressHook | None,
+        quantizer: Quantizer,
+        stats: SiteStats | None = None,
+    ):
         self._site = site
         self._config = config
+        self._quantizer = quantizer
+        self._stats = stats
         self._packer = packer
         self._on_done = on_done
         self._arrays: dict[str, np.ndarray] | None = None
@@ -74,7 +85,7 @@ class LazyQuantizedArrays:
         w = self._site.normalise(np.asarray(weight.numpy()))
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
-            quantized = quantize(w, self._config, scale_dtype=scale_np)
+            quantized = self._quantizer.quantize(w, self._config, np.dtype(scale_np), self._stats)
         # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
         # costs one pass over [groups], not another pass over the weight.
         if not np.isfinite(quantized.scales).all():  # positions are reported as stored
@@ -138,9 +149,19 @@ def stored_nbytes(values: list[ir.Value]) -> int:
 class Writer:
     """Adds the quantized tensors of one site to its graph and rewires its uses."""
 
-    def __init__(self, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None):
+    def __init__(
+        self,
+        site: WeightSite,
+        config: QuantConfig,
+        used_names: set[str],
+        on_done: ProgressHook | None,
+        quantizer: Quantizer,
+        stats: SiteStats | None = None,
+    ):
         self.site = site
         self.config = config
+        self.quantizer = quantizer
+        self.stats = stats
         self.graph = site.graph
         self.used_names = used_names
         self._on_done = on_done
@@ -150,7 +171,7 @@ class Writer:
         return _fresh_name(self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
-        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
+        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done, self.quantizer, self.stats)
 
     def add(self, lazy: LazyQuantizedArrays, key: str, dtype: ir.DataType, shape: tuple[int, ...], suffix: str) -> ir.Value:
         value = _initializer(self.graph, lazy.tensor(key, dtype, shape, self.name(suffix)))
@@ -244,14 +265,22 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
     return None
 
 
-def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+def write_matmulnbits(
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
+) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
     block = config.granularity.k_block
     assert block is not None
     attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": block}
     if config.accuracy_level is not None:
         attributes["accuracy_level"] = config.accuracy_level
-    w = Writer(site, config, used_names, on_done)
+    w = Writer(site, config, used_names, on_done, quantizer, stats)
     shapes = matmulnbits_shapes(site.k, site.n, config)
     return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
 
@@ -285,7 +314,13 @@ def _write_nbits_nodes(
 
 
 def write_gather_block_quantized(
-    site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
 ) -> int:
     """Replace each ``Gather(table, ids)`` by ``com.microsoft.GatherBlockQuantized``.
 
@@ -303,7 +338,7 @@ def write_gather_block_quantized(
             out["zero_points"] = pack_zero_points(q.zero_points, q.bits).reshape(v, -1)
         return out
 
-    w = Writer(site, config, used_names, on_done)
+    w = Writer(site, config, used_names, on_done, quantizer, stats)
     lazy = w.lazy(packer)
     data = w.add(lazy, "data", ir.DataType.UINT8, (v, d * config.bits // 8), "_Q")
     scales = w.add(lazy, "scales", w.scale_dtype, (v, nb), "_scales")
@@ -374,10 +409,18 @@ def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
     return packer
 
 
-def write_qdq(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+def write_qdq(
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
+) -> int:
     """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` read by every use."""
     attributes, param_shape = qdq_layout(site, config)
-    w = Writer(site, config, used_names, on_done)
+    w = Writer(site, config, used_names, on_done, quantizer, stats)
     lazy = w.lazy(pack_for_qdq(site, config))
     q_dtype = qdq_dtype(config)
     inputs = [w.add(lazy, "q", q_dtype, site.stored_shape, "_Q"), w.add(lazy, "scale", w.scale_dtype, param_shape, "_scale")]
@@ -416,7 +459,15 @@ def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[
     return shapes, attributes
 
 
-def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+def write_custom(
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
+) -> int:
     """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
     from ox_quant.formats.custom_matmul import DOMAIN, OP_TYPE, custom_matmul_initializers
 
@@ -428,4 +479,4 @@ def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on
         return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
 
     shapes, attributes = custom_shapes(site.k, site.n, config)
-    return _write_nbits_nodes(Writer(site, config, used_names, on_done), packer, shapes, OP_TYPE, DOMAIN, attributes)
+    return _write_nbits_nodes(Writer(site, config, used_names, on_done, quantizer, stats), packer, shapes, OP_TYPE, DOMAIN, attributes)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import onnx_ir as ir
 
-from ox_quant.core.config import Format, PerChannel, QuantConfig
+from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.fold import fold_constant_weights
 from ox_quant.formats.choice import (
@@ -52,10 +54,16 @@ QDQ_MIN_OPSET = 21  # INT4/UINT4 and block_size on DequantizeLinear
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Everything ``convert`` needs besides the paths."""
+    """Everything ``convert`` needs besides the paths.
+
+    ``calibration``: per-site statistics (``SiteStats``, keyed by the weight's initializer
+    name) that a calibration stage gathered; each site's entry is handed to the quantizer of
+    its config's ``algorithm`` (round-to-nearest ignores it). None: no calibration.
+    """
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
+    calibration: Mapping[str, SiteStats] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,8 @@ def default_output_path(input_path: Path, config: QuantConfig) -> Path:
         tag += "-asym"
     if config.format is not Format.AUTO:
         tag += f"-{config.format.value}"
+    if config.algorithm != DEFAULT_ALGORITHM:
+        tag += f"-{config.algorithm}"
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 
@@ -284,6 +294,7 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
         if config is None:
             site_skips.append(Skip(site.name, "skipped by the recipe"))
             continue
+        get_quantizer(config.algorithm)  # an unknown algorithm is an error, not a skip
         try:
             planned = plan_site(site, config)
         except OxQuantError as exc:
@@ -327,6 +338,7 @@ def convert(
     options = options or ConvertOptions()
     selection = options.selection
     selection.compiled()  # validate regexes before touching any file
+    get_quantizer(options.config.algorithm)
     src = Path(input_path)
     model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
@@ -357,7 +369,10 @@ def convert(
 
     entries = []
     for site, config, choice in plan:
-        nbytes = WRITERS[choice.format](site, config, used_names, on_done)
+        stats = options.calibration.get(site.name) if options.calibration else None
+        nbytes = WRITERS[choice.format](
+            site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
+        )
         entries.append(
             QuantizedEntry(
                 name=site.name,
