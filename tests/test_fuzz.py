@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import matmul_model
 from ox_quant.cli import main
-from ox_quant.ir.modelio import load_model
+from ox_quant.pipeline.load import load_model
 from ox_quant.runtime.session import make_session
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
-"""Which on-disk format can express a quantization config, and why not.
+"""The automatic choice of an on-disk format for a weight: each format says which configs it can
+hold and why not (``rejects`` of its module in ``ox_quant.formats``); this module picks one.
 
-The one place that maps granularities to each format's axis and block conventions:
+Each format's axis and block conventions:
 
 =================  ==============================  ==========================================
 granularity        MatMulNBits (com.microsoft)     DequantizeLinear (opset 21)
@@ -22,14 +23,13 @@ from dataclasses import dataclass
 
 from ox_quant.core.config import Format, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.custom_matmul import custom_block_and_group, custom_rejects  # noqa: F401 (re-exported)
+from ox_quant.formats.gather_block_quantized import gather_rejects
+from ox_quant.formats.matmulnbits import FLOAT_DTYPES, MATMULNBITS_BITS, MATMULNBITS_BLOCK_SIZES, matmulnbits_rejects  # noqa: F401
+from ox_quant.formats.qdq import QDQ_BITS, qdq_rejects  # noqa: F401 (re-exported)
+from ox_quant.formats.registry import FORMATS
 
-MATMULNBITS_BITS = (2, 4, 8)
-MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
-QDQ_BITS = (4, 8)
-FLOAT_DTYPES = ("FLOAT", "FLOAT16")  # activation dtypes MatMulNBits accepts on CPU
-
-
-WRITTEN_FORMATS = ("matmulnbits", "qdq", "gather_block_quantized", "custom")
+WRITTEN_FORMATS = tuple(f.name for f in FORMATS)
 
 
 @dataclass(frozen=True)
@@ -40,51 +40,9 @@ class FormatChoice:
     reason: str
 
 
-def _ms_block_op_rejects(op: str, config: QuantConfig, dtype: str, along: str) -> str | None:
-    """The limits ONNX Runtime's CPU kernels of MatMulNBits and GatherBlockQuantized share."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"{op} takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
-    block = config.granularity.k_block
-    if block is None:
-        return f"{op} needs block scales along {along}, not {config.granularity.name} scales"
-    if block not in MATMULNBITS_BLOCK_SIZES:
-        return f"{op} block size must be a power of two from 16 to 256, not {block}"
-    if dtype not in FLOAT_DTYPES:
-        return f"{op} takes float32/float16 weights, not {dtype.lower()}"
-    return None
-
-
-def matmulnbits_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why MatMulNBits cannot hold this config (None when it can)."""
-    return _ms_block_op_rejects("MatMulNBits", config, dtype, "K")
-
-
-def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why DequantizeLinear cannot hold this config (None when it can)."""
-    if config.bits not in QDQ_BITS:
-        return f"DequantizeLinear takes 4- or 8-bit integers, not {config.bits}-bit"
-    return None
-
-
 def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
     """Why the granularity does not fit a ``[K, N]`` weight (None when it does)."""
     return config.granularity.misfit(k, n)
-
-
-def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why ox-quant's own ``ox_quant.MatMulNBits`` cannot hold this config (None when it can).
-
-    It takes any bits 2..8 and every granularity: block B, per-channel (one block of K),
-    channel-group G (one block of K, G channels per scale), per-tensor (K and N).
-    """
-    if dtype not in FLOAT_DTYPES:
-        return f"ox_quant.MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
-    return None
-
-
-def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
-    """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
-    return config.granularity.block_shape(k, n)
 
 
 def _requested(config: QuantConfig, written: str, rejection: str | None) -> FormatChoice:
@@ -116,14 +74,6 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
     if custom_no is None:
         return FormatChoice("custom", f"{nbits_no}; {qdq_no}: ox-quant's custom op (needs its library at run time)")
     raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}; {custom_no}")
-
-
-def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why ``com.microsoft.GatherBlockQuantized`` cannot hold a table ``[V=N, D=K]``."""
-    rejected = _ms_block_op_rejects("GatherBlockQuantized", config, dtype, "the embedding")
-    if rejected is None and (k * config.bits) % 8:
-        return f"embedding width {k} x {config.bits} bits is not a whole number of bytes"
-    return rejected
 
 
 def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:

@@ -1,4 +1,6 @@
-"""Building the quantized replacement of a weight site in the graph.
+"""Building the quantized replacement of a weight site in the graph: what every format's
+``write`` shares (lazy quantized tensors, names, rewiring; each format's own writer lives in
+its module of ``ox_quant.formats``).
 
 The new initializers are ``onnx_ir.LazyTensor``s: a weight is read (memory-mapped),
 quantized and packed only when the saver asks for its first tensor, and its large arrays
@@ -17,13 +19,10 @@ import onnx_ir as ir
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.formats.choice import custom_block_and_group
-from ox_quant.core.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
 from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.algorithms.base import Quantizer, SiteStats
 from ox_quant.ir.sites import WeightSite
-
-MS_DOMAIN = "com.microsoft"
+from ox_quant.ir.validate import MS_DOMAIN
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
 
 Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
@@ -201,35 +200,7 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# MatMulNBits (MatMul, and Gemm without alpha/transA)
-
-
-def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[int, ...]]:
-    """Input shapes of MatMulNBits: B ``[N, nb, blob]``, scales ``[N*nb]``, zero points."""
-    bs = config.granularity.k_block
-    assert bs is not None
-    nb = math.ceil(k / bs)
-    shapes = {"B": (n, nb, math.ceil(bs * config.bits / 8)), "scales": (n * nb,)}
-    if not config.symmetric:
-        shapes["zero_points"] = (n * math.ceil(nb * config.bits / 8),)
-    return shapes
-
-
-def pack_for_matmulnbits(config: QuantConfig) -> Packer:
-    """Codes/scales/zero points ``[nb, N]`` -> MatMulNBits inputs (N-major)."""
-    bs = config.granularity.k_block
-    assert bs is not None
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        out = {
-            "B": pack_matmulnbits(q.codes, q.bits, bs, pad_code=0),
-            "scales": np.ascontiguousarray(q.scales.T).reshape(-1),
-        }
-        if not q.symmetric:
-            out["zero_points"] = pack_zero_points(q.zero_points, q.bits)
-        return out
-
-    return packer
+# What the MatMulNBits-like formats share (com.microsoft's and ox-quant's op)
 
 
 def gemm_bias(node: ir.Node, n: int) -> np.ndarray | None | str:
@@ -265,26 +236,6 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
     return None
 
 
-def write_matmulnbits(
-    site: WeightSite,
-    config: QuantConfig,
-    used_names: set[str],
-    on_done: ProgressHook | None,
-    *,
-    quantizer: Quantizer,
-    stats: SiteStats | None = None,
-) -> int:
-    """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
-    block = config.granularity.k_block
-    assert block is not None
-    attributes: dict[str, int] = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": block}
-    if config.accuracy_level is not None:
-        attributes["accuracy_level"] = config.accuracy_level
-    w = Writer(site, config, used_names, on_done, quantizer, stats)
-    shapes = matmulnbits_shapes(site.k, site.n, config)
-    return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
-
-
 def _write_nbits_nodes(
     w: Writer, packer: Packer, shapes: dict[str, tuple[int, ...]], op_type: str, domain: str, attributes: dict[str, int]
 ) -> int:
@@ -307,176 +258,3 @@ def _write_nbits_nodes(
         name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
         w.replace_node(node, ir.node(op_type, new_inputs, attributes, domain=domain, name=name))
     return w.finish()
-
-
-# ----------------------------------------------------------------------------------
-# GatherBlockQuantized (embedding tables read only by Gather)
-
-
-def write_gather_block_quantized(
-    site: WeightSite,
-    config: QuantConfig,
-    used_names: set[str],
-    on_done: ProgressHook | None,
-    *,
-    quantizer: Quantizer,
-    stats: SiteStats | None = None,
-) -> int:
-    """Replace each ``Gather(table, ids)`` by ``com.microsoft.GatherBlockQuantized``.
-
-    Table ``[V, D]`` (``W = table.T``: K = D, N = V): data ``uint8[V, D*bits/8]`` (each row a
-    bitstream), scales ``[V, ceil(D/B)]``, zero points ``uint8[V, ceil(nb*bits/8)]``.
-    """
-    block = config.granularity.k_block
-    assert block is not None
-    v, d = site.n, site.k
-    nb = math.ceil(d / block)
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        out = {"data": pack_bitstream(np.ascontiguousarray(q.codes.T), q.bits), "scales": np.ascontiguousarray(q.scales.T)}
-        if not q.symmetric:
-            out["zero_points"] = pack_zero_points(q.zero_points, q.bits).reshape(v, -1)
-        return out
-
-    w = Writer(site, config, used_names, on_done, quantizer, stats)
-    lazy = w.lazy(packer)
-    data = w.add(lazy, "data", ir.DataType.UINT8, (v, d * config.bits // 8), "_Q")
-    scales = w.add(lazy, "scales", w.scale_dtype, (v, nb), "_scales")
-    inputs: list[ir.Value | None] = [data, None, scales]
-    if not config.symmetric:
-        inputs.append(w.add(lazy, "zero_points", ir.DataType.UINT8, (v, math.ceil(nb * config.bits / 8)), "_zp"))
-    attributes = {"block_size": block, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
-    for use in site.uses:
-        node = use.node
-        node_inputs = list(inputs)
-        node_inputs[1] = node.inputs[1]
-        name = _fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
-        new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
-        w.replace_node(node, new)
-    return w.finish()
-
-
-# ----------------------------------------------------------------------------------
-# DequantizeLinear (QDQ): any use, the weight keeps its stored layout
-
-
-def qdq_layout(site: WeightSite, config: QuantConfig) -> tuple[dict[str, int], tuple[int, ...]]:
-    """DequantizeLinear attributes and scale shape for the weight *as stored*.
-
-    ``KN`` (``[K, N]``): channel axis 1, blocks along axis 0 -> scale ``[nb, N]``.
-    ``NK`` (``[N, K]`` or Conv ``[N, ...]``): channel axis 0, blocks along axis 1 -> ``[N, nb]``.
-    """
-    g = config.granularity
-    n_axis, k_axis = (1, 0) if site.layout == "KN" else (0, 1)
-    if g.per_tensor:
-        return {}, ()
-    if g.k_block is None:  # per-channel, channel-group: one value per output channel
-        return {"axis": n_axis}, (site.n,)
-    if len(site.stored_shape) != 2:
-        raise ValueError("block scales need a rank-2 weight")
-    nb = math.ceil(site.k / g.k_block)
-    return {"axis": k_axis, "block_size": g.k_block}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
-
-
-def qdq_dtype(config: QuantConfig) -> ir.DataType:
-    """INT4/INT8 (symmetric: codes - mid, zero point 0) or UINT4/UINT8 (asymmetric)."""
-    if config.bits == 4:
-        return ir.DataType.INT4 if config.symmetric else ir.DataType.UINT4
-    return ir.DataType.INT8 if config.symmetric else ir.DataType.UINT8
-
-
-def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
-    _, param_shape = qdq_layout(site, config)
-    nk = site.layout == "NK"
-
-    def params(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
-        group = q.granularity.n_group
-        if group is not None:  # one value per channel, repeated G times
-            a = np.repeat(a[0], group)[: site.n]
-        elif nk and a.ndim == 2:
-            a = a.T
-        return np.ascontiguousarray(a).reshape(param_shape)
-
-    def stored(codes: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(codes.T).reshape(site.stored_shape) if nk else codes
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        if q.symmetric:
-            codes = (q.codes.astype(np.int16) - config.mid).astype(np.int8)
-            return {"q": stored(codes), "scale": params(q.scales, q)}
-        return {"q": stored(q.codes), "scale": params(q.scales, q), "zero_point": params(q.zero_points, q)}
-
-    return packer
-
-
-def write_qdq(
-    site: WeightSite,
-    config: QuantConfig,
-    used_names: set[str],
-    on_done: ProgressHook | None,
-    *,
-    quantizer: Quantizer,
-    stats: SiteStats | None = None,
-) -> int:
-    """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` read by every use."""
-    attributes, param_shape = qdq_layout(site, config)
-    w = Writer(site, config, used_names, on_done, quantizer, stats)
-    lazy = w.lazy(pack_for_qdq(site, config))
-    q_dtype = qdq_dtype(config)
-    inputs = [w.add(lazy, "q", q_dtype, site.stored_shape, "_Q"), w.add(lazy, "scale", w.scale_dtype, param_shape, "_scale")]
-    if not config.symmetric:
-        inputs.append(w.add(lazy, "zero_point", q_dtype, param_shape, "_zp"))
-    meta = {"ox_quant.granularity": str(config.granularity), "ox_quant.bits": str(config.bits)}
-    dq = ir.node("DequantizeLinear", inputs, attributes, name=w.name("_DequantizeLinear"), metadata_props=meta)
-    dq.outputs[0].name = w.name("_dq")
-    dq.outputs[0].dtype = site.value.dtype
-    dq.outputs[0].shape = ir.Shape(site.stored_shape)
-    if len(w.graph) > 0:
-        w.graph.insert_before(w.graph.node(0), dq)
-    else:
-        w.graph.append(dq)
-    for use in site.uses:
-        use.node.replace_input_with(use.index, dq.outputs[0])
-    return w.finish()
-
-
-# ----------------------------------------------------------------------------------
-# ox_quant.MatMulNBits (custom op: any bits, every granularity)
-
-
-def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Input shapes and attributes of ``ox_quant.MatMulNBits`` for a ``[K, N]`` weight."""
-    block, group = custom_block_and_group(config, k, n)
-    nb, ng = math.ceil(k / block), math.ceil(n / group)
-    shapes = {"B": (n, nb, math.ceil(block * config.bits / 8)), "scales": (ng * nb,)}
-    if not config.symmetric:
-        shapes["zero_points"] = (ng * math.ceil(nb * config.bits / 8),)
-    attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
-    if group != 1:
-        attributes["channel_group_size"] = group
-    if config.accuracy_level is not None:
-        attributes["accuracy_level"] = config.accuracy_level
-    return shapes, attributes
-
-
-def write_custom(
-    site: WeightSite,
-    config: QuantConfig,
-    used_names: set[str],
-    on_done: ProgressHook | None,
-    *,
-    quantizer: Quantizer,
-    stats: SiteStats | None = None,
-) -> int:
-    """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
-    from ox_quant.formats.custom_matmul import DOMAIN, OP_TYPE, custom_matmul_initializers
-
-    block, group = custom_block_and_group(config, site.k, site.n)
-    scale_np, _ = SCALE_DTYPES[site.dtype]
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        zps = None if q.symmetric else q.zero_points
-        return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
-
-    shapes, attributes = custom_shapes(site.k, site.n, config)
-    return _write_nbits_nodes(Writer(site, config, used_names, on_done, quantizer, stats), packer, shapes, OP_TYPE, DOMAIN, attributes)

@@ -25,31 +25,22 @@ from ox_quant.formats.choice import (
     choose_gather_format,
     choose_qdq_only,
     granularity_block_size,
-    qdq_rejects,
 )
+from ox_quant.formats.qdq import qdq_rejects
+from ox_quant.formats.registry import format_named
 from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     external_files,
     initializer_bytes,
-    load_model,
     model_bytes,
     save_model_atomically,
 )
+from ox_quant.pipeline.load import load_model
 from ox_quant.runtime.loadable import check_runnable
-from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import Skip, WeightSite, find_sites, name_matches
-from ox_quant.formats.writers import (
-    MS_DOMAIN,
-    matmulnbits_blocker,
-    write_custom,
-    write_gather_block_quantized,
-    write_matmulnbits,
-    write_qdq,
-)
-
-QDQ_MIN_OPSET = 21  # INT4/UINT4 and block_size on DequantizeLinear
+from ox_quant.formats.writers import matmulnbits_blocker
 
 
 @dataclass(frozen=True)
@@ -250,14 +241,6 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     return config, choose_qdq_only(config, "the MatMul reads the weight through a Transpose")
 
 
-WRITERS = {
-    "matmulnbits": write_matmulnbits,
-    "qdq": write_qdq,
-    "gather_block_quantized": write_gather_block_quantized,
-    "custom": write_custom,
-}
-
-
 def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightSite], list[Skip]]:
     include, exclude = selection.compiled()
     chosen, skips = [], []
@@ -347,16 +330,16 @@ def convert(
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
-    formats = {choice.format for _, _, choice in plan}
-    if "qdq" in formats and _default_opset(model) < QDQ_MIN_OPSET:
+    formats = {format_named(choice.format) for _, _, choice in plan}
+    needed_opset = max([f.opset for f in formats if f.domain == ""], default=0)
+    if _default_opset(model) < needed_opset:
         # The upgrade may rebuild the graph: plan again on the upgraded one.
-        _ensure_opset(model, QDQ_MIN_OPSET)
+        _ensure_opset(model, needed_opset)
         plan, skips = _plan(model, options)
-        formats = {choice.format for _, _, choice in plan}
-    if formats & {"matmulnbits", "gather_block_quantized"}:
-        model.opset_imports[MS_DOMAIN] = 1
-    if "custom" in formats:
-        model.opset_imports[CUSTOM_DOMAIN] = 1
+        formats = {format_named(choice.format) for _, _, choice in plan}
+    for fmt in formats:
+        if fmt.domain:
+            model.opset_imports[fmt.domain] = fmt.opset
 
     used_names = _all_names(model)
     total = len(plan)
@@ -370,7 +353,7 @@ def convert(
     entries = []
     for site, config, choice in plan:
         stats = options.calibration.get(site.name) if options.calibration else None
-        nbytes = WRITERS[choice.format](
+        nbytes = format_named(choice.format).write(
             site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
         )
         entries.append(
@@ -388,7 +371,7 @@ def convert(
             )
         )
 
-    needed_ir = 10 if "qdq" in formats else model.ir_version
+    needed_ir = max([model.ir_version] + [f.min_ir_version for f in formats])
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
     external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_path = save_model_atomically(model, out, external)
