@@ -4,7 +4,7 @@ Every ``import`` and ``from ... import`` counts, at module level or inside a fun
 lazy import is still a dependency. Arrows point down only: a sub-package may import
 ``ox_quant.errors`` and the layers below it, never one above; modules import each other in no
 cycle; no library layer imports ``ox_quant.commands``; only the top layers import the model zoo
-(``ox_quant_models``); ``core`` imports neither onnx nor onnxruntime nor torch; ``ir`` and
+(``ox_quant_models``); ``core`` and ``algorithms`` import neither onnx nor onnxruntime nor torch; ``ir`` and
 ``formats`` never import onnxruntime or torch.
 """
 
