@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 import numpy as np
 import onnx
@@ -91,7 +91,7 @@ def node_input(node: ir.Node, i: int) -> ir.Value | None:
     return node.inputs[i] if len(node.inputs) > i else None
 
 
-def proto_attr(node: onnx.NodeProto, name: str, default: object) -> object:
+def proto_attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     """The value of attribute ``name`` of an ``onnx.NodeProto``, or ``default``."""
     for attribute in node.attribute:
         if attribute.name == name:
@@ -120,7 +120,7 @@ def int_attribute(node: onnx.NodeProto, key: str, default: int | None, label: st
 class TensorSource(Protocol):
     """The initializers of a model, read on demand (``ox_quant.verification.per_layer``)."""
 
-    def __contains__(self, name: object) -> bool: ...
+    def __contains__(self, name: str) -> bool: ...
 
     def array(self, name: str) -> np.ndarray: ...
 
