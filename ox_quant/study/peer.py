@@ -15,6 +15,7 @@ from typing import Any
 
 from ox_quant.core.config import DEFAULT_BLOCK_SIZE, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.matmulnbits import MIN_BLOCK_SIZE, valid_block_size
 
 PEER_BITS = (2, 4, 8)
 PEER_NAME = "MatMulNBitsQuantizer"
@@ -26,8 +27,8 @@ def peer_arguments(config: QuantConfig) -> dict[str, Any] | str:
     if g.k_block is not None:
         if config.bits not in PEER_BITS:
             return f"not supported by {PEER_NAME} (it takes 2, 4 or 8 bits, not {config.bits})"
-        if g.k_block < 16 or g.k_block & (g.k_block - 1):
-            return f"not supported by {PEER_NAME} (block size must be a power of two >= 16, not {g.k_block})"
+        if not valid_block_size(g.k_block):
+            return f"not supported by {PEER_NAME} (block size must be a power of two >= {MIN_BLOCK_SIZE}, not {g.k_block})"
         return {"bits": config.bits, "block_size": g.k_block, "is_symmetric": config.symmetric, "quant_format": "QOperator"}
     if g.per_channel:
         if config.bits != 4:
