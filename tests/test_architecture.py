@@ -4,7 +4,7 @@ Every ``import`` and ``from ... import`` counts, at module level or inside a fun
 lazy import is still a dependency. Arrows point down only: a sub-package may import
 ``ox_quant.errors`` and the layers below it, never one above; modules import each other in no
 cycle; no library layer imports ``ox_quant.commands``; only the top layers import the model zoo
-(``ox_quant_models``); ``core`` imports neither onnx nor onnxruntime nor torch; ``ir`` and
+(``ox_quant_models``); ``core`` and ``algorithms`` import neither onnx nor onnxruntime nor torch; ``ir`` and
 ``formats`` never import onnxruntime or torch.
 """
 
@@ -21,13 +21,14 @@ PACKAGE = REPO / "ox_quant"
 ZOO = REPO / "models"
 
 #: Bottom to top. A layer may import itself and the layers before it.
-LAYERS = ("errors", "core", "ir", "formats", "runtime", "pipeline", "export", "verification",
+LAYERS = ("errors", "core", "algorithms", "ir", "formats", "runtime", "pipeline", "export", "verification",
           "evaluation", "study", "commands", "cli")
 #: Layers that may import the model zoo.
 ZOO_USERS = {"evaluation", "study", "commands", "cli"}
 #: Third-party packages a layer must never import.
 FORBIDDEN = {
     "core": {"onnxruntime", "onnx", "onnx_ir", "torch", "onnxscript"},
+    "algorithms": {"onnxruntime", "onnx", "onnx_ir", "torch", "onnxscript"},
     "ir": {"onnxruntime", "torch"},
     "formats": {"onnxruntime", "torch"},
 }

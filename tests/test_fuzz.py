@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ox_quant.runtime.custom_ops import library_available
 from tests.helpers import digest, matmul_model
 from ox_quant.cli import main
-from ox_quant.ir.modelio import load_model
+from ox_quant.pipeline.load import load_model
 from ox_quant.runtime.session import make_session
 
 pytestmark = pytest.mark.slow

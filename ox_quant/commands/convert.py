@@ -8,28 +8,8 @@ import time
 
 import click
 
-from ox_quant.core.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
+from ox_quant.core.config import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
 from ox_quant.errors import OxQuantError
-
-DEFAULT_BLOCK_SIZE = 128
-
-
-def resolve_granularity(granularity: str | None, block_size: int | None) -> Granularity:
-    """Combine ``--granularity`` and ``--block-size`` per the CLI contract.
-
-    ``--block-size N`` alone means block N (-1: per-channel); neither means block 128.
-    """
-    if granularity is None:
-        if block_size == -1:
-            return PerChannel()
-        return parse_granularity("block", block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
-    kind = granularity.split(":", 1)[0]
-    if kind in ("tensor", "channel") and block_size is not None and block_size != -1:
-        raise OxQuantError(f"--block-size applies to block and channel-group granularity, not {kind}")
-    if kind in ("block", "channel-group") and ":" not in granularity and block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE
-    return parse_granularity(granularity, block_size)
-
 
 def format_bytes(n: int) -> str:
     size = float(n)
@@ -89,7 +69,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code, 2 to 8.")
-@click.option("--block-size", type=int, default=None, help="Block size along K (default 128); -1 = per-channel. Alone, implies --granularity block.")
+@click.option("--block-size", type=int, default=None, help=f"Block size along K (default {DEFAULT_BLOCK_SIZE}); {PER_CHANNEL_BLOCK_SIZE} = per-channel. Alone, implies --granularity block.")
 @click.option(
     "--granularity",
     metavar="tensor|channel|block[:B]|channel-group[:G]",
@@ -109,6 +89,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
 )
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
+@click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
 @click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
@@ -125,6 +106,7 @@ def convert(
     fmt: str,
     symmetric: bool,
     accuracy_level: int | None,
+    algorithm: str,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
     include_op: tuple[str, ...],
@@ -148,6 +130,7 @@ def convert(
         symmetric=symmetric,
         format=Format(fmt),
         accuracy_level=accuracy_level,
+        algorithm=algorithm,
     )
     if min_elements < 0:
         raise OxQuantError(f"--min-elements must be >= 0, got {min_elements}")

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from ox_quant.core.packing import unpack_bitstream
 from ox_quant.errors import OxQuantError
 
 
@@ -41,10 +42,7 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     if count * bits > 8 * packed.shape[-1]:
         raise OxQuantError(f"{packed.shape[-1]} bytes cannot hold {count} codes of {bits} bits")
-    stream = np.unpackbits(packed, axis=-1, bitorder="little")[..., : count * bits]
-    stream = stream.reshape(*packed.shape[:-1], count, bits).astype(np.uint8)
-    weights = (1 << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
-    return (stream * weights).sum(axis=-1, dtype=np.uint16).astype(np.uint8)
+    return unpack_bitstream(packed, bits, count)
 
 
 def dequantize_matmulnbits(

@@ -15,7 +15,9 @@ Scales are rounded to ``scale_dtype`` (the activation dtype a format stores) *be
 codes are computed, so the bound holds for the stored scale. Rounding is half-to-even.
 
 :func:`quantize_reference` loops over groups one at a time (slow, obvious);
-:func:`quantize` is the vectorised version held to it by tests.
+:func:`quantize` is the vectorised version held to it by tests. It is two steps, as the
+quantizer seam (``ox_quant.algorithms``) needs: :func:`choose_qparams` (scales and zero
+points) and :func:`quantize_with` (codes under given parameters).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ox_quant.core.config import Block, ChannelGroup, Granularity, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Granularity, QuantConfig
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,7 @@ class QuantizedWeight:
 
 def group_sizes(granularity: Granularity, k: int, n: int) -> tuple[int, int]:
     """``(rows, cols)`` of weights sharing one scale (the last group may be partial)."""
-    if isinstance(granularity, PerTensor):
-        return k, n
-    if isinstance(granularity, PerChannel):
-        return k, 1
-    if isinstance(granularity, Block):
-        return granularity.size, 1
-    if isinstance(granularity, ChannelGroup):
-        return k, granularity.size
-    raise TypeError(f"unknown granularity {granularity!r}")
+    return granularity.block_shape(k, n)
 
 
 def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: int) -> np.ndarray:
@@ -145,8 +139,20 @@ def _grouped_view(w: np.ndarray, gk: int, gn: int) -> np.ndarray:
     return w.reshape(rows, gk, cols, gn)
 
 
-def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
-    """Vectorised round-to-nearest quantization of ``weight[K, N]`` (see module docstring)."""
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of ``W[K, N]``: ``scales`` (``scale_dtype[R, C]``, as stored)
+    and ``zero_points`` (``uint8[R, C]``) with ``(R, C) = granularity.scale_shape(K, N)``."""
+
+    scales: np.ndarray
+    zero_points: np.ndarray
+
+
+def choose_qparams(
+    weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32, stats: object | None = None
+) -> QParams:
+    """Round-to-nearest's scales and zero points of ``weight[K, N]`` (module docstring's
+    formulas, vectorised). ``stats`` (calibration statistics) is not used by this rule."""
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
     gk, gn = group_sizes(config.granularity, k, n)
@@ -163,7 +169,19 @@ def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np
         with np.errstate(divide="ignore", invalid="ignore"):
             zp_f = np.where(scales_f > 0, np.round(-lo / scales_f), 0)
         zps = np.clip(zp_f, 0, config.qmax).astype(np.uint8)
+    return QParams(scales_f.astype(scale_dtype), zps)
 
+
+def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> np.ndarray:
+    """Codes ``uint8[K, N]`` of ``weight[K, N]`` under given scales and zero points:
+    ``clip(round(w / scale) (+ zp), ...)`` as in the module docstring; a zero scale gives ``zp``."""
+    w = np.asarray(weight, dtype=np.float32)
+    k, n = w.shape
+    gk, gn = group_sizes(config.granularity, k, n)
+    grouped = _grouped_view(w, gk, gn)
+    f32 = np.float32
+    scales_f = qparams.scales.astype(f32)  # exact: the stored scales came from float32
+    zps = qparams.zero_points
     safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
     q = np.round(grouped / safe)
     if config.symmetric:
@@ -175,11 +193,18 @@ def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np
     # zero-range groups: every code is the zero point
     q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
     rows, cols = scales_f.shape
-    codes = q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n]
+    return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
+
+
+def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
+    """Vectorised round-to-nearest quantization of ``weight[K, N]`` (see module docstring):
+    :func:`choose_qparams` then :func:`quantize_with`."""
+    qparams = choose_qparams(weight, config, scale_dtype)
+    codes = quantize_with(weight, qparams, config)
     return QuantizedWeight(
-        np.ascontiguousarray(codes),
-        scales_f.astype(scale_dtype),
-        zps,
+        codes,
+        qparams.scales,
+        qparams.zero_points,
         config.bits,
         config.granularity,
         config.symmetric,

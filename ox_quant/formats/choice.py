@@ -1,6 +1,7 @@
-"""Which on-disk format can express a quantization config, and why not.
+"""The automatic choice of an on-disk format for a weight: each format says which configs it can
+hold and why not (``rejects`` of its module in ``ox_quant.formats``); this module picks one.
 
-The one place that maps granularities to each format's axis and block conventions:
+Each format's axis and block conventions:
 
 =================  ==============================  ==========================================
 granularity        MatMulNBits (com.microsoft)     DequantizeLinear (opset 21)
@@ -20,16 +21,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Format, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.custom_matmul import custom_block_and_group, custom_rejects  # noqa: F401 (re-exported)
+from ox_quant.formats.gather_block_quantized import gather_rejects
+from ox_quant.formats.matmulnbits import FLOAT_DTYPES, MATMULNBITS_BITS, MATMULNBITS_BLOCK_SIZES, matmulnbits_rejects  # noqa: F401
+from ox_quant.formats.qdq import QDQ_BITS, qdq_rejects  # noqa: F401 (re-exported)
+from ox_quant.formats.registry import FORMATS
 
-MATMULNBITS_BITS = (2, 4, 8)
-MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
-QDQ_BITS = (4, 8)
-FLOAT_DTYPES = ("FLOAT", "FLOAT16")  # activation dtypes MatMulNBits accepts on CPU
-
-
-WRITTEN_FORMATS = ("matmulnbits", "qdq", "gather_block_quantized", "custom", "gather_block_quantized+matmulnbits")
+#: GatherBlockQuantized and MatMulNBits over one stored tensor (a tied table; formats/tied.py)
+TIED_FORMAT = "gather_block_quantized+matmulnbits"
+WRITTEN_FORMATS = (*(f.name for f in FORMATS), TIED_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -40,64 +42,9 @@ class FormatChoice:
     reason: str
 
 
-def _ms_block_op_rejects(op: str, config: QuantConfig, dtype: str, along: str) -> str | None:
-    """The limits ONNX Runtime's CPU kernels of MatMulNBits and GatherBlockQuantized share."""
-    if config.bits not in MATMULNBITS_BITS:
-        return f"{op} takes {'/'.join(map(str, MATMULNBITS_BITS))} bits, not {config.bits}"
-    if not isinstance(config.granularity, Block):
-        return f"{op} needs block scales along {along}, not {config.granularity.name} scales"
-    if config.granularity.size not in MATMULNBITS_BLOCK_SIZES:
-        return f"{op} block size must be a power of two from 16 to 256, not {config.granularity.size}"
-    if dtype not in FLOAT_DTYPES:
-        return f"{op} takes float32/float16 weights, not {dtype.lower()}"
-    return None
-
-
-def matmulnbits_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why MatMulNBits cannot hold this config (None when it can)."""
-    return _ms_block_op_rejects("MatMulNBits", config, dtype, "K")
-
-
-def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why DequantizeLinear cannot hold this config (None when it can)."""
-    if config.bits not in QDQ_BITS:
-        return f"DequantizeLinear takes 4- or 8-bit integers, not {config.bits}-bit"
-    return None
-
-
 def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
     """Why the granularity does not fit a ``[K, N]`` weight (None when it does)."""
-    g = config.granularity
-    if isinstance(g, Block) and g.size > k:
-        return f"block size {g.size} is larger than K={k}"
-    if isinstance(g, ChannelGroup) and g.size > n:
-        return f"channel-group size {g.size} is larger than N={n}"
-    return None
-
-
-def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why ox-quant's own ``ox_quant.MatMulNBits`` cannot hold this config (None when it can).
-
-    It takes any bits 2..8 and every granularity: block B, per-channel (one block of K),
-    channel-group G (one block of K, G channels per scale), per-tensor (K and N).
-    """
-    if dtype not in FLOAT_DTYPES:
-        return f"ox_quant.MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
-    return None
-
-
-def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
-    """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
-    g = config.granularity
-    if isinstance(g, Block):
-        return g.size, 1
-    if isinstance(g, PerChannel):
-        return k, 1
-    if isinstance(g, ChannelGroup):
-        return k, g.size
-    if isinstance(g, PerTensor):
-        return k, n
-    raise TypeError(g)
+    return config.granularity.misfit(k, n)
 
 
 def _requested(config: QuantConfig, written: str, rejection: str | None) -> FormatChoice:
@@ -131,14 +78,6 @@ def choose_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> 
     raise OxQuantError(f"no format can express {config.describe()}: {nbits_no}; {qdq_no}; {custom_no}")
 
 
-def gather_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
-    """Why ``com.microsoft.GatherBlockQuantized`` cannot hold a table ``[V=N, D=K]``."""
-    rejected = _ms_block_op_rejects("GatherBlockQuantized", config, dtype, "the embedding")
-    if rejected is None and (k * config.bits) % 8:
-        return f"embedding width {k} x {config.bits} bits is not a whole number of bytes"
-    return rejected
-
-
 def choose_gather_format(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> FormatChoice:
     """Format for an embedding table read only by Gather (``[V, D]``, blocks along D)."""
     gbq_no = gather_rejects(config, k, n, dtype)
@@ -166,11 +105,4 @@ def choose_qdq_only(config: QuantConfig, why: str) -> FormatChoice:
 
 def granularity_block_size(config: QuantConfig) -> int | None:
     """The ``block_size`` reported for a granularity: B, G, -1 (per-channel) or None."""
-    g = config.granularity
-    if isinstance(g, (Block, ChannelGroup)):
-        return g.size
-    if isinstance(g, PerChannel):
-        return -1
-    if isinstance(g, PerTensor):
-        return None
-    raise TypeError(g)
+    return config.granularity.block_size

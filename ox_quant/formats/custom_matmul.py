@@ -21,11 +21,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
+from ox_quant.algorithms.base import Quantizer, SiteStats
+from ox_quant.core.config import QuantConfig
 from ox_quant.core.packing import pack_matmulnbits, pack_zero_points, unpack_matmulnbits, unpack_zero_points
+from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.base import Dequantized, QuantizedTensorInfo, TensorSource
+from ox_quant.formats.base import int_attribute as _int_attribute
+from ox_quant.formats.base import proto_attr as _attr
+from ox_quant.formats.matmulnbits import FLOAT_DTYPES, describe_nbits
+from ox_quant.formats.writers import SCALE_DTYPES, ProgressHook, Writer, _write_nbits_nodes
+from ox_quant.ir.sites import WeightSite
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT8_ACCURACY_LEVEL = 4
@@ -197,3 +209,131 @@ def make_custom_matmul_node(
     while inputs and not inputs[-1]:
         inputs.pop()
     return helper.make_node(OP_TYPE, inputs, [y], domain=DOMAIN, name=name or "", **attributes)
+
+
+# ----------------------------------------------------------------------------------
+# The format: which configs, writing, checking, reading back
+
+
+def custom_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
+    """Why ox-quant's own ``ox_quant.MatMulNBits`` cannot hold this config (None when it can).
+
+    It takes any bits 2..8 and every granularity: block B, per-channel (one block of K),
+    channel-group G (one block of K, G channels per scale), per-tensor (K and N).
+    """
+    if dtype not in FLOAT_DTYPES:
+        return f"ox_quant.MatMulNBits takes float32/float16 activations, not {dtype.lower()}"
+    return None
+
+
+def custom_block_and_group(config: QuantConfig, k: int, n: int) -> tuple[int, int]:
+    """``(block_size, channel_group_size)`` of ``ox_quant.MatMulNBits`` for a granularity."""
+    return config.granularity.block_shape(k, n)
+
+
+def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Input shapes and attributes of ``ox_quant.MatMulNBits`` for a ``[K, N]`` weight."""
+    block, group = custom_block_and_group(config, k, n)
+    nb, ng = math.ceil(k / block), math.ceil(n / group)
+    shapes = {"B": (n, nb, math.ceil(block * config.bits / 8)), "scales": (ng * nb,)}
+    if not config.symmetric:
+        shapes["zero_points"] = (ng * math.ceil(nb * config.bits / 8),)
+    attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
+    if group != 1:
+        attributes["channel_group_size"] = group
+    if config.accuracy_level is not None:
+        attributes["accuracy_level"] = config.accuracy_level
+    return shapes, attributes
+
+
+def write_custom(
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
+) -> int:
+    """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
+    block, group = custom_block_and_group(config, site.k, site.n)
+    scale_np, _ = SCALE_DTYPES[site.dtype]
+
+    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
+        zps = None if q.symmetric else q.zero_points
+        return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
+
+    shapes, attributes = custom_shapes(site.k, site.n, config)
+    return _write_nbits_nodes(Writer(site, config, used_names, on_done, quantizer, stats), packer, shapes, OP_TYPE, DOMAIN, attributes)
+
+
+def check_custom_node(node: onnx.NodeProto) -> None:
+    """An ``ox_quant`` custom node has the integer attributes its description relies on."""
+    label = f"{node.op_type} node {node.name or '(unnamed)'!r} (domain {DOMAIN})"
+    k = _int_attribute(node, "K", None, label)
+    n = _int_attribute(node, "N", None, label)
+    bits = _int_attribute(node, "bits", 4, label)
+    block = _int_attribute(node, "block_size", None, label)
+    group = _int_attribute(node, "channel_group_size", 1, label)
+    if min(k, n, block, group) < 1:
+        raise OxQuantError(f"{label}: K, N, block_size and channel_group_size must be positive")
+    if not 2 <= bits <= 8:
+        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
+
+
+def dequantize_node(node: onnx.NodeProto, tensors: TensorSource) -> Dequantized | str | None:
+    """``W[K, N]`` of an ``ox_quant.MatMulNBits`` node on initializers (float32)."""
+    b_name = node.input[1]
+    inputs = [name for name in node.input[1:4] if name]
+    if not all(name in tensors for name in inputs):
+        return "B, scales or zero points are not initializers"
+    if len(node.input) > 4 and node.input[4]:
+        return "ox_quant.MatMulNBits with g_idx is not supported"
+    keys = ("K", "N", "bits", "block_size", "channel_group_size")
+    attributes = {key: int(_attr(node, key, {"bits": 4, "channel_group_size": 1}.get(key, 0))) for key in keys}
+    zero_points = tensors.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    scales = tensors.array(node.input[2])
+    weights = CustomMatMulWeights(tensors.array(b_name), scales, zero_points, attributes)
+    values = dequantize_custom_matmul(weights).astype(np.float32)
+    return Dequantized(b_name, attributes["bits"], values, "kn")
+
+
+class CustomMatMulFormat:
+    """The registry entry of ``ox_quant.MatMulNBits`` (see ``ox_quant.formats.base``)."""
+
+    name = "custom"
+    domain = DOMAIN
+    op_type = OP_TYPE
+    opset = OPSET_VERSION
+    min_ir_version = 0
+    code_input = 1
+
+    def handles(self, domain: str, op_type: str) -> bool:
+        return domain == self.domain  # every op of ox-quant's domain has MatMulNBits' inputs
+
+    def rejects(self, config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> str | None:
+        return custom_rejects(config, k, n, dtype)
+
+    def write(
+        self,
+        site: WeightSite,
+        config: QuantConfig,
+        used_names: set[str],
+        on_done: Callable[[str], None] | None,
+        *,
+        quantizer: Quantizer,
+        stats: SiteStats | None = None,
+    ) -> int:
+        return write_custom(site, config, used_names, on_done, quantizer=quantizer, stats=stats)
+
+    def describe(self, node: ir.Node) -> QuantizedTensorInfo | None:
+        return describe_nbits(node, self.name)
+
+    def check(self, node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) -> None:
+        check_custom_node(node)
+
+    def dequantize(self, node: onnx.NodeProto, tensors: TensorSource) -> Dequantized | str | None:
+        return dequantize_node(node, tensors)
+
+
+CUSTOM = CustomMatMulFormat()

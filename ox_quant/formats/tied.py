@@ -29,24 +29,18 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.core.config import Block, Format, QuantConfig
-from ox_quant.formats.choice import FormatChoice, choose_qdq_only, matmulnbits_rejects
+from ox_quant.core.config import Format, QuantConfig
+from ox_quant.formats.choice import TIED_FORMAT, FormatChoice, choose_qdq_only, matmulnbits_rejects
 from ox_quant.core.packing import pack_bitstream
 from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.ir.sites import Skip, WeightSite
-from ox_quant.formats.writers import (
-    MS_DOMAIN,
-    ProgressHook,
-    Writer,
-    _fresh_name,
-    _initializer,
-    matmulnbits_attributes,
-    matmulnbits_shapes,
-    pack_for_matmulnbits,
-    replace_nbits_uses,
-)
+from ox_quant.algorithms.base import Quantizer, SiteStats
+from ox_quant.formats.matmulnbits import matmulnbits_attributes, matmulnbits_shapes, pack_for_matmulnbits
+from ox_quant.formats.writers import ProgressHook, Writer, _fresh_name, _initializer, replace_nbits_uses
+from ox_quant.ir.validate import MS_DOMAIN
 
-TIED_FORMAT = "gather_block_quantized+matmulnbits"
+#: The registered formats whose nodes a tied table is written as.
+TIED_FORMATS = ("matmulnbits", "gather_block_quantized")
 TIED_REASON = "tied table: GatherBlockQuantized and MatMulNBits read one packed tensor"
 
 
@@ -79,10 +73,18 @@ def _node(w: Writer, op: str, inputs: list[ir.Value | None], suffix: str, **attr
     return node
 
 
-def write_tied(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
+def write_tied(
+    site: WeightSite,
+    config: QuantConfig,
+    used_names: set[str],
+    on_done: ProgressHook | None,
+    *,
+    quantizer: Quantizer,
+    stats: SiteStats | None = None,
+) -> int:
     """Rewrite every use of a tied table to read one packed tensor; return stored bytes."""
-    assert isinstance(config.granularity, Block)
-    bs = config.granularity.size
+    bs = config.granularity.k_block
+    assert bs is not None
     v, d = site.n, site.k
     nb = math.ceil(d / bs)
     base = pack_for_matmulnbits(config)
@@ -93,7 +95,7 @@ def write_tied(site: WeightSite, config: QuantConfig, used_names: set[str], on_d
             out["gather_zero_points"] = pack_bitstream(np.ascontiguousarray(q.zero_points.T)[..., None], q.bits)
         return out
 
-    w = Writer(site, config, used_names, on_done)
+    w = Writer(site, config, used_names, on_done, quantizer, stats)
     lazy = w.lazy(packer)
     shapes = matmulnbits_shapes(d, v, config)
     inputs = {"B": w.add(lazy, "B", ir.DataType.UINT8, shapes["B"], "_Q")}

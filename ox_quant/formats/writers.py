@@ -1,4 +1,6 @@
-"""Building the quantized replacement of a weight site in the graph.
+"""Building the quantized replacement of a weight site in the graph: what every format's
+``write`` shares (lazy quantized tensors, names, rewiring; each format's own writer lives in
+its module of ``ox_quant.formats``).
 
 The new initializers are ``onnx_ir.LazyTensor``s: a weight is read (memory-mapped),
 quantized and packed only when the saver asks for its first tensor, and its large arrays
@@ -15,14 +17,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.core.config import Block, ChannelGroup, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.formats.choice import custom_block_and_group
-from ox_quant.core.packing import pack_bitstream, pack_matmulnbits, pack_zero_points
-from ox_quant.core.quantize import QuantizedWeight, quantize
+from ox_quant.core.quantize import QuantizedWeight
+from ox_quant.algorithms.base import Quantizer, SiteStats
 from ox_quant.ir.sites import WeightSite
-
-MS_DOMAIN = "com.microsoft"
+from ox_quant.ir.validate import MS_DOMAIN
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
 
 Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
@@ -59,9 +59,19 @@ class LazyQuantizedArrays:
     asked for again (the saver asks once).
     """
 
-    def __init__(self, site: WeightSite, config: QuantConfig, packer: Packer, on_done: ProgressHook | None):
+    def __init__(
+        self,
+        site: WeightSite,
+        config: QuantConfig,
+        packer: Packer,
+        on_done: ProgressHook | None,
+        quantizer: Quantizer,
+        stats: SiteStats | None = None,
+    ):
         self._site = site
         self._config = config
+        self._quantizer = quantizer
+        self._stats = stats
         self._packer = packer
         self._on_done = on_done
         self._arrays: dict[str, np.ndarray] | None = None
@@ -74,7 +84,7 @@ class LazyQuantizedArrays:
         w = self._site.normalise(np.asarray(weight.numpy()))
         scale_np, _ = SCALE_DTYPES[self._site.dtype]
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported below
-            quantized = quantize(w, self._config, scale_dtype=scale_np)
+            quantized = self._quantizer.quantize(w, self._config, np.dtype(scale_np), self._stats)
         # A NaN or Inf anywhere in a group makes its scale non-finite: checking the scales
         # costs one pass over [groups], not another pass over the weight.
         if not np.isfinite(quantized.scales).all():  # positions are reported as stored
@@ -138,9 +148,19 @@ def stored_nbytes(values: list[ir.Value]) -> int:
 class Writer:
     """Adds the quantized tensors of one site to its graph and rewires its uses."""
 
-    def __init__(self, site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None):
+    def __init__(
+        self,
+        site: WeightSite,
+        config: QuantConfig,
+        used_names: set[str],
+        on_done: ProgressHook | None,
+        quantizer: Quantizer,
+        stats: SiteStats | None = None,
+    ):
         self.site = site
         self.config = config
+        self.quantizer = quantizer
+        self.stats = stats
         self.graph = site.graph
         self.used_names = used_names
         self._on_done = on_done
@@ -150,7 +170,7 @@ class Writer:
         return _fresh_name(self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
-        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done)
+        return LazyQuantizedArrays(self.site, self.config, packer, self._on_done, self.quantizer, self.stats)
 
     def add(self, lazy: LazyQuantizedArrays, key: str, dtype: ir.DataType, shape: tuple[int, ...], suffix: str) -> ir.Value:
         value = _initializer(self.graph, lazy.tensor(key, dtype, shape, self.name(suffix)))
@@ -180,35 +200,7 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# MatMulNBits (MatMul, and Gemm without alpha/transA)
-
-
-def matmulnbits_shapes(k: int, n: int, config: QuantConfig) -> dict[str, tuple[int, ...]]:
-    """Input shapes of MatMulNBits: B ``[N, nb, blob]``, scales ``[N*nb]``, zero points."""
-    assert isinstance(config.granularity, Block)
-    bs = config.granularity.size
-    nb = math.ceil(k / bs)
-    shapes = {"B": (n, nb, math.ceil(bs * config.bits / 8)), "scales": (n * nb,)}
-    if not config.symmetric:
-        shapes["zero_points"] = (n * math.ceil(nb * config.bits / 8),)
-    return shapes
-
-
-def pack_for_matmulnbits(config: QuantConfig) -> Packer:
-    """Codes/scales/zero points ``[nb, N]`` -> MatMulNBits inputs (N-major)."""
-    assert isinstance(config.granularity, Block)
-    bs = config.granularity.size
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        out = {
-            "B": pack_matmulnbits(q.codes, q.bits, bs, pad_code=0),
-            "scales": np.ascontiguousarray(q.scales.T).reshape(-1),
-        }
-        if not q.symmetric:
-            out["zero_points"] = pack_zero_points(q.zero_points, q.bits)
-        return out
-
-    return packer
+# What the MatMulNBits-like formats share (com.microsoft's and ox-quant's op)
 
 
 def gemm_bias(node: ir.Node, n: int) -> np.ndarray | None | str:
@@ -241,23 +233,6 @@ def matmulnbits_blocker(site: WeightSite) -> str | None:
         if use.kind not in ("matmul", "gemm", "transpose_matmul"):
             return f"{use.op} cannot read a MatMulNBits weight"
     return None
-
-
-def write_matmulnbits(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
-    """Replace each MatMul/Gemm use of ``site`` by ``com.microsoft.MatMulNBits``; return stored bytes."""
-    w = Writer(site, config, used_names, on_done)
-    shapes = matmulnbits_shapes(site.k, site.n, config)
-    attributes = matmulnbits_attributes(site, config)
-    return _write_nbits_nodes(w, pack_for_matmulnbits(config), shapes, "MatMulNBits", MS_DOMAIN, attributes)
-
-
-def matmulnbits_attributes(site: WeightSite, config: QuantConfig) -> dict[str, int]:
-    """``K``, ``N``, ``bits``, ``block_size`` (and ``accuracy_level`` when set) of MatMulNBits."""
-    assert isinstance(config.granularity, Block)
-    attributes = {"K": site.k, "N": site.n, "bits": config.bits, "block_size": config.granularity.size}
-    if config.accuracy_level is not None:
-        attributes["accuracy_level"] = config.accuracy_level
-    return attributes
 
 
 def _write_nbits_nodes(
@@ -347,152 +322,3 @@ def _gemm_nodes(
     return nodes
 
 
-# ----------------------------------------------------------------------------------
-# GatherBlockQuantized (embedding tables read only by Gather)
-
-
-def write_gather_block_quantized(
-    site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None
-) -> int:
-    """Replace each ``Gather(table, ids)`` by ``com.microsoft.GatherBlockQuantized``.
-
-    Table ``[V, D]`` (``W = table.T``: K = D, N = V): data ``uint8[V, D*bits/8]`` (each row a
-    bitstream), scales ``[V, ceil(D/B)]``, zero points ``uint8[V, ceil(nb*bits/8)]``.
-    """
-    assert isinstance(config.granularity, Block)
-    v, d = site.n, site.k
-    nb = math.ceil(d / config.granularity.size)
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        out = {"data": pack_bitstream(np.ascontiguousarray(q.codes.T), q.bits), "scales": np.ascontiguousarray(q.scales.T)}
-        if not q.symmetric:
-            out["zero_points"] = pack_zero_points(q.zero_points, q.bits).reshape(v, -1)
-        return out
-
-    w = Writer(site, config, used_names, on_done)
-    lazy = w.lazy(packer)
-    data = w.add(lazy, "data", ir.DataType.UINT8, (v, d * config.bits // 8), "_Q")
-    scales = w.add(lazy, "scales", w.scale_dtype, (v, nb), "_scales")
-    inputs: list[ir.Value | None] = [data, None, scales]
-    if not config.symmetric:
-        inputs.append(w.add(lazy, "zero_points", ir.DataType.UINT8, (v, math.ceil(nb * config.bits / 8)), "_zp"))
-    attributes = {"block_size": config.granularity.size, "gather_axis": 0, "quantize_axis": 1, "bits": config.bits}
-    for use in site.uses:
-        node = use.node
-        node_inputs = list(inputs)
-        node_inputs[1] = node.inputs[1]
-        name = _fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
-        new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
-        w.replace_node(node, new)
-    return w.finish()
-
-
-# ----------------------------------------------------------------------------------
-# DequantizeLinear (QDQ): any use, the weight keeps its stored layout
-
-
-def qdq_layout(site: WeightSite, config: QuantConfig) -> tuple[dict[str, int], tuple[int, ...]]:
-    """DequantizeLinear attributes and scale shape for the weight *as stored*.
-
-    ``KN`` (``[K, N]``): channel axis 1, blocks along axis 0 -> scale ``[nb, N]``.
-    ``NK`` (``[N, K]`` or Conv ``[N, ...]``): channel axis 0, blocks along axis 1 -> ``[N, nb]``.
-    """
-    g = config.granularity
-    n_axis, k_axis = (1, 0) if site.layout == "KN" else (0, 1)
-    if isinstance(g, PerTensor):
-        return {}, ()
-    if isinstance(g, (PerChannel, ChannelGroup)):
-        return {"axis": n_axis}, (site.n,)
-    if isinstance(g, Block):
-        if len(site.stored_shape) != 2:
-            raise ValueError("block scales need a rank-2 weight")
-        nb = math.ceil(site.k / g.size)
-        return {"axis": k_axis, "block_size": g.size}, ((nb, site.n) if site.layout == "KN" else (site.n, nb))
-    raise TypeError(g)
-
-
-def qdq_dtype(config: QuantConfig) -> ir.DataType:
-    """INT4/INT8 (symmetric: codes - mid, zero point 0) or UINT4/UINT8 (asymmetric)."""
-    if config.bits == 4:
-        return ir.DataType.INT4 if config.symmetric else ir.DataType.UINT4
-    return ir.DataType.INT8 if config.symmetric else ir.DataType.UINT8
-
-
-def pack_for_qdq(site: WeightSite, config: QuantConfig) -> Packer:
-    _, param_shape = qdq_layout(site, config)
-    nk = site.layout == "NK"
-
-    def params(a: np.ndarray, q: QuantizedWeight) -> np.ndarray:
-        if isinstance(q.granularity, ChannelGroup):  # one value per channel, repeated G times
-            a = np.repeat(a[0], q.granularity.size)[: site.n]
-        elif nk and a.ndim == 2:
-            a = a.T
-        return np.ascontiguousarray(a).reshape(param_shape)
-
-    def stored(codes: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(codes.T).reshape(site.stored_shape) if nk else codes
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        if q.symmetric:
-            codes = (q.codes.astype(np.int16) - config.mid).astype(np.int8)
-            return {"q": stored(codes), "scale": params(q.scales, q)}
-        return {"q": stored(q.codes), "scale": params(q.scales, q), "zero_point": params(q.zero_points, q)}
-
-    return packer
-
-
-def write_qdq(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
-    """Replace ``W`` by ``DequantizeLinear(W_q, scale[, zero_point])`` read by every use."""
-    attributes, param_shape = qdq_layout(site, config)
-    w = Writer(site, config, used_names, on_done)
-    lazy = w.lazy(pack_for_qdq(site, config))
-    q_dtype = qdq_dtype(config)
-    inputs = [w.add(lazy, "q", q_dtype, site.stored_shape, "_Q"), w.add(lazy, "scale", w.scale_dtype, param_shape, "_scale")]
-    if not config.symmetric:
-        inputs.append(w.add(lazy, "zero_point", q_dtype, param_shape, "_zp"))
-    meta = {"ox_quant.granularity": str(config.granularity), "ox_quant.bits": str(config.bits)}
-    dq = ir.node("DequantizeLinear", inputs, attributes, name=w.name("_DequantizeLinear"), metadata_props=meta)
-    dq.outputs[0].name = w.name("_dq")
-    dq.outputs[0].dtype = site.value.dtype
-    dq.outputs[0].shape = ir.Shape(site.stored_shape)
-    if len(w.graph) > 0:
-        w.graph.insert_before(w.graph.node(0), dq)
-    else:
-        w.graph.append(dq)
-    for use in site.uses:
-        use.node.replace_input_with(use.index, dq.outputs[0])
-    return w.finish()
-
-
-# ----------------------------------------------------------------------------------
-# ox_quant.MatMulNBits (custom op: any bits, every granularity)
-
-
-def custom_shapes(k: int, n: int, config: QuantConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Input shapes and attributes of ``ox_quant.MatMulNBits`` for a ``[K, N]`` weight."""
-    block, group = custom_block_and_group(config, k, n)
-    nb, ng = math.ceil(k / block), math.ceil(n / group)
-    shapes = {"B": (n, nb, math.ceil(block * config.bits / 8)), "scales": (ng * nb,)}
-    if not config.symmetric:
-        shapes["zero_points"] = (ng * math.ceil(nb * config.bits / 8),)
-    attributes = {"K": k, "N": n, "bits": config.bits, "block_size": block}
-    if group != 1:
-        attributes["channel_group_size"] = group
-    if config.accuracy_level is not None:
-        attributes["accuracy_level"] = config.accuracy_level
-    return shapes, attributes
-
-
-def write_custom(site: WeightSite, config: QuantConfig, used_names: set[str], on_done: ProgressHook | None) -> int:
-    """Replace each MatMul/Gemm use of ``site`` by ``ox_quant.MatMulNBits`` (custom-op library)."""
-    from ox_quant.formats.custom_matmul import DOMAIN, OP_TYPE, custom_matmul_initializers
-
-    block, group = custom_block_and_group(config, site.k, site.n)
-    scale_np, _ = SCALE_DTYPES[site.dtype]
-
-    def packer(q: QuantizedWeight) -> dict[str, np.ndarray]:
-        zps = None if q.symmetric else q.zero_points
-        return custom_matmul_initializers(q.codes, q.scales, zps, q.bits, block, group, dtype=scale_np).inputs
-
-    shapes, attributes = custom_shapes(site.k, site.n, config)
-    return _write_nbits_nodes(Writer(site, config, used_names, on_done), packer, shapes, OP_TYPE, DOMAIN, attributes)

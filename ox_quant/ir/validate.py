@@ -14,11 +14,10 @@ raising ``OxQuantError`` with a one-line reason:
    external data); a missing opset import of ``com.microsoft`` or ``ox_quant``, which ONNX
    Runtime does not need, is added first (in memory); for a model whose embedded weights were left in the file
    (``ox_quant.ir.wire``), it runs on the parsed graph;
-5. quantized nodes that ox-quant describes (com.microsoft MatMulNBits and
-   GatherBlockQuantized, ox_quant custom ops): attributes present, integer, in range, and
-   agreeing with their constant inputs' shapes;
 
-For models to be converted, ``ox_quant.runtime.loadable`` then asks ONNX Runtime to build a
+Quantized nodes (com.microsoft MatMulNBits and GatherBlockQuantized, ox_quant custom ops) are
+checked by their formats (``ox_quant.formats.registry.check_quantized_nodes``), which
+``ox_quant.pipeline.load`` runs after these. For models to be converted, ``ox_quant.runtime.loadable`` then asks ONNX Runtime to build a
 session from the graph with every initializer turned into a graph input (:func:`weightless_copy`),
 which checks what onnx's checker cannot (ops of other domains such as com.microsoft, their
 attributes and types) without any weight. This module never imports onnxruntime.
@@ -43,6 +42,7 @@ MIN_IR_VERSION = 3
 # Oldest ai.onnx opset converted: ONNX Runtime only "guarantees" 7 and newer.
 MIN_OPSET = 7
 ONNX_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits, GatherBlockQuantized)
 EXTERNAL_DATA_KEYS = {"location", "offset", "length", "checksum", "basepath"}  # the ONNX spec's
 
 # Bits per element of the dtypes whose size ox-quant checks (others are left to the checker).
@@ -88,7 +88,7 @@ def check_versions(proto: onnx.ModelProto, name: str, runnable: bool) -> None:
         )
     if not runnable:
         return
-    ms = [entry.version for entry in proto.opset_import if entry.domain == "com.microsoft"]
+    ms = [entry.version for entry in proto.opset_import if entry.domain == MS_DOMAIN]
     if ms and ms[0] != 1:
         raise OxQuantError(f"{name} imports com.microsoft opset {ms[0]}; ONNX Runtime's com.microsoft ops are version 1")
     if opset < MIN_OPSET:
@@ -237,91 +237,6 @@ def check_tensor_sizes(proto: onnx.ModelProto, name: str) -> None:
             )
 
 
-def _int_attribute(node: onnx.NodeProto, key: str, default: int | None, label: str) -> int:
-    for attr in node.attribute:
-        if attr.name == key:
-            if attr.type != onnx.AttributeProto.INT:
-                raise OxQuantError(f"{label}: attribute {key} is not an integer")
-            return attr.i
-    if default is None:
-        raise OxQuantError(f"{label}: required attribute {key} is missing")
-    return default
-
-
-def check_matmulnbits(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) -> None:
-    """A ``com.microsoft.MatMulNBits`` node's attributes agree with its constant inputs' shapes.
-
-    ``dims``: shapes of the initializers in scope. ONNX Runtime checks this only when it
-    prepacks the weights (after loading them all); inspect and convert check it up front.
-    """
-    label = f"MatMulNBits node {node.name or '(unnamed)'!r}"
-    k = _int_attribute(node, "K", None, label)
-    n = _int_attribute(node, "N", None, label)
-    bits = _int_attribute(node, "bits", 4, label)
-    block = _int_attribute(node, "block_size", None, label)
-    if k < 1 or n < 1:
-        raise OxQuantError(f"{label}: K={k} and N={n} must be positive")
-    if not 2 <= bits <= 8:
-        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
-    if block < 16 or block & (block - 1):
-        raise OxQuantError(f"{label}: block_size={block} is not a power of two >= 16")
-    blocks = math.ceil(k / block)
-    blob = block * bits // 8
-    zp_bytes = math.ceil(blocks * bits / 8)
-    allowed = {  # input index -> the shapes ONNX Runtime accepts (B exactly; scales flat or 2-D)
-        1: [(n, blocks, blob)],
-        2: [(n * blocks,), (n, blocks)],
-        3: [(n * zp_bytes,), (n, zp_bytes), (n * blocks,), (n, blocks)],
-    }
-    for index, shapes in allowed.items():
-        name = node.input[index] if len(node.input) > index else ""
-        if name in dims and dims[name] not in shapes:
-            raise OxQuantError(
-                f"{label}: input {name!r} has shape {list(dims[name])}, but K={k}, N={n}, bits={bits}, "
-                f"block_size={block} need {' or '.join(str(list(s)) for s in shapes)}"
-            )
-
-
-def check_gather_block_quantized(node: onnx.NodeProto) -> None:
-    """A ``com.microsoft.GatherBlockQuantized`` node has integer attributes in range."""
-    label = f"GatherBlockQuantized node {node.name or '(unnamed)'!r}"
-    bits = _int_attribute(node, "bits", 4, label)
-    block = _int_attribute(node, "block_size", 128, label)
-    for key in ("gather_axis", "quantize_axis"):
-        _int_attribute(node, key, 0, label)
-    if not 2 <= bits <= 8:
-        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
-    if block < 16 or block & (block - 1):
-        raise OxQuantError(f"{label}: block_size={block} is not a power of two >= 16")
-
-
-def check_custom_node(node: onnx.NodeProto) -> None:
-    """An ``ox_quant`` custom node has the integer attributes its description relies on."""
-    label = f"{node.op_type} node {node.name or '(unnamed)'!r} (domain ox_quant)"
-    k = _int_attribute(node, "K", None, label)
-    n = _int_attribute(node, "N", None, label)
-    bits = _int_attribute(node, "bits", 4, label)
-    block = _int_attribute(node, "block_size", None, label)
-    group = _int_attribute(node, "channel_group_size", 1, label)
-    if min(k, n, block, group) < 1:
-        raise OxQuantError(f"{label}: K, N, block_size and channel_group_size must be positive")
-    if not 2 <= bits <= 8:
-        raise OxQuantError(f"{label}: bits={bits} is not between 2 and 8")
-
-
-def check_quantized_nodes(proto: onnx.ModelProto) -> None:
-    """Quantized nodes that ox-quant describes are self-consistent (see the checks above)."""
-    for graph in graphs(proto.graph):
-        dims = {t.name: tuple(t.dims) for t in graph.initializer}
-        for node in graph.node:
-            if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
-                check_matmulnbits(node, dims)
-            elif node.domain == "com.microsoft" and node.op_type == "GatherBlockQuantized":
-                check_gather_block_quantized(node)
-            elif node.domain == "ox_quant":
-                check_custom_node(node)
-
-
 # Domains whose nodes ONNX Runtime runs without an opset import (its own contrib ops and
 # ox-quant's custom ops have one version, 1); ONNX's checker insists on the import.
 IMPLIED_OPSETS = {"com.microsoft": 1, "ox_quant": 1}
@@ -438,4 +353,3 @@ def validate(proto: onnx.ModelProto, path: Path, runnable: bool, in_place: bool 
     check_tensor_sizes(proto, path.name)
     completed = add_implied_opsets(proto)
     check_structure(path, proto if completed or in_place else None)
-    check_quantized_nodes(proto)

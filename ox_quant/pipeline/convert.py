@@ -11,11 +11,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import onnx_ir as ir
 
-from ox_quant.core.config import Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.fold import fold_constant_weights
 from ox_quant.formats.choice import (
@@ -25,41 +27,39 @@ from ox_quant.formats.choice import (
     choose_gather_format,
     choose_qdq_only,
     granularity_block_size,
-    qdq_rejects,
 )
+from ox_quant.formats.qdq import qdq_rejects
+from ox_quant.formats.base import QuantFormat
+from ox_quant.formats.registry import format_named
 from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     external_files,
     initializer_bytes,
-    load_model,
     model_bytes,
     save_model_atomically,
 )
+from ox_quant.pipeline.load import load_model
 from ox_quant.runtime.loadable import check_runnable
-from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
 from ox_quant.runtime.session import max_ir_version
 from ox_quant.pipeline.selection import Selection, config_for
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
-from ox_quant.formats.tied import TIED_FORMAT, plan_tied, write_tied
-from ox_quant.formats.writers import (
-    MS_DOMAIN,
-    matmulnbits_blocker,
-    write_custom,
-    write_gather_block_quantized,
-    write_matmulnbits,
-    write_qdq,
-)
-
-QDQ_MIN_OPSET = 21  # INT4/UINT4 and block_size on DequantizeLinear
+from ox_quant.formats.tied import TIED_FORMAT, TIED_FORMATS, plan_tied, write_tied
+from ox_quant.formats.writers import matmulnbits_blocker
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Everything ``convert`` needs besides the paths."""
+    """Everything ``convert`` needs besides the paths.
+
+    ``calibration``: per-site statistics (``SiteStats``, keyed by the weight's initializer
+    name) that a calibration stage gathered; each site's entry is handed to the quantizer of
+    its config's ``algorithm`` (round-to-nearest ignores it). None: no calibration.
+    """
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
+    calibration: Mapping[str, SiteStats] | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,8 @@ def default_output_path(input_path: Path, config: QuantConfig) -> Path:
         tag += "-asym"
     if config.format is not Format.AUTO:
         tag += f"-{config.format.value}"
+    if config.algorithm != DEFAULT_ALGORITHM:
+        tag += f"-{config.algorithm}"
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 
@@ -269,7 +271,7 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     """
     kinds = site.kinds
     if kinds == {"conv"}:
-        if not isinstance(config.granularity, (PerTensor, PerChannel)):
+        if config.granularity.k_block is not None or config.granularity.n_group is not None:
             config = replace(config, granularity=PerChannel())
         if qdq_rejects(config, site.k, site.n):
             return Skip(site.name, f"Conv weights are written as QDQ, which takes 4 or 8 bits, not {config.bits}")
@@ -291,13 +293,18 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     return config, choose_qdq_only(config, blocker)
 
 
-WRITERS = {
-    "matmulnbits": write_matmulnbits,
-    "qdq": write_qdq,
-    "gather_block_quantized": write_gather_block_quantized,
-    "custom": write_custom,
-    TIED_FORMAT: write_tied,
-}
+
+
+def formats_written(choice_format: str) -> tuple[QuantFormat, ...]:
+    """The registered formats a planned choice writes (a tied table writes two over one tensor)."""
+    if choice_format == TIED_FORMAT:
+        return tuple(format_named(name) for name in TIED_FORMATS)
+    return (format_named(choice_format),)
+
+
+def writer_for(choice_format: str) -> Callable[..., int]:
+    """The writer of a planned choice: its format's ``write``, or the tied-table writer."""
+    return write_tied if choice_format == TIED_FORMAT else format_named(choice_format).write
 
 
 def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightSite], list[Skip]]:
@@ -383,6 +390,7 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
         if config is None:
             site_skips.append(Skip(site.name, "skipped by the recipe"))
             continue
+        get_quantizer(config.algorithm)  # an unknown algorithm is an error, not a skip
         try:
             planned = plan_site(site, config)
         except OxQuantError as exc:
@@ -428,6 +436,7 @@ def convert(
     options = options or ConvertOptions()
     selection = options.selection
     selection.compiled()  # validate regexes before touching any file
+    get_quantizer(options.config.algorithm)
     src = Path(input_path)
     model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
@@ -436,23 +445,24 @@ def convert(
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
-    formats = {choice.format for _, _, choice in plan}
+    formats = {f for _, _, choice in plan for f in formats_written(choice.format)}
     changes: list[VersionChange] = []
-    if "qdq" in formats and (old_opset := _default_opset(model)) < QDQ_MIN_OPSET:
+    needed_opset = max([f.opset for f in formats if f.domain == ""], default=0)
+    if (old_opset := _default_opset(model)) < needed_opset:
         # The upgrade may rebuild the graph: plan again on the upgraded one.
-        _ensure_opset(model, QDQ_MIN_OPSET)
-        qdq_count = sum(choice.format == "qdq" for _, _, choice in plan)
+        _ensure_opset(model, needed_opset)
+        raised = [f.op_type for f in formats if f.domain == "" and f.opset > old_opset]
+        count = sum(any(f.op_type in raised for f in formats_written(choice.format)) for _, _, choice in plan)
         changes.append(VersionChange(
             "ai.onnx opset", old_opset, _default_opset(model),
-            f"{qdq_count} weight(s) are written as DequantizeLinear, which ox-quant writes at opset "
-            f"{QDQ_MIN_OPSET} (INT4/UINT4 codes and block scales need it); the whole graph was converted",
+            f"{count} weight(s) are written as {', '.join(sorted(raised))}, which ox-quant writes at opset "
+            f"{needed_opset} (INT4/UINT4 codes and block scales need it); the whole graph was converted",
         ))
         plan, skips = _plan(model, options)
-        formats = {choice.format for _, _, choice in plan}
-    if formats & {"matmulnbits", "gather_block_quantized", TIED_FORMAT}:
-        model.opset_imports[MS_DOMAIN] = 1
-    if "custom" in formats:
-        model.opset_imports[CUSTOM_DOMAIN] = 1
+        formats = {f for _, _, choice in plan for f in formats_written(choice.format)}
+    for fmt in formats:
+        if fmt.domain:
+            model.opset_imports[fmt.domain] = fmt.opset
 
     used_names = _all_names(model)
     total = len(plan)
@@ -465,7 +475,10 @@ def convert(
 
     entries = []
     for site, config, choice in plan:
-        nbytes = WRITERS[choice.format](site, config, used_names, on_done)
+        stats = options.calibration.get(site.name) if options.calibration else None
+        nbytes = writer_for(choice.format)(
+            site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
+        )
         entries.append(
             QuantizedEntry(
                 name=site.name,
@@ -482,7 +495,7 @@ def convert(
             )
         )
 
-    needed_ir = 10 if "qdq" in formats else model.ir_version
+    needed_ir = max([model.ir_version] + [f.min_ir_version for f in formats])
     old_ir = model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
     if model.ir_version != old_ir:

@@ -14,6 +14,7 @@ A recipe (JSON or YAML) maps name patterns to per-weight configs, for mixed prec
         block_size: 64
         format: qdq
         symmetric: false
+        algorithm: rtn              # the quantizer (ox_quant.algorithms.registry)
 
 The first rule that matches a weight wins; its fields override the command-line config.
 A weight no rule matches keeps the command-line config.
@@ -27,11 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ox_quant.core.config import Format, QuantConfig, parse_granularity
+from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
+from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
-RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "accuracy_level"}
+RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "accuracy_level", "algorithm"}
 
 
 @dataclass(frozen=True)
@@ -133,15 +135,19 @@ def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "
             changes["accuracy_level"] = None if overrides["accuracy_level"] is None else int(overrides["accuracy_level"])
         if "format" in overrides:
             changes["format"] = Format(str(overrides["format"]))
+        if "algorithm" in overrides:
+            try:
+                changes["algorithm"] = get_quantizer(str(overrides["algorithm"])).name
+            except OxQuantError as exc:
+                raise OxQuantError(f"{where}: {exc}") from None
         if "granularity" in overrides or "block_size" in overrides:
             block = overrides.get("block_size")
             text = overrides.get("granularity")
-            if text is None:
-                text = "channel" if block == -1 else "block"
-            kind = str(text).split(":")[0]
-            if block is None and kind in ("block", "channel-group") and ":" not in str(text):
-                block = getattr(base.granularity, "size", 128)
-            changes["granularity"] = parse_granularity(str(text), None if block is None else int(block))
+            size = base.granularity.block_size
+            default = size if size is not None and size > 0 else DEFAULT_BLOCK_SIZE
+            changes["granularity"] = resolve_granularity(
+                None if text is None else str(text), None if block is None else int(block), default, "block_size"
+            )
     except (ValueError, TypeError) as exc:
         raise OxQuantError(f"{where}: {exc}") from None
     return replace(base, **changes)

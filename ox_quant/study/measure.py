@@ -18,16 +18,18 @@ def scale_bytes(path: str | os.PathLike) -> tuple[int, int, int]:
     any tool's (codes excluded), read from shapes and dtypes only."""
     import onnx_ir as ir
 
-    from ox_quant.pipeline.inspect import BITS_OF_DTYPE, describe_node
-    from ox_quant.ir.modelio import load_model
+    from ox_quant.formats.base import BITS_OF_DTYPE
+    from ox_quant.formats.registry import format_of
+    from ox_quant.pipeline.load import load_model
 
     model = load_model(path)
     total, count, numel = 0, 0, 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        info = describe_node(node)
-        if info is None:
+        fmt = format_of(node.domain, node.op_type)
+        info = fmt.describe(node) if fmt is not None else None
+        if fmt is None or info is None:
             continue
-        codes = node.inputs[0] if node.op_type in ("DequantizeLinear", "GatherBlockQuantized") else node.inputs[1]
+        codes = node.inputs[fmt.code_input]
         tensor = codes.const_value if codes is not None else None
         code_bytes = 0
         if tensor is not None:

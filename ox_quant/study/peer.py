@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ox_quant.core.config import Block, PerChannel, QuantConfig
+from ox_quant.core.config import DEFAULT_BLOCK_SIZE, QuantConfig
 from ox_quant.errors import OxQuantError
+from ox_quant.formats.matmulnbits import MIN_BLOCK_SIZE, valid_block_size
 from ox_quant.study.measure import layout_of, measure_row, remove_model, scale_bytes
 from ox_quant.study.rows import PEER, Row, config_label
 
@@ -25,16 +26,16 @@ PEER_NAME = "MatMulNBitsQuantizer"
 def peer_arguments(config: QuantConfig) -> dict[str, Any] | str:
     """Keyword arguments of ``MatMulNBitsQuantizer`` for ``config``, or why it cannot express it."""
     g = config.granularity
-    if isinstance(g, Block):
+    if g.k_block is not None:
         if config.bits not in PEER_BITS:
             return f"not supported by {PEER_NAME} (it takes 2, 4 or 8 bits, not {config.bits})"
-        if g.size < 16 or g.size & (g.size - 1):
-            return f"not supported by {PEER_NAME} (block size must be a power of two >= 16, not {g.size})"
-        return {"bits": config.bits, "block_size": g.size, "is_symmetric": config.symmetric, "quant_format": "QOperator"}
-    if isinstance(g, PerChannel):
+        if not valid_block_size(g.k_block):
+            return f"not supported by {PEER_NAME} (block size must be a power of two >= {MIN_BLOCK_SIZE}, not {g.k_block})"
+        return {"bits": config.bits, "block_size": g.k_block, "is_symmetric": config.symmetric, "quant_format": "QOperator"}
+    if g.per_channel:
         if config.bits != 4:
             return f"not supported by {PEER_NAME} (per-channel only as 4-bit QDQ with channel_wised_quantize, not {config.bits}-bit)"
-        return {"bits": 4, "block_size": 128, "is_symmetric": config.symmetric, "quant_format": "QDQ",
+        return {"bits": 4, "block_size": DEFAULT_BLOCK_SIZE, "is_symmetric": config.symmetric, "quant_format": "QDQ",
                 "channel_wised_quantize": True}
     return f"not supported by {PEER_NAME} (it has no {g.name} scales, only blocks along K and 4-bit per-channel)"
 

@@ -1,14 +1,16 @@
 """Attributing a quantized model's error to its quantized weights ("isolation").
 
-For every quantized weight of the candidate -- a ``DequantizeLinear`` whose input is an
-integer initializer, or a ``com.microsoft.MatMulNBits`` node -- the weight is dequantized
-in numpy (``ox_quant.core.dequant``) and matched with the float initializer it replaces in the
-reference model:
+For every quantized weight of the candidate -- a node of any format of
+``ox_quant.formats.registry`` (a ``DequantizeLinear`` whose input is an integer initializer,
+``com.microsoft`` MatMulNBits or GatherBlockQuantized, ``ox_quant.MatMulNBits``) -- the weight
+is dequantized in numpy by its format and matched with the float initializer it replaces in
+the reference model:
 
 1. a reference initializer with the name of the DequantizeLinear output and the same shape;
 2. else the reference MatMul/Gemm node that produces the same output tensor as the
-   candidate's consumer node (for MatMulNBits also: the same node name, or the Gemm whose
-   output is the MatMulNBits output plus a bias ``Add``), taking its input 1.
+   candidate's consumer node (for the MatMulNBits-like formats also: the same node name, or
+   the Gemm whose output is the node's output plus a bias ``Add``), taking its input 1 (a
+   Gather's input 0 for GatherBlockQuantized).
 
 The reference then runs once per matched weight with only that initializer replaced by
 the dequantized values (an ORT session initializer override; files are not touched), and
@@ -26,11 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ox_quant.core.dequant import dequantize_linear, dequantize_matmulnbits
 from ox_quant.errors import OxQuantError
 from ox_quant.core.metrics import compare
-
-_BITS = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT2": 2, "UINT2": 2}
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,9 @@ class LayerError:
     weight: str
     """Name of the reference initializer that was replaced."""
     candidate_weight: str
-    """Name of the candidate's quantized tensor (DequantizeLinear input or MatMulNBits B)."""
+    """Name of the candidate's quantized tensor (its format's codes input)."""
     format: str
-    """``"qdq"`` or ``"matmulnbits"``."""
+    """The format's name: ``qdq``, ``matmulnbits``, ``gather_block_quantized`` or ``custom``."""
     bits: int
     shape: tuple[int, ...]
     weight_sqnr_db: float
@@ -75,9 +74,11 @@ class QuantizedWeight:
     format: str
     bits: int
     node: Any
-    """The DequantizeLinear or MatMulNBits node."""
+    """The node holding the weight (DequantizeLinear, MatMulNBits, GatherBlockQuantized, ...)."""
     values: np.ndarray
-    """DequantizeLinear: its output. MatMulNBits: ``W [K, N]``."""
+    """``layout == "output"`` (DequantizeLinear): its output. ``"kn"``: ``W [K, N]`` (a Gather
+    table ``[V, D]`` as ``W = table.T``)."""
+    layout: str = "kn"
 
 
 def _attr(node, name: str, default: Any) -> Any:
@@ -116,56 +117,35 @@ class _Tensors:
 
         return numpy_helper.to_array(self.protos[name], base_dir=str(self.base_dir))
 
+    def dtype(self, name: str) -> int:
+        return int(self.protos[name].data_type)
+
 
 def quantized_weights(proto, tensors: _Tensors) -> tuple[list[QuantizedWeight], list[Unmatched]]:
-    """Quantized weights of a model: DequantizeLinear nodes on integer initializers and
-    MatMulNBits nodes (all of whose quantized inputs must be initializers)."""
-    import onnx
+    """Quantized weights of a model: the nodes of every registered format whose quantized
+    inputs are initializers, dequantized by their format."""
+    from ox_quant.formats.registry import format_of
 
     found: list[QuantizedWeight] = []
     problems: list[Unmatched] = []
+    done: set[str] = set()  # codes tensors dequantized: a tied table is read by two nodes, attributed once
     for node in proto.graph.node:
-        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
-            x_name = node.input[0]
-            if x_name not in tensors:
-                continue  # an activation, not a weight
-            type_name = onnx.TensorProto.DataType.Name(tensors.protos[x_name].data_type)
-            if type_name not in _BITS:
-                continue
-            if node.input[1] not in tensors or (len(node.input) > 2 and node.input[2] and node.input[2] not in tensors):
-                problems.append(Unmatched(x_name, "scale or zero point is not an initializer"))
-                continue
-            zero_point = tensors.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            values = dequantize_linear(
-                tensors.array(x_name),
-                tensors.array(node.input[1]),
-                zero_point,
-                axis=int(_attr(node, "axis", 1)),
-                block_size=int(_attr(node, "block_size", 0)),
-            )
-            found.append(QuantizedWeight(x_name, "qdq", _BITS[type_name], node, values))
-        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            b_name = node.input[1]
-            inputs = [name for name in node.input[1:4] if name]
-            if not all(name in tensors for name in inputs):
-                problems.append(Unmatched(b_name, "B, scales or zero points are not initializers"))
-                continue
-            if len(node.input) > 4 and node.input[4]:
-                problems.append(Unmatched(b_name, "MatMulNBits with g_idx is not supported"))
-                continue
-            bits = int(_attr(node, "bits", 4))
-            zero_points = tensors.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            values = dequantize_matmulnbits(
-                tensors.array(b_name),
-                tensors.array(node.input[2]),
-                zero_points,
-                k=int(_attr(node, "K", 0)),
-                n=int(_attr(node, "N", 0)),
-                bits=bits,
-                block_size=int(_attr(node, "block_size", 0)),
-            )
-            found.append(QuantizedWeight(b_name, "matmulnbits", bits, node, values))
-    return found, problems
+        fmt = format_of(node.domain, node.op_type)
+        if fmt is None:
+            continue
+        codes = node.input[fmt.code_input]
+        if codes in done:
+            continue
+        result = fmt.dequantize(node, tensors)
+        if result is None:
+            continue  # e.g. a DequantizeLinear of an activation
+        if isinstance(result, str):
+            problems.append(Unmatched(codes, result))
+            continue
+        done.add(codes)
+        found.append(QuantizedWeight(result.name, fmt.name, result.bits, node, result.values, result.layout))
+    # a node its format could not read is no gap when another node read the same stored weight
+    return found, [p for p in problems if p.candidate_weight not in done]
 
 
 def _as_kn(node, array: np.ndarray) -> np.ndarray:
@@ -181,6 +161,9 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
     ref_by_name = {node.name: node for node in ref_graph.node if node.name}
 
     def matmul_weight(ref_node, kn: np.ndarray) -> tuple[str, np.ndarray] | None:
+        if ref_node is not None and ref_node.op_type == "Gather" and ref_node.input and ref_node.input[0] in ref:
+            name, replacement = ref_node.input[0], kn.T  # a table [V, D] is W.T
+            return (name, replacement) if ref.shape(name) == replacement.shape else None
         if ref_node is None or ref_node.op_type not in ("MatMul", "Gemm") or len(ref_node.input) < 2:
             return None
         name = ref_node.input[1]
@@ -194,7 +177,7 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
             return None
         return name, replacement
 
-    if qw.format == "qdq":
+    if qw.layout == "output":
         out = qw.node.output[0]
         if out in ref and ref.shape(out) == qw.values.shape:
             return out, qw.values
@@ -222,7 +205,7 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
         hit = matmul_weight(ref_node, qw.values)
         if hit:
             return hit
-    return f"no reference MatMul/Gemm produces {node.output[0]!r} or is named {node.name!r}"
+    return f"no reference MatMul/Gemm/Gather produces {node.output[0]!r} or is named {node.name!r}"
 
 
 def attribute_errors(
@@ -244,7 +227,10 @@ def attribute_errors(
     cand_tensors = _Tensors(cand_proto, cand_path.parent)
     found, unmatched = quantized_weights(cand_proto, cand_tensors)
     if not found and not unmatched:
-        raise OxQuantError(f"{cand_path.name} has no quantized weights (DequantizeLinear on integer initializers or MatMulNBits)")
+        raise OxQuantError(
+            f"{cand_path.name} has no quantized weights (DequantizeLinear on integer initializers, "
+            "MatMulNBits, GatherBlockQuantized or ox_quant.MatMulNBits)"
+        )
     output_names = [o.name for o in ref_proto.graph.output]
     layers = []
     for qw in found:

@@ -1,0 +1,55 @@
+"""The quantizer seam: what every algorithm provides, and the calibration statistics it may use.
+
+A quantizer maps a float weight ``W[K, N]`` (normalised as in ``ox_quant.core.config``) to a
+``QuantizedWeight`` whose layout is fixed by the config (bits, granularity, symmetric); the
+format writers pack that result, whatever algorithm chose it. ``choose_qparams`` picks the
+scales and zero points alone (as torchao's ``choose_qparams_affine``); ``quantize`` is the
+whole step (an algorithm such as GPTQ may also change the codes it rounds to).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ox_quant.core.config import QuantConfig
+from ox_quant.core.quantize import QParams, QuantizedWeight
+from ox_quant.errors import OxQuantError
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Calibration statistics of one weight site, gathered on the activations ``x[..., K]`` that
+    multiply it: ``input_sq_mean[k] = mean(x[..., k] ** 2)`` over ``count`` rows (per-input-channel
+    importance, as ggml's importance matrix). Filled by a calibration stage; round-to-nearest
+    ignores it."""
+
+    input_sq_mean: np.ndarray
+    count: int
+
+    def __post_init__(self) -> None:
+        if np.asarray(self.input_sq_mean).ndim != 1:
+            raise OxQuantError(f"calibration statistics must be one value per input channel [K], got shape "
+                               f"{list(np.asarray(self.input_sq_mean).shape)}")
+        if self.count < 1:
+            raise OxQuantError(f"calibration statistics need at least one row, got {self.count}")
+
+
+class Quantizer(Protocol):
+    """One quantization algorithm (registered in ``ox_quant.algorithms.registry``)."""
+
+    name: str
+
+    def choose_qparams(
+        self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
+    ) -> QParams:
+        """Scales (``scale_dtype[R, C]``) and zero points (``uint8[R, C]``) for ``weight[K, N]``."""
+        ...
+
+    def quantize(
+        self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
+    ) -> QuantizedWeight:
+        """Codes, scales and zero points of ``weight[K, N]``."""
+        ...
