@@ -28,7 +28,7 @@ import numpy as np
 from ox_quant.errors import OxQuantError
 from ox_quant.export_axes import AxisChoice, AxisPlan, apply_static, declared_axes, infer_axes
 from ox_quant.export_check import ShapeCheck, check_second_shape, check_symbolic, probe_pytorch
-from ox_quant.export_log import ExportError, captured, exporter_reason, format_failure
+from ox_quant.export_log import Captured, ExportError, captured, exporter_reason, format_failure
 from ox_quant.metrics import OutputMetrics, compare
 
 DEFAULT_OPSET = 21
@@ -314,7 +314,7 @@ def export_model(
         try:
             report = _export_checked(
                 module.eval(), inputs, out, names, output_names, plan, opset, optimize, external_data,
-                check, check_min_sqnr_db, dynamo,
+                check, check_min_sqnr_db, dynamo, sink,
             )
         except Exception as exc:  # re-raised below, once the capture has ended
             failure = exc
@@ -327,7 +327,7 @@ def export_model(
 
 def _export_checked(
     module, inputs, out: Path, names, output_names, plan: AxisPlan, opset, optimize, external_data,
-    check: bool, check_min_sqnr_db: float, dynamo: bool,
+    check: bool, check_min_sqnr_db: float, dynamo: bool, sink: Captured,
 ) -> ExportReport:
     """``export_model`` after argument checks, inside the output capture."""
     import onnx
@@ -343,9 +343,9 @@ def _export_checked(
     probe = None
     if check:
         probe = probe_pytorch(module, inputs, plan)
-        plan = probe.plan if probe else plan.drop_tentative("static: PyTorch fails at other sizes")
+        plan = probe.plan if probe else plan.drop_tentative("PyTorch fails at other sizes")
     else:
-        plan = plan.drop_tentative("static: not checked (--no-check)")
+        plan = plan.drop_tentative("not checked at other sizes (--no-check)")
     axes = [DynamicAxis(c.input, c.axis, c.name) for c in plan.dynamic if c.name]
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
@@ -362,6 +362,7 @@ def _export_checked(
                 exporter = "dynamo"
             except Exception as exc:  # the exporter raises many unrelated types
                 fallback_reason = exporter_reason(exc)
+                sink.add("dynamo exporter failed, falling back to TorchScript:\n" + format_failure(exc))
                 for leftover in scratch.iterdir():
                     leftover.unlink()
         if exporter == "torchscript":

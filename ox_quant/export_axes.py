@@ -214,6 +214,7 @@ def infer_axes(names: Sequence[str], inputs: Sequence[Any]) -> AxisPlan:
     batch = next((s[0] for s in shapes if s), None)
     choices: list[AxisChoice] = []
     sequence_like: list[tuple[str, int, int, bool]] = []  # input, axis, size, is_mask
+    broadcast_masks = set()  # masks of rank >= 3: an axis matching no sequence stays static
     for name, shape, is_float in zip(names, shapes, floats):
         rank = len(shape)
         if rank == 0:
@@ -242,30 +243,38 @@ def infer_axes(names: Sequence[str], inputs: Sequence[Any]) -> AxisPlan:
             sequence_like.append((name, 1, shape[1], bool(_MASK.search(name))))
             rest[1] = AxisChoice(name, 1, "?", "")
             fixed = ""
+        elif rank >= 3 and _MASK.search(name):  # [B, 1, S, T] masks: axes of a sequence's length
+            for axis in range(1, rank):
+                if shape[axis] > 1:
+                    sequence_like.append((name, axis, shape[axis], True))
+                    rest[axis] = AxisChoice(name, axis, "?", "")
+            broadcast_masks.add(name)
+            fixed = "broadcast axis of a mask"
         else:
-            fixed = "feature axis" if rank == 2 else "fixed axis of a rank-%d input (channels, height, width ...)" % rank
+            fixed = "feature axis" if rank == 2 else f"fixed axis of a rank-{rank} input (channels, height, width ...)"
         for axis in range(1, rank):
             choices.append(rest.get(axis, AxisChoice(name, axis, None, fixed)))
     past = next((c for c in choices if c.name == "past_sequence"), None)
     past_size = shapes[list(names).index(past.input)][past.axis] if past else None
-    named = _name_sequences(sequence_like, past_size)
-    derived: dict[str, tuple[str, str]] = {}
+    named, derived = _name_sequences(sequence_like, past_size, broadcast_masks)
     final = []
     for c in choices:
         if c.name == "?":
             symbol, reason = named[(c.input, c.axis)]
             if c.tentative:
                 reason = "first axis of a rank-3 input"
-            if symbol == TOTAL:
-                derived[TOTAL] = ("past_sequence", reason.rsplit(" + ", 1)[1])
             c = replace(c, name=symbol, reason=reason)
         final.append(c)
     return AxisPlan(tuple(names), shapes, tuple(final), derived)
 
 
-def _name_sequences(entries, past_size: int | None) -> dict[tuple[str, int], tuple[str, str]]:
+def _name_sequences(
+    entries, past_size: int | None, broadcast_masks
+) -> tuple[dict[tuple[str, int], tuple[str | None, str]], dict[str, tuple[str, str]]]:
     """Symbols for the sequence-like axes: one per group and length; masks join the sequence
-    of their length, or ``total_sequence`` when they cover past + current tokens."""
+    of their length, or ``total_sequence`` (returned as derived) when they cover past +
+    current tokens."""
+    derived: dict[str, tuple[str, str]] = {}
     primary: dict[str, tuple[str, int]] = {}
     out: dict[tuple[str, int], tuple[str, str]] = {}
     for name, axis, size, is_mask in entries:
@@ -286,10 +295,14 @@ def _name_sequences(entries, past_size: int | None) -> dict[tuple[str, int], tup
         if first is not None and first[1] == size:
             out[(name, axis)] = (f"{_group(first[0])}sequence", f"mask over the tokens of {first[0]}")
         elif first is not None and past_size is not None and past_size + first[1] == size:
-            out[(name, axis)] = (TOTAL, f"mask over past + current tokens: past_sequence + {_group(first[0])}sequence")
+            current = f"{_group(first[0])}sequence"
+            out[(name, axis)] = (TOTAL, f"mask over past + current tokens: past_sequence + {current}")
+            derived[TOTAL] = ("past_sequence", current)
+        elif name in broadcast_masks:
+            out[(name, axis)] = (None, "mask axis of a length no sequence has")
         else:
             out[(name, axis)] = (f"{name}_length", "mask of a length no other input has")
-    return out
+    return out, derived
 
 
 def declared_axes(names: Sequence[str], inputs: Sequence[Any], axes: Sequence[Any]) -> AxisPlan:

@@ -73,7 +73,7 @@ def probe_pytorch(module: Any, inputs: Sequence[Any], plan: AxisPlan) -> Probe |
             where = f"{plan.describe(symbol)}: the PyTorch model fails at {symbol}={sizes[symbol]} (example {example[symbol]}): {why}"
             if any(c.declared for c in plan.axes_of(symbol)):
                 raise OxQuantError(f"{where}; the model fixes this size: {static_fix(plan, symbol)} or change the model")
-            plan = plan.make_static(symbol, f"static: PyTorch fails at size {sizes[symbol]} ({why})")
+            plan = plan.make_static(symbol, f"PyTorch fails at size {sizes[symbol]} ({why})")
         sizes = second_sizes(plan)
         if not sizes:
             return None
@@ -173,18 +173,22 @@ def check_second_shape(
 
 
 _ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
-_SOURCE = re.compile(r"\S+\.(?:h|cc|cpp):\d+ (?:[\w:~<>]+\([^)]*\)\s*)?")
+_ORT_NOISE = (
+    re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "),  # status prefixes, nested ones too
+    re.compile(r"/\S+\.(?:h|cc|cpp):\d+ "),  # source locations
+    re.compile(r"(?:virtual )?[\w:*&<>]*\s?onnxruntime::[\w:~]+\([^)]*\)(?: const)?\s*"),  # C++ signatures
+    re.compile(r"^.*? was false\. "),  # the failed condition, restated by the message
+)
 
 
 def ort_reason(text: str) -> str:
-    """ONNX Runtime's run error without source paths: ``Reshape node '/att/Reshape_1': The
-    input tensor cannot be reshaped ...``."""
+    """ONNX Runtime's run error without source paths and signatures: ``Reshape node
+    '/att/Reshape_1': The input tensor cannot be reshaped ...``."""
     match = _ORT_NODE.search(text)
-    if match:
-        message = _SOURCE.sub("", match.group(3)).strip()
-        message = re.sub(r"^.*? was false\. ", "", message)
-        return one_line(f"{match.group(1)} node {match.group(2)!r}: {message}", 240)
-    return short_reason(re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text))
+    head, message = (f"{match.group(1)} node {match.group(2)!r}: ", match.group(3)) if match else ("", text)
+    for pattern in _ORT_NOISE:
+        message = pattern.sub("", message.strip())
+    return one_line(head + message, 240)
 
 
 def short_reason(text: str) -> str:

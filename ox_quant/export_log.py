@@ -137,7 +137,7 @@ def exporter_reason(exc: BaseException) -> str:
         if text:
             messages.append(f"{type(item).__name__}: {text}")
     reason = messages[0] if messages else type(chain[0]).__name__
-    if re.search(r"cache\b", str(chain[-1]), re.I):
+    if re.search(r"\b\w*Cache\b", str(chain[-1])):  # a class name: Cache, DynamicCache, ...
         reason += f" ({CACHE_HINT})"
     return reason
 

@@ -24,7 +24,7 @@ def flatten_outputs(value: Any) -> list[Any]:
         return [t for item in value for t in flatten_outputs(item)]
     kind = type(value).__name__
     hint = ""
-    if "cache" in kind.lower():
+    if kind.endswith("Cache"):
         from ox_quant.export_log import CACHE_HINT
 
         hint = f" ({CACHE_HINT})"

@@ -11,13 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from verify_support import assert_one_line_error, run_cli
 
 from models import toy_shapes
 from ox_quant.errors import OxQuantError
 from ox_quant.export import export_model, parse_dynamic_axis
 from ox_quant.export_axes import infer_axes, resize, second_sizes
 from ox_quant.export_log import ExportError, exporter_reason
-from verify_support import assert_one_line_error, run_cli
 
 
 def _dims(path) -> dict[str, list]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -63,8 +62,14 @@ def export_cmd(
     as_json: bool,
 ) -> None:
     """Export the PyTorch model SPEC (FILE.py:FACTORY, module:FACTORY or a registered name) to ONNX."""
-    from ox_quant.commands._display import console as make_console, db, metrics_table
-    from ox_quant.export import DEFAULT_CHECK_MIN_SQNR, DEFAULT_OPSET, export_spec, parse_dynamic_axis
+    from ox_quant.commands._display import console as make_console
+    from ox_quant.commands._display import db, metrics_table
+    from ox_quant.export import (
+        DEFAULT_CHECK_MIN_SQNR,
+        DEFAULT_OPSET,
+        export_spec,
+        parse_dynamic_axis,
+    )
     from ox_quant.export_log import ExportError
     from ox_quant.jsonify import to_jsonable
 
@@ -104,9 +109,9 @@ def export_cmd(
     else:
         console = make_console()
         console.print(f"wrote {report.output} ({report.exporter} exporter, opset {report.opset}, IR {report.ir_version}"
-                      f"{', external data' if report.external_data else ''})", highlight=False)
+                      f"{', external data' if report.external_data else ''})", highlight=False, markup=False)
         if report.fallback_reason:
-            console.print(f"dynamo exporter failed, fell back to TorchScript: {report.fallback_reason}", highlight=False)
+            console.print(f"dynamo exporter failed, fell back to TorchScript: {report.fallback_reason}", highlight=False, markup=False)
         _print_axes(console, report)
         console.print(f"MatMul/Gemm weights stored as initializers: {report.matmul_weights} of {report.matmul_nodes} nodes", highlight=False)
         if report.check:
@@ -143,5 +148,5 @@ def _print_axes(console, report) -> None:
     for c in dynamic:
         console.print(f"  {c.input}[{c.axis}]={c.name}: {c.reason}", highlight=False, markup=False)
     for c in report.axes:
-        if c.name is None and ("PyTorch" in c.reason or "feature" in c.reason or "static-axis" in c.reason):
+        if c.name is None and any(word in c.reason for word in ("PyTorch", "feature", "static-axis", "checked")):
             console.print(f"  {c.input}[{c.axis}] static: {c.reason}", highlight=False, markup=False)
