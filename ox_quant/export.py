@@ -343,7 +343,7 @@ def _export_checked(
     probe = None
     if check:
         probe = probe_pytorch(module, inputs, plan)
-        plan = probe.plan if probe else plan.drop_tentative("PyTorch fails at other sizes")
+        plan = probe.plan
     else:
         plan = plan.drop_tentative("not checked at other sizes (--no-check)")
     axes = [DynamicAxis(c.input, c.axis, c.name) for c in plan.dynamic if c.name]
@@ -375,7 +375,7 @@ def _export_checked(
         onnx_inputs = _tensor_infos(proto.graph.input)
         metrics = _check(tmp_path, names, inputs, expected) if check else ()
         example_ok = all(m.nonfinite == 0 and m.sqnr_db >= check_min_sqnr_db for m in metrics)
-        if probe is not None and example_ok:  # a mismatch at the example itself is reported as such
+        if probe is not None and probe.sizes and example_ok:  # a mismatch at the example is reported as such
             check_symbolic(plan, onnx_inputs)
             shape_check = check_second_shape(module, tmp_path, names, inputs, replace(probe, plan=plan), check_min_sqnr_db)
         data_files = [p for p in scratch.iterdir() if p.name != out.name]

@@ -56,11 +56,11 @@ def static_fix(plan: AxisPlan, symbol: str) -> str:
     return "drop it from --dynamic-axis" if declared else f"--static-axis {spec}"
 
 
-def probe_pytorch(module: Any, inputs: Sequence[Any], plan: AxisPlan) -> Probe | None:
-    """See the module doc. None when no dynamic symbol is left."""
+def probe_pytorch(module: Any, inputs: Sequence[Any], plan: AxisPlan) -> Probe:
+    """See the module doc. ``sizes`` is empty when no dynamic symbol is left."""
     sizes = second_sizes(plan)
     if not sizes:
-        return None
+        return Probe(plan, {}, (), [])
     example = plan.example_sizes()
     expected, _ = _torch(module, plan.inputs_at(inputs, sizes))
     if expected is None or any(c.tentative for c in plan.dynamic):
@@ -76,7 +76,7 @@ def probe_pytorch(module: Any, inputs: Sequence[Any], plan: AxisPlan) -> Probe |
             plan = plan.make_static(symbol, f"PyTorch fails at size {sizes[symbol]} ({why})")
         sizes = second_sizes(plan)
         if not sizes:
-            return None
+            return Probe(plan, {}, (), [])
         expected, why = _torch(module, plan.inputs_at(inputs, sizes))
         if expected is None:
             together = ", ".join(f"{s}={n}" for s, n in sizes.items())

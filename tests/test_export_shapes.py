@@ -94,6 +94,27 @@ def test_model_fixed_at_batch_one(tmp_path):
     assert not (tmp_path / "d.onnx").exists()
 
 
+class _FixedShape(torch.nn.Module):
+    """Runs only at its example shape ``[1, 8]``: flattens the sequence into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(toy_shapes.VOCAB, 4)
+        self.fc = torch.nn.Linear(8 * 4, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.tok(input_ids).reshape(1, 8 * 4))
+
+
+def test_every_axis_rejected_by_pytorch_is_static(tmp_path):
+    module = _FixedShape().eval()
+    report = export_model(module, (_ids(1, 8),), tmp_path / "m.onnx", dynamo=False)
+    assert report.dynamic_axes == () and report.shape_check is None
+    assert all("PyTorch fails at size" in c.reason for c in report.axes)
+    assert _dims(tmp_path / "m.onnx")["input_ids"] == [1, 8]
+    assert _ort_vs_torch(tmp_path / "m.onnx", module, (_ids(1, 8, seed=11),)) > 80
+
+
 # ------------------------------------------------------------------ inferred axes
 
 
