@@ -3,8 +3,13 @@
 ``export_model`` tries ``torch.onnx.export(dynamo=True)`` (the onnxscript-based exporter)
 and falls back to the TorchScript exporter when that raises, recording why in the report.
 It then lowers the IR version to what onnxruntime loads, writes the model (external data
-for large models) to a temporary name in the output directory and renames it into place,
-and runs it on ONNX Runtime with the example inputs to compare with PyTorch.
+for large models) to a temporary name in the output directory, runs it on ONNX Runtime with
+the example inputs and again with every dynamic axis at a second size (``ox_quant.export.check``)
+to compare with PyTorch, and only then renames it into place.
+
+Dynamic axes are inferred from the example inputs' names and shapes (``ox_quant.export.axes``)
+unless given. The exporters' output is kept off the terminal (``ox_quant.export.log``): a
+failure raises ``ExportError``, one line plus the log.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ox_quant.errors import OxQuantError
+from ox_quant.export.axes import AxisChoice, AxisPlan, apply_static, declared_axes, infer_axes
+from ox_quant.export.check import ShapeCheck, check_second_shape, check_symbolic, probe_pytorch
+from ox_quant.export.log import Captured, ExportError, captured, exporter_reason, format_failure
 from ox_quant.core.metrics import OutputMetrics, compare
 
 DEFAULT_OPSET = 21
@@ -66,6 +74,12 @@ class ExportReport:
     check: tuple[OutputMetrics, ...]
     check_min_sqnr_db: float | None
     """None when the check was not run."""
+    axes: tuple[AxisChoice, ...] = ()
+    """Every input axis: dynamic (symbol) or static, and why."""
+    shape_check: ShapeCheck | None = None
+    """ONNX Runtime vs PyTorch with the dynamic axes at second sizes; None when not run."""
+    log: str = ""
+    """What the exporters printed (kept off the terminal)."""
 
     @property
     def check_passed(self) -> bool:
@@ -111,21 +125,8 @@ def default_input_names(module: Any, count: int) -> list[str]:
 
 
 def auto_dynamic_axes(names: Sequence[str], inputs: Sequence[Any]) -> list[DynamicAxis]:
-    """Axis 0 of every input is ``batch``; axis 1 is ``sequence`` for integer inputs of rank 2
-    (token ids) and float inputs of rank 3 (``[B, S, hidden]``)."""
-    axes = []
-    for name, tensor in zip(names, inputs):
-        if tensor.dim() >= 1:
-            axes.append(DynamicAxis(name, 0, "batch"))
-        is_float = tensor.is_floating_point()
-        if (not is_float and tensor.dim() == 2) or (is_float and tensor.dim() == 3):
-            axes.append(DynamicAxis(name, 1, "sequence"))
-    return axes
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    """The dynamic axes ``ox_quant.export.axes.infer_axes`` guesses (before any check)."""
+    return [DynamicAxis(c.input, c.axis, c.name) for c in infer_axes(names, inputs).dynamic if c.name]
 
 
 def _tensor_infos(values) -> tuple[TensorInfo, ...]:
@@ -273,18 +274,21 @@ def export_model(
     check: bool = True,
     check_min_sqnr_db: float = DEFAULT_CHECK_MIN_SQNR,
     dynamo: bool = True,
+    static_axes: Sequence[str] = (),
 ) -> ExportReport:
     """Export ``module`` to ``output`` (see module doc).
 
-    ``dynamic_axes=None`` applies ``auto_dynamic_axes``; ``[]`` exports static shapes.
+    ``dynamic_axes=None`` infers them (``ox_quant.export.axes``); ``[]`` exports static shapes;
+    ``static_axes`` (``INPUT:AXIS`` or an axis name) removes some. With ``check``, PyTorch is
+    first run with every dynamic axis at a second size (inferred axes it rejects become
+    static), and the written model must match PyTorch there too, else ``ExportError`` names
+    the axis and nothing is written.
     ``external_data=None`` stores weights externally (``OUTPUT.data``) above 1 GiB.
     ``optimize`` runs the onnxscript optimizer (constant folding, dead code), which keeps
     weights as initializers, then names folded weights after their parameters
     (``name_folded_weights``). ``dynamo=False`` goes straight to the TorchScript exporter.
     """
     import onnx
-
-    from ox_quant.export.torch_run import run_torch
 
     out = Path(output)
     if out.suffix.lower() != ".onnx":
@@ -297,24 +301,57 @@ def export_model(
     names = list(input_names) if input_names else default_input_names(module, len(inputs))
     if len(names) != len(inputs):
         raise OxQuantError(f"{len(names)} input names for {len(inputs)} example inputs")
-    axes = auto_dynamic_axes(names, inputs) if dynamic_axes is None else list(dynamic_axes)
-    for axis in axes:
+    for axis in dynamic_axes or ():
         if axis.input not in names:
             raise OxQuantError(f"dynamic axis for unknown input {axis.input!r} (inputs: {', '.join(names)})")
         rank = inputs[names.index(axis.input)].dim()
         if not 0 <= axis.axis < rank:
             raise OxQuantError(f"dynamic axis {axis.axis} out of range for input {axis.input!r} of rank {rank}")
-    module = module.eval()
+    plan = infer_axes(names, inputs) if dynamic_axes is None else declared_axes(names, inputs, dynamic_axes)
+    plan = apply_static(plan, static_axes)
+    failure: BaseException | None = None
+    with captured() as sink:
+        try:
+            report = _export_checked(
+                module.eval(), inputs, out, names, output_names, plan, opset, optimize, external_data,
+                check, check_min_sqnr_db, dynamo, sink,
+            )
+        except Exception as exc:  # re-raised below, once the capture has ended
+            failure = exc
+    if failure is not None:
+        if isinstance(failure, OxQuantError):
+            raise ExportError(str(failure), sink.text + format_failure(failure)) from failure
+        raise failure
+    return replace(report, log=sink.text)
+
+
+def _export_checked(
+    module, inputs, out: Path, names, output_names, plan: AxisPlan, opset, optimize, external_data,
+    check: bool, check_min_sqnr_db: float, dynamo: bool, sink: Captured,
+) -> ExportReport:
+    """``export_model`` after argument checks, inside the output capture."""
+    import onnx
+
+    from ox_quant.export.torch_run import run_torch
+
     expected = run_torch(module, inputs)
     outs = list(output_names) if output_names else (
         ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     )
     if len(outs) != len(expected):
         raise OxQuantError(f"{len(outs)} output names for {len(expected)} model outputs")
+    probe = None
+    if check:
+        probe = probe_pytorch(module, inputs, plan)
+        plan = probe.plan
+    else:
+        plan = plan.drop_tentative("not checked at other sizes (--no-check)")
+    axes = [DynamicAxis(c.input, c.axis, c.name) for c in plan.dynamic if c.name]
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
     external = param_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
 
+    shape_check = None
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp_path = scratch / out.name
@@ -324,7 +361,8 @@ def export_model(
                 _export_dynamo(module, inputs, tmp_path, names, outs, axes, opset, optimize, external)
                 exporter = "dynamo"
             except Exception as exc:  # the exporter raises many unrelated types
-                fallback_reason = _first_line(exc)
+                fallback_reason = exporter_reason(exc)
+                sink.add("dynamo exporter failed, falling back to TorchScript:\n" + format_failure(exc))
                 for leftover in scratch.iterdir():
                     leftover.unlink()
         if exporter == "torchscript":
@@ -332,9 +370,14 @@ def export_model(
                 _export_torchscript(module, inputs, tmp_path, names, outs, axes, opset, external)
             except Exception as exc:
                 before = f"dynamo exporter: {fallback_reason}; " if fallback_reason else ""
-                raise OxQuantError(f"export failed ({before}TorchScript exporter: {_first_line(exc)})") from exc
+                raise OxQuantError(f"export failed ({before}TorchScript exporter: {exporter_reason(exc)})") from exc
         proto = onnx.load(str(tmp_path), load_external_data=False)
+        onnx_inputs = _tensor_infos(proto.graph.input)
         metrics = _check(tmp_path, names, inputs, expected) if check else ()
+        example_ok = all(m.nonfinite == 0 and m.sqnr_db >= check_min_sqnr_db for m in metrics)
+        if probe is not None and probe.sizes and example_ok:  # a mismatch at the example is reported as such
+            check_symbolic(plan, onnx_inputs)
+            shape_check = check_second_shape(module, tmp_path, names, inputs, replace(probe, plan=plan), check_min_sqnr_db)
         data_files = [p for p in scratch.iterdir() if p.name != out.name]
         for data_file in data_files:  # weights first, so the model never points at nothing
             os.replace(data_file, out.parent / data_file.name)
@@ -351,12 +394,14 @@ def export_model(
         ir_version=int(proto.ir_version),
         external_data=bool(data_files),
         optimized=optimize and exporter == "dynamo",
-        inputs=_tensor_infos(proto.graph.input),
+        inputs=onnx_inputs,
         outputs=_tensor_infos(proto.graph.output),
         matmul_weights=weights,
         matmul_nodes=matmuls,
         check=metrics,
         check_min_sqnr_db=check_min_sqnr_db if check else None,
+        axes=plan.choices,
+        shape_check=shape_check,
     )
 
 

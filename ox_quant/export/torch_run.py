@@ -22,7 +22,13 @@ def flatten_outputs(value: Any) -> list[Any]:
         value = list(value.values())
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in flatten_outputs(item)]
-    raise OxQuantError(f"model returned a {type(value).__name__}; expected tensors, tuples, lists or dicts of them")
+    kind = type(value).__name__
+    hint = ""
+    if kind.endswith("Cache"):
+        from ox_quant.export.log import CACHE_HINT
+
+        hint = f" ({CACHE_HINT})"
+    raise OxQuantError(f"model returned a {kind}; expected tensors, tuples, lists or dicts of them{hint}")
 
 
 def run_torch(module: Any, inputs: Sequence[Any]) -> list[np.ndarray]:
