@@ -158,6 +158,8 @@ class QuantFormat(Protocol):
     """As in reports and ``FormatChoice.format``: ``matmulnbits``, ``qdq``, ..."""
     domain: str
     """Opset domain of its nodes ("" for ai.onnx)."""
+    op_type: str
+    """Type of its nodes (``MatMulNBits``, ``DequantizeLinear``, ...), as reports name them."""
     opset: int
     """Version of ``domain`` a written model imports (ai.onnx: the least opset it needs)."""
     min_ir_version: int
