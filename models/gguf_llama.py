@@ -139,6 +139,6 @@ def build_tokenizer(contents: GGUFContents):
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
-    specials = [t for t, kind in zip(contents.tokens, contents.token_types) if kind == TOKEN_TYPE_CONTROL]
+    specials = [t for t, kind in zip(contents.tokens, contents.token_types, strict=True) if kind == TOKEN_TYPE_CONTROL]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok

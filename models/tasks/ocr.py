@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import ppocr
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
+from ox_quant_models import ppocr
 
 LINES: tuple[str, ...] = (
     "Quantized weights must keep their accuracy.",

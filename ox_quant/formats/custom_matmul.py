@@ -20,8 +20,8 @@ and the CUDA kernels compute in float32. Running it needs the library
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx

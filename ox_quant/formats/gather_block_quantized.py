@@ -12,7 +12,7 @@ Table ``[V, D]`` (``W = table.T``: K = D, N = V), ``gather_axis=0``, ``quantize_
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx

@@ -11,7 +11,7 @@ are powers of two from 16 (:func:`valid_block_size`); ox-quant writes 16..256.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx

@@ -10,7 +10,7 @@ weights are signed (codes - 2**(bits-1), no zero point); asymmetric ones unsigne
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx

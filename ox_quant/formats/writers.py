@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.core.config import QuantConfig
-from ox_quant.errors import OxQuantError
-from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.algorithms.base import Quantizer, SiteStats
+from ox_quant.core.config import QuantConfig
+from ox_quant.core.quantize import QuantizedWeight
+from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
+
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
 
 Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
