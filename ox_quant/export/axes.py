@@ -261,10 +261,10 @@ def infer_axes(names: Sequence[str], inputs: Sequence[Any]) -> AxisPlan:
     final = []
     for c in choices:
         if c.name == "?":
-            symbol, reason = named[(c.input, c.axis)]
+            named_symbol, reason = named[(c.input, c.axis)]
             if c.tentative:
                 reason = "first axis of a rank-3 input"
-            c = replace(c, name=symbol, reason=reason)
+            c = replace(c, name=named_symbol, reason=reason)
         final.append(c)
     return AxisPlan(tuple(names), shapes, tuple(final), derived)
 
@@ -277,7 +277,7 @@ def _name_sequences(
     current tokens."""
     derived: dict[str, tuple[str, str]] = {}
     primary: dict[str, tuple[str, int]] = {}
-    out: dict[tuple[str, int], tuple[str, str]] = {}
+    out: dict[tuple[str, int], tuple[str | None, str]] = {}
     for name, axis, size, is_mask in entries:
         if is_mask:
             continue

@@ -129,11 +129,13 @@ def check_symbolic(plan: AxisPlan, onnx_inputs) -> None:
     dims = {t.name: t.shape for t in onnx_inputs}
     example = plan.example_sizes()
     for c in plan.dynamic:
+        symbol = c.name
+        assert symbol is not None  # plan.dynamic holds the named axes only
         shape = dims.get(c.input)
         if shape is not None and isinstance(shape[c.axis], int):
             raise OxQuantError(
-                f"{plan.describe(c.name)}: the exporter fixed this axis at {shape[c.axis]} (the model branches on "
-                f"or computes from its size); {_fix(plan, c.name, example[c.name])}"  # type: ignore[index]
+                f"{plan.describe(symbol)}: the exporter fixed this axis at {shape[c.axis]} (the model branches on "
+                f"or computes from its size); {_fix(plan, symbol, example[symbol])}"
             )
 
 

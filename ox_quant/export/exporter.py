@@ -206,6 +206,7 @@ def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset,
         verbose=False,
         external_data=external,
     )
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     if optimize:
         name_folded_weights(program)
     program.model.ir_version = min(program.model.ir_version, max_ir_version())

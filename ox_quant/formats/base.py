@@ -83,7 +83,7 @@ def const_bytes(value: ir.Value | None) -> int:
     tensor = value.const_value
     bits = BITS_OF_DTYPE.get(tensor.dtype)
     if bits is not None and bits < 8:
-        return math.ceil(math.prod(tensor.shape) * bits / 8)
+        return math.ceil(math.prod(tensor.shape) * bits / 8)  # type: ignore[arg-type]  # stub: a tensor's dims are ints
     return tensor.nbytes
 
 
@@ -159,6 +159,8 @@ class QuantFormat(Protocol):
     """As in reports and ``FormatChoice.format``: ``matmulnbits``, ``qdq``, ..."""
     domain: str
     """Opset domain of its nodes ("" for ai.onnx)."""
+    op_type: str
+    """Type of the node holding the codes (``MatMulNBits``, ``DequantizeLinear``, ...)."""
     opset: int
     """Version of ``domain`` a written model imports (ai.onnx: the least opset it needs)."""
     min_ir_version: int
