@@ -9,7 +9,8 @@ module is imported only when the name is used (real models pull heavy packages).
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Factory = Callable[[], tuple[Any, tuple[Any, ...]]]
 

@@ -134,11 +134,11 @@ def build_tokenizer(contents: GGUFContents):
             raise OxQuantError(f"GGUF merge {line!r} is not 'left right'")
         merges.append((left, right))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    steps: list[pre_tokenizers.PreTokenizer] = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if contents.pre_tokenizer == "smollm":
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
-    specials = [t for t, kind in zip(contents.tokens, contents.token_types) if kind == TOKEN_TYPE_CONTROL]
+    specials = [t for t, kind in zip(contents.tokens, contents.token_types, strict=True) if kind == TOKEN_TYPE_CONTROL]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok

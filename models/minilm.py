@@ -45,7 +45,7 @@ class BertConfig:
     eps: float = 1e-12
 
     @classmethod
-    def from_json(cls, path: Path) -> "BertConfig":
+    def from_json(cls, path: Path) -> BertConfig:
         c = json.loads(path.read_text())
         return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                    c["intermediate_size"], c["max_position_embeddings"], c["type_vocab_size"],

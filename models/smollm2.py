@@ -125,6 +125,9 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """``input_ids [B, T] int64 -> logits [B, T, V] float32`` (T <= ``max_positions``)."""
 
+    rope_cos: torch.Tensor  # buffers registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS):
         super().__init__()
         self.cfg = cfg

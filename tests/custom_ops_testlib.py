@@ -20,8 +20,8 @@ IR_VERSION = 10  # loadable by the installed onnxruntime
 
 def ensure_cpu_library(tmp_root: Path) -> Path:
     """The CPU library: the built one, or one built now into ``tmp_root``; skip if impossible."""
-    from ox_quant.runtime.custom_ops import library_path
     from ox_quant.errors import OxQuantError
+    from ox_quant.runtime.custom_ops import library_path
 
     try:
         return library_path("cpu")

@@ -14,11 +14,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.helpers import matmul_model, random_weights
-from tests.helpers import run_cli as cli
 from ox_quant.cli import main
 from ox_quant.errors import OxQuantError
 from ox_quant.runtime.session import make_session
+from tests.helpers import matmul_model, random_weights
+from tests.helpers import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
 

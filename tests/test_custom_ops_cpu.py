@@ -9,12 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.custom_ops_testlib import (IR_VERSION, check_int8_output, check_output, make_case,
-                                save_model)
-from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
-from ox_quant.errors import OxQuantError
 from ox_quant.core.packing import pack_matmulnbits, pack_zero_points
+from ox_quant.errors import OxQuantError
+from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, custom_matmul_initializers, make_custom_matmul_node
 from ox_quant.runtime.session import make_session
+from tests.custom_ops_testlib import IR_VERSION, check_int8_output, check_output, make_case, save_model
 
 M_VALUES = (1, 2, 5, 64)
 

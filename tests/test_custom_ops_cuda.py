@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.custom_ops_testlib import check_output, make_case, save_model
-from ox_quant.runtime.custom_ops import CUDA_LIBRARY, library_available, library_path
 from ox_quant.runtime.build import nvcc_path
+from ox_quant.runtime.custom_ops import CUDA_LIBRARY, library_available, library_path
+from tests.custom_ops_testlib import check_output, make_case, save_model
 
 pytestmark = pytest.mark.gpu
 

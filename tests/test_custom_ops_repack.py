@@ -12,10 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.custom_ops_testlib import IR_VERSION, check_int8_output, make_case
 from ox_quant.formats.custom_matmul import INT8_MAX_ROWS, make_custom_matmul_node
 from ox_quant.runtime.session import make_session
-
+from tests.custom_ops_testlib import IR_VERSION, check_int8_output, make_case
 
 pytestmark = pytest.mark.usefixtures("cpu_library")  # the shared fixture of conftest.py
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import matmul_model, random_weights
-from ox_quant.runtime import ort
 from ox_quant.errors import OxQuantError
+from ox_quant.runtime import ort
+from tests.helpers import matmul_model, random_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -53,8 +53,8 @@ def test_onnx_without_task_is_refused(tmp_path):
 
 
 def test_missing_package_names_setup_script():
-    from ox_quant_models._locate import package_dir
     from ox_quant.errors import OxQuantError
+    from ox_quant_models._locate import package_dir
 
     with pytest.raises(OxQuantError, match="tools/setup_models.sh"):
         package_dir("no-such-model-package", "no_such_model_package_xyz")

@@ -11,13 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tests.verify_support import assert_one_line_error, run_cli
 
-from ox_quant_models import toy_shapes
 from ox_quant.errors import OxQuantError
-from ox_quant.export.exporter import export_model, parse_dynamic_axis
 from ox_quant.export.axes import infer_axes, resize, second_sizes
+from ox_quant.export.exporter import export_model, parse_dynamic_axis
 from ox_quant.export.log import ExportError, exporter_reason
+from ox_quant_models import toy_shapes
+from tests.verify_support import assert_one_line_error, run_cli
 
 
 def _dims(path) -> dict[str, list]:
@@ -30,12 +30,12 @@ def _dims(path) -> dict[str, list]:
 def _ort_vs_torch(path, module, inputs) -> float:
     """Lowest SQNR (dB) of ONNX Runtime against PyTorch over all outputs at ``inputs``."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)})
     with torch.no_grad():
         ref = module(*inputs)
     ref = ref if isinstance(ref, tuple) else (ref,)
     worst = np.inf
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         r = r.numpy().astype(np.float64)
         assert r.shape == g.shape
         noise = float(np.sum((r - g) ** 2))

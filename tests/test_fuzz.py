@@ -16,19 +16,19 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ox_quant.runtime.custom_ops import library_available
-from tests.helpers import digest, matmul_model
 from ox_quant.cli import main
 from ox_quant.pipeline.load import load_model
+from ox_quant.runtime.custom_ops import library_available
 from ox_quant.runtime.session import make_session
+from tests.helpers import digest, matmul_model
 
 pytestmark = pytest.mark.slow
 

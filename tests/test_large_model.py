@@ -6,16 +6,15 @@ The weights live in a sparse external-data file: nine 8192 x 8192 float32 matric
 
 from __future__ import annotations
 
-import pytest
-
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
-from tests.helpers import relative_error, run
 from ox_quant.core.config import Block, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.core.quantize import quantize
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from tests.helpers import relative_error, run
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +58,7 @@ def test_model_over_2gb_converts_and_runs(tmp_path):
     x = np.zeros((1, SIZE), dtype=np.float32)
     x[0, :PATCH] = rng.standard_normal(PATCH)
     ys = run(tmp_path / "out.onnx", {"x": x})
-    for patch, y in zip(patches, ys):
+    for patch, y in zip(patches, ys, strict=True):
         expected = np.zeros((1, SIZE))
         expected[0, :PATCH] = x[0, :PATCH].astype(np.float64) @ quantize(patch, config).dequantize()
         assert relative_error(y, expected) <= 1e-5

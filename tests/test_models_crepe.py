@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.models, require("torchcrepe", "torchcrepe")]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from ox_quant_models import crepe
     from ox_quant.export.exporter import export_model
+    from ox_quant_models import crepe
 
     model, inputs = crepe.factory()
     path = tmp_path_factory.mktemp("crepe") / "crepe-tiny.onnx"
@@ -31,9 +31,9 @@ def test_fp32_torch_reads_synthetic_tones():
 
 
 def test_onnx_matches_torch(exported):
+    from ox_quant.evaluation.tasks import OrtRunner
     from ox_quant_models import crepe
     from ox_quant_models.tasks.pitch import evaluate, tones
-    from ox_quant.evaluation.tasks import OrtRunner
 
     model, path = exported
     frames, _ = tones()

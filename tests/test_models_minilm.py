@@ -15,11 +15,11 @@ def fp32(tmp_path_factory):
 
     TorchScript exporter for test time (3 s against 35 s for dynamo here); the dynamo
     path is exercised on CREPE, and `ox-quant export minilm` uses dynamo."""
+    from ox_quant.evaluation.tasks import TorchRunner
+    from ox_quant.export.exporter import export_model
     from ox_quant_models import minilm
     from ox_quant_models.tasks.embedding import embed
     from ox_quant_models.tasks.sentences import sentences
-    from ox_quant.export.exporter import export_model
-    from ox_quant.evaluation.tasks import TorchRunner
 
     model, inputs = minilm.factory()
     reference = embed(TorchRunner(model, minilm.INPUT_NAMES), minilm.encode(sentences()))

@@ -71,8 +71,8 @@ def test_int8_per_channel_still_reads(hoisted, tmp_path):
 
 
 def test_torch_module_is_refused():
-    from ox_quant_models.tasks.ocr import evaluate
     from ox_quant.errors import OxQuantError
+    from ox_quant_models.tasks.ocr import evaluate
 
     with pytest.raises(OxQuantError, match="ONNX files only"):
         evaluate(object())

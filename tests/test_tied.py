@@ -10,16 +10,16 @@ import math
 import numpy as np
 import onnx
 import pytest
-from tests.helpers import relative_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 from ox_quant.core.config import Block, Format, PerChannel, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.core.dequant import dequantize_matmulnbits
-from ox_quant.errors import OxQuantError
-from ox_quant.pipeline.inspect import inspect_model
 from ox_quant.core.quantize import quantize
+from ox_quant.errors import OxQuantError
 from ox_quant.formats.tied import TIED_FORMAT
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from ox_quant.pipeline.inspect import inspect_model
+from tests.helpers import relative_error, run
 
 RNG = np.random.default_rng(5)
 
@@ -67,7 +67,7 @@ def check_tied_run(path, table_deq: np.ndarray, ids: np.ndarray, head: str, bias
     expected = {"transpose": [h @ table_deq.T], "gemm": [flat @ table_deq.T], "both": [h @ table_deq.T, flat @ table_deq.T]}[head]
     if bias is not None:
         expected[-1] = expected[-1] + bias
-    for got, ref in zip(outs[1:], expected):
+    for got, ref in zip(outs[1:], expected, strict=True):
         assert relative_error(got, ref) <= 1e-5
 
 

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ox_quant.ir.modelio import load_model
-from ox_quant.runtime.session import make_session
 from ox_quant.ir.validate import weightless_copy
+from ox_quant.runtime.session import make_session
 
 REPO = Path(__file__).resolve().parents[1]
 

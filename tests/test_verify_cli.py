@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ox_quant.verification.inputs import generate_inputs, load_graph
 from ox_quant.runtime.session import cuda_available
+from ox_quant.verification.inputs import generate_inputs, load_graph
 from tests.verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
 
 

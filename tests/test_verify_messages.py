@@ -50,7 +50,7 @@ def test_generated_inputs_are_reported_with_their_range(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "verify", str(ref), str(ref), "--int-range", "3:9", "--dim", "seq=4")
     assert code == 0
     assert "inputs (generated, seed 0):" in out
-    line = next(l for l in out.splitlines() if l.strip().startswith("ids "))
+    line = next(text for text in out.splitlines() if text.strip().startswith("ids "))
     assert "int64[2x4]" in line and "integers in [3, 9) (--int-range)" in line
 
 

@@ -40,7 +40,7 @@ def test_reported_metrics_equal_independent_numpy(exported, tmp_path):  # noqa: 
     assert math.isclose(m.cosine, np.sum(r * c) / np.sqrt(np.sum(r * r) * np.sum(c * c)), rel_tol=1e-12)
     rows_r, rows_c = r.reshape(-1, 256), c.reshape(-1, 256)
     assert m.argmax_agreement == np.mean(rows_r.argmax(1) == rows_c.argmax(1))
-    overlap = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) / 5 for a, b in zip(rows_r, rows_c)]
+    overlap = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) / 5 for a, b in zip(rows_r, rows_c, strict=True)]
     assert math.isclose(m.top5_agreement, float(np.mean(overlap)), rel_tol=1e-12)
     assert 0 < m.sqnr_db < 60  # really quantized, really measured
 

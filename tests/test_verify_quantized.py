@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from ox_quant.verification.per_layer import quantized_weights, _Tensors
+from ox_quant.verification.per_layer import _Tensors, quantized_weights
 from ox_quant.verification.verify import verify
 from tests.verify_support import assert_one_line_error, exported, quantize_qdq, run_cli, run_json  # noqa: F401
 
@@ -64,7 +64,10 @@ def _isolated_sqnr(ref_path, tmp_path, weight_name, values, feeds):
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.float32), weight_name))
     path = tmp_path / "isolated.onnx"
     onnx.save(model, str(path))
-    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
     r, c = run(ref_path).astype(np.float64), run(path).astype(np.float64)
     return 10 * math.log10(np.sum(r**2) / np.sum((r - c) ** 2))
 
@@ -79,11 +82,11 @@ def test_per_layer_matches_independent_rebuild(exported, tmp_path, capsys, fmt):
     report = verify(ref, cand, per_layer=True)
     layers = report.layers.layers
     assert report.layers.unmatched == () and len(layers) == 7
-    assert {l.weight for l in layers} == {f"{n}.weight.T" for n in ("q", "k", "v", "o", "up", "down", "head")}
-    assert [l.output_sqnr_db for l in layers] == sorted(l.output_sqnr_db for l in layers)
-    assert all(l.format == fmt and l.bits == 4 for l in layers)
+    assert {layer.weight for layer in layers} == {f"{n}.weight.T" for n in ("q", "k", "v", "o", "up", "down", "head")}
+    assert [layer.output_sqnr_db for layer in layers] == sorted(layer.output_sqnr_db for layer in layers)
+    assert all(layer.format == fmt and layer.bits == 4 for layer in layers)
     # each layer alone loses less than all of them together
-    assert all(l.output_sqnr_db > report.outputs[0].sqnr_db for l in layers)
+    assert all(layer.output_sqnr_db > report.outputs[0].sqnr_db for layer in layers)
     proto = onnx.load(str(cand), load_external_data=False)
     found, _ = quantized_weights(proto, _Tensors(proto, cand.parent))
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int64)}
@@ -100,7 +103,7 @@ def test_per_layer_on_hand_built_qdq_cli(exported, tmp_path, capsys):  # noqa: F
     code, payload = run_json(capsys, "verify", str(ref), str(cand), "--per-layer")
     assert code == 0
     layers = payload["per_layer"]["layers"]
-    assert {l["weight"] for l in layers} == {"fc1.weight", "fc2.weight"}
-    assert all(l["weight_sqnr_db"] < 40 and l["bits"] == 4 for l in layers)
+    assert {layer["weight"] for layer in layers} == {"fc1.weight", "fc2.weight"}
+    assert all(layer["weight_sqnr_db"] < 40 and layer["bits"] == 4 for layer in layers)
     code, out, _ = run_cli(capsys, "verify", str(ref), str(cand), "--per-layer", "--top", "1")
     assert code == 0 and "worst 1 of 2" in out

@@ -18,15 +18,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from tests.helpers import run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from ox_quant.ir import modelio, wire
 from ox_quant.core.config import Block, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError
+from ox_quant.ir import modelio, wire
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from tests.helpers import run
 
 K = 32
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ox_quant.formats.custom_matmul import custom_matmul_initializers, make_custom_matmul_node  # noqa: E402
 from ox_quant.core.packing import pack_matmulnbits, pack_zero_points  # noqa: E402
+from ox_quant.formats.custom_matmul import custom_matmul_initializers, make_custom_matmul_node  # noqa: E402
 from ox_quant.runtime.session import make_session  # noqa: E402
 
 IR_VERSION = 10
@@ -127,7 +127,7 @@ def main() -> None:
     for r in rows:
         lat = r["latency_ms"]
 
-        def ratio(num: str, den: str) -> str:
+        def ratio(num: str, den: str, lat: dict = lat) -> str:
             return f"{lat[num]['median'] / lat[den]['median']:.2f} ({lat[num]['min'] / lat[den]['min']:.2f})"
 
         cells = [f"{lat[x]['median']:.3f} ({lat[x]['min']:.3f})" for x in names]

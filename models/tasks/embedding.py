@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ox_quant.evaluation.tasks import Progress, Runner, TaskResult, no_progress, runner_for, target_label
 from ox_quant_models import minilm
 from ox_quant_models.tasks.sentences import sentences
-from ox_quant.evaluation.tasks import Progress, Runner, TaskResult, no_progress, runner_for, target_label
 
 
 def embed(runner: Runner, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import ppocr
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
+from ox_quant_models import ppocr
 
 LINES: tuple[str, ...] = (
     "Quantized weights must keep their accuracy.",
@@ -42,7 +42,7 @@ def render(text: str, size: int = FONT_SIZE) -> np.ndarray:
 
     font = ImageFont.load_default(size=size)
     left, top, right, bottom = font.getbbox(text)
-    image = Image.new("RGB", (right - left + 2 * MARGIN, bottom - top + 2 * MARGIN), "white")
+    image = Image.new("RGB", (int(right - left + 2 * MARGIN), int(bottom - top + 2 * MARGIN)), "white")
     ImageDraw.Draw(image).text((MARGIN - left, MARGIN - top), text, fill="black", font=font)
     return np.asarray(image)
 
@@ -53,7 +53,7 @@ def preprocess(image: np.ndarray) -> np.ndarray:
 
     h, w = image.shape[:2]
     width = math.ceil(ppocr.HEIGHT * w / h)
-    resized = np.asarray(Image.fromarray(image).resize((width, ppocr.HEIGHT), Image.BILINEAR), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(image).resize((width, ppocr.HEIGHT), Image.Resampling.BILINEAR), dtype=np.float32)
     chw = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
     out = np.zeros((1, 3, ppocr.HEIGHT, max(ppocr.MIN_WIDTH, width)), dtype=np.float32)
     out[0, :, :, :width] = chw

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import smollm2
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
 from ox_quant.evaluation.textdata import read_text, text_files, text_name
+from ox_quant_models import smollm2
 
 DEFAULT_MAX_TOKENS = 2048
 DEFAULT_CONTEXT = 512

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import crepe
 from ox_quant.evaluation.tasks import Progress, TaskResult, no_progress, runner_for, target_label
+from ox_quant_models import crepe
 
 TONES = 16
 FRAMES_PER_TONE = 4

@@ -31,8 +31,8 @@ def demo_cmd(out_dir: str | None, bits: int, block_size: int, as_json: bool) -> 
 def _run_demo(folder: Path, kept: bool, bits: int, block_size: int, as_json: bool) -> None:
     from ox_quant.commands.convert import format_bytes, resolve_granularity
     from ox_quant.core.config import QuantConfig
-    from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.ir.examples import llm_shaped_model
+    from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.verification.verify import verify
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def _run_demo(folder: Path, kept: bool, bits: int, block_size: int, as_json: boo
             "output_bytes": report.output_bytes,
             "sqnr_db": metrics.sqnr_db,
             "cosine": metrics.cosine,
-            "worst_layers": [{"weight": l.weight, "output_sqnr_db": l.output_sqnr_db} for l in worst],
+            "worst_layers": [{"weight": layer.weight, "output_sqnr_db": layer.output_sqnr_db} for layer in worst],
         }))
         return
     click.echo(f"example model: {model.name} ({format_bytes(report.input_bytes)})")

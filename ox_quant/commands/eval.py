@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,9 @@ def eval_cmd(target: str, task: str | None, text: str | None, max_tokens: int | 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ox_quant.commands._display import console as make_console
+    from ox_quant.commands._display import fmt, quiet_torch
     from ox_quant_models.tasks import TASKS
-    from ox_quant.commands._display import console as make_console, fmt, quiet_torch
 
     task_name, resolved = _resolve(target, task)
     options = {k: v for k, v in (("text", text), ("max_tokens", max_tokens), ("context", context)) if v is not None}

@@ -64,6 +64,7 @@ def export_cmd(
     """Export the PyTorch model SPEC (FILE.py:FACTORY, module:FACTORY or a registered name) to ONNX."""
     from ox_quant.commands._display import console as make_console
     from ox_quant.commands._display import db, metrics_table
+    from ox_quant.core.jsonify import to_jsonable
     from ox_quant.export.exporter import (
         DEFAULT_CHECK_MIN_SQNR,
         DEFAULT_OPSET,
@@ -71,7 +72,6 @@ def export_cmd(
         parse_dynamic_axis,
     )
     from ox_quant.export.log import ExportError
-    from ox_quant.core.jsonify import to_jsonable
 
     if static and (dynamic_axes or static_axes):
         raise OxQuantError("--static and --dynamic-axis / --static-axis exclude each other")

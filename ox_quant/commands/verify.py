@@ -51,12 +51,12 @@ def verify_cmd(
     are printed. Without --min-sqnr/--min-cosine nothing is checked: the verdict is
     "no thresholds given" (exit 0 unless an output is not finite).
     """
-    from ox_quant.commands._display import console as make_console, db, fmt, metrics_table, quiet_torch
-    from ox_quant.verification.inputs import parse_dim, parse_int_range
+    from ox_quant.commands._display import console as make_console
+    from ox_quant.commands._display import db, fmt, metrics_table, quiet_torch
     from ox_quant.core.jsonify import to_jsonable
-    from ox_quant.verification.verify import verify
-
     from ox_quant.export.spec import looks_like_onnx
+    from ox_quant.verification.inputs import parse_dim, parse_int_range
+    from ox_quant.verification.verify import verify
 
     with quiet_torch(load=not looks_like_onnx(reference)), contextlib.redirect_stdout(sys.stderr):
         report = verify(

@@ -178,7 +178,7 @@ def pack_onnx_4bit_reference(nibbles: np.ndarray) -> bytes:
 
 def unpack_onnx_4bit_reference(raw: bytes, count: int, signed: bool) -> np.ndarray:
     """Inverse of :func:`pack_onnx_4bit_reference`, as int8 (signed) or uint8 values."""
-    values = []
+    values: list[int] = []
     for byte in raw:
         values.extend((byte & 0xF, byte >> 4))
     values = values[:count]

@@ -27,8 +27,9 @@ length is ``past + sequence`` gets ``total_sequence``, derived from the two.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 from ox_quant.errors import OxQuantError
 
@@ -122,7 +123,7 @@ class AxisPlan:
     def shapes_at(self, sizes: dict[str, int]) -> list[tuple[int, ...]]:
         full = self.resolve(sizes)
         out = []
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             dims = list(shape)
             for c in self.dynamic:
                 if c.input == name:
@@ -132,7 +133,7 @@ class AxisPlan:
 
     def inputs_at(self, inputs: Sequence[Any], sizes: dict[str, int], seed: int = 0) -> tuple[Any, ...]:
         """The example inputs resized to ``sizes`` (see ``resize``)."""
-        return tuple(resize(t, shape, seed + i) for i, (t, shape) in enumerate(zip(inputs, self.shapes_at(sizes))))
+        return tuple(resize(t, shape, seed + i) for i, (t, shape) in enumerate(zip(inputs, self.shapes_at(sizes), strict=True)))
 
     def describe(self, symbol: str) -> str:
         """``input_ids[0]=batch`` (plus ``, mask[0]`` ... for the other axes of the symbol)."""
@@ -215,7 +216,7 @@ def infer_axes(names: Sequence[str], inputs: Sequence[Any]) -> AxisPlan:
     choices: list[AxisChoice] = []
     sequence_like: list[tuple[str, int, int, bool]] = []  # input, axis, size, is_mask
     broadcast_masks = set()  # masks of rank >= 3: an axis matching no sequence stays static
-    for name, shape, is_float in zip(names, shapes, floats):
+    for name, shape, is_float in zip(names, shapes, floats, strict=True):
         rank = len(shape)
         if rank == 0:
             continue
@@ -260,10 +261,10 @@ def infer_axes(names: Sequence[str], inputs: Sequence[Any]) -> AxisPlan:
     final = []
     for c in choices:
         if c.name == "?":
-            symbol, reason = named[(c.input, c.axis)]
+            named_symbol, reason = named[(c.input, c.axis)]
             if c.tentative:
                 reason = "first axis of a rank-3 input"
-            c = replace(c, name=symbol, reason=reason)
+            c = replace(c, name=named_symbol, reason=reason)
         final.append(c)
     return AxisPlan(tuple(names), shapes, tuple(final), derived)
 
@@ -276,7 +277,7 @@ def _name_sequences(
     current tokens."""
     derived: dict[str, tuple[str, str]] = {}
     primary: dict[str, tuple[str, int]] = {}
-    out: dict[tuple[str, int], tuple[str, str]] = {}
+    out: dict[tuple[str, int], tuple[str | None, str]] = {}
     for name, axis, size, is_mask in entries:
         if is_mask:
             continue
@@ -314,7 +315,7 @@ def declared_axes(names: Sequence[str], inputs: Sequence[Any], axes: Sequence[An
     choices = tuple(
         AxisChoice(name, axis, given[(name, axis)], "declared with --dynamic-axis", declared=True)
         if (name, axis) in given else AxisChoice(name, axis, None, "not declared dynamic")
-        for name, shape in zip(names, shapes) for axis in range(len(shape))
+        for name, shape in zip(names, shapes, strict=True) for axis in range(len(shape))
     )
     plan = AxisPlan(tuple(names), shapes, choices)
     sizes = plan.example_sizes()

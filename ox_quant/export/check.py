@@ -10,15 +10,16 @@ at a time to name the axis at fault, and raises one line with the fix.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from ox_quant.core.metrics import OutputMetrics, compare
 from ox_quant.errors import OxQuantError, one_line
 from ox_quant.export.axes import AxisPlan, second_sizes
-from ox_quant.core.metrics import OutputMetrics, compare
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _ort(path: Path, names: Sequence[str], inputs: Sequence[Any]) -> tuple[list[
     from ox_quant.runtime.session import make_session
 
     session = make_session(path, "cpu")
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
     wanted = {i.name for i in session.get_inputs()}
     out_names = [o.name for o in session.get_outputs()]
     try:
@@ -105,7 +106,7 @@ def _verdict(got, out_names, expected, min_sqnr_db: float | None) -> tuple[tuple
     if len(got) != len(expected):
         return (), f"{len(got)} outputs where PyTorch returns {len(expected)}"
     metrics = []
-    for name, ref, cand in zip(out_names, expected, got):
+    for name, ref, cand in zip(out_names, expected, got, strict=True):
         if np.shape(ref) != np.shape(cand):
             return (), f"output {name!r} has shape {list(np.shape(cand))} where PyTorch gives {list(np.shape(ref))}"
         metrics.append(compare(name, ref, cand))
@@ -128,11 +129,13 @@ def check_symbolic(plan: AxisPlan, onnx_inputs) -> None:
     dims = {t.name: t.shape for t in onnx_inputs}
     example = plan.example_sizes()
     for c in plan.dynamic:
+        symbol = c.name
+        assert symbol is not None  # plan.dynamic holds the named axes only
         shape = dims.get(c.input)
         if shape is not None and isinstance(shape[c.axis], int):
             raise OxQuantError(
-                f"{plan.describe(c.name)}: the exporter fixed this axis at {shape[c.axis]} (the model branches on "
-                f"or computes from its size); {_fix(plan, c.name, example[c.name])}"  # type: ignore[index]
+                f"{plan.describe(symbol)}: the exporter fixed this axis at {shape[c.axis]} (the model branches on "
+                f"or computes from its size); {_fix(plan, symbol, example[symbol])}"
             )
 
 

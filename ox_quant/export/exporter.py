@@ -19,17 +19,18 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from ox_quant.core.metrics import OutputMetrics, compare
 from ox_quant.errors import OxQuantError
 from ox_quant.export.axes import AxisChoice, AxisPlan, apply_static, declared_axes, infer_axes
 from ox_quant.export.check import ShapeCheck, check_second_shape, check_symbolic, probe_pytorch
 from ox_quant.export.log import Captured, ExportError, captured, exporter_reason, format_failure
-from ox_quant.core.metrics import OutputMetrics, compare
 
 DEFAULT_OPSET = 21
 """Opset 21: DequantizeLinear with ``block_size`` and INT4/UINT4, as the quantizer needs."""
@@ -205,6 +206,7 @@ def _export_dynamo(module, inputs, path: Path, names, output_names, axes, opset,
         verbose=False,
         external_data=external,
     )
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     if optimize:
         name_folded_weights(program)
     program.model.ir_version = min(program.model.ir_version, max_ir_version())
@@ -251,13 +253,13 @@ def _check(path: Path, names: Sequence[str], inputs, expected: list[np.ndarray])
     from ox_quant.runtime.session import make_session
 
     session = make_session(path, "cpu")
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs, strict=True)}
     feed_names = {i.name for i in session.get_inputs()}
     got = session.run(None, {k: v for k, v in feeds.items() if k in feed_names})
     out_names = [o.name for o in session.get_outputs()]
     if len(got) != len(expected):
         raise OxQuantError(f"the exported model has {len(got)} outputs, PyTorch returned {len(expected)}")
-    return tuple(compare(name, ref, cand) for name, ref, cand in zip(out_names, expected, got))
+    return tuple(compare(name, ref, cand) for name, ref, cand in zip(out_names, expected, got, strict=True))
 
 
 def export_model(

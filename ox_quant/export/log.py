@@ -19,7 +19,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from ox_quant.errors import OxQuantError, one_line
 

@@ -11,8 +11,9 @@ and which input holds the codes (``code_input``, for the scale-byte count of rep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import onnx
@@ -82,7 +83,7 @@ def const_bytes(value: ir.Value | None) -> int:
     tensor = value.const_value
     bits = BITS_OF_DTYPE.get(tensor.dtype)
     if bits is not None and bits < 8:
-        return math.ceil(math.prod(tensor.shape) * bits / 8)
+        return math.ceil(math.prod(tensor.shape) * bits / 8)  # type: ignore[arg-type]  # stub: a tensor's dims are ints
     return tensor.nbytes
 
 

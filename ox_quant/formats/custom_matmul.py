@@ -20,8 +20,9 @@ and the CUDA kernels compute in float32. Running it needs the library
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -208,7 +209,8 @@ def make_custom_matmul_node(
         inputs += ["", bias]
     while inputs and not inputs[-1]:
         inputs.pop()
-    return helper.make_node(OP_TYPE, inputs, [y], domain=DOMAIN, name=name or "", **attributes)
+    node_attributes: dict[str, Any] = attributes  # make_node's **kwargs are the node's attributes
+    return helper.make_node(OP_TYPE, inputs, [y], domain=DOMAIN, name=name or "", **node_attributes)
 
 
 # ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Table ``[V, D]`` (``W = table.T``: K = D, N = V), ``gather_axis=0``, ``quantize_
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -105,7 +105,7 @@ def describe_gather_block_quantized(node: ir.Node) -> QuantizedTensorInfo | None
         return None
     attrs = node.attributes
     bits = attrs["bits"].as_int() if "bits" in attrs else BITS_OF_DTYPE.get(data.const_value.dtype, 4)
-    shape = tuple(data.const_value.shape)
+    shape: tuple[int, ...] = tuple(data.const_value.shape)  # type: ignore[arg-type]  # stub: a tensor's dims are ints
     if data.const_value.dtype == ir.DataType.UINT8 and bits < 8:  # packed uint8 storage
         shape = (*shape[:-1], shape[-1] * 8 // bits)
     return QuantizedTensorInfo(

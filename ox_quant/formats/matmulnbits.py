@@ -11,7 +11,7 @@ are powers of two from 16 (:func:`valid_block_size`); ox-quant writes 16..256.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -140,7 +140,7 @@ def check_matmulnbits(node: onnx.NodeProto, dims: dict[str, tuple[int, ...]]) ->
     blocks = math.ceil(k / block)
     blob = block * bits // 8
     zp_bytes = math.ceil(blocks * bits / 8)
-    allowed = {  # input index -> the shapes ONNX Runtime accepts (B exactly; scales flat or 2-D)
+    allowed: dict[int, list[tuple[int, ...]]] = {  # input index -> the shapes ONNX Runtime accepts (B exactly; scales flat or 2-D)
         1: [(n, blocks, blob)],
         2: [(n * blocks,), (n, blocks)],
         3: [(n * zp_bytes,), (n, zp_bytes), (n * blocks,), (n, blocks)],

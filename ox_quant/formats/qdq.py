@@ -10,7 +10,7 @@ weights are signed (codes - 2**(bits-1), no zero point); asymmetric ones unsigne
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -110,6 +110,7 @@ def write_qdq(
     meta = {"ox_quant.granularity": str(config.granularity), "ox_quant.bits": str(config.bits)}
     dq = ir.node("DequantizeLinear", inputs, attributes, name=w.name("_DequantizeLinear"), metadata_props=meta)
     dq.outputs[0].name = w.name("_dq")
+    assert site.value.dtype is not None  # a site's dtype is one of SUPPORTED_DTYPES
     dq.outputs[0].dtype = site.value.dtype
     dq.outputs[0].shape = ir.Shape(site.stored_shape)
     if len(w.graph) > 0:
@@ -146,14 +147,14 @@ def describe_dq(node: ir.Node) -> QuantizedTensorInfo | None:
     bits = BITS_OF_DTYPE.get(x.const_value.dtype)
     if bits is None:
         return None
-    shape = tuple(x.const_value.shape)
+    shape: tuple[int, ...] = tuple(x.const_value.shape)  # type: ignore[arg-type]  # stub: a tensor's dims are ints
     attrs = node.attributes
     block_attr = attrs["block_size"].as_int() if "block_size" in attrs else 0
     scale_rank = len(scale.const_value.shape)
     meta = _granularity_hint(node.metadata_props.get("ox_quant.granularity"))
     if meta:
         granularity, block = meta
-    elif scale_rank == 0 or math.prod(scale.const_value.shape) == 1:
+    elif scale_rank == 0 or math.prod(scale.const_value.shape) == 1:  # type: ignore[arg-type]  # stub: int dims
         granularity, block = "tensor", None
     elif block_attr:
         granularity, block = "block", block_attr

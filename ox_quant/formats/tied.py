@@ -29,14 +29,14 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from ox_quant.algorithms.base import Quantizer, SiteStats
 from ox_quant.core.config import Format, QuantConfig
-from ox_quant.formats.choice import TIED_FORMAT, FormatChoice, choose_qdq_only, matmulnbits_rejects
 from ox_quant.core.packing import pack_bitstream
 from ox_quant.core.quantize import QuantizedWeight
-from ox_quant.ir.sites import Skip, WeightSite
-from ox_quant.algorithms.base import Quantizer, SiteStats
+from ox_quant.formats.choice import TIED_FORMAT, FormatChoice, choose_qdq_only, matmulnbits_rejects
 from ox_quant.formats.matmulnbits import matmulnbits_attributes, matmulnbits_shapes, pack_for_matmulnbits
 from ox_quant.formats.writers import ProgressHook, Writer, _fresh_name, _initializer, replace_nbits_uses
+from ox_quant.ir.sites import Skip, WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
 
 #: The registered formats whose nodes a tied table is written as.

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.core.config import QuantConfig
-from ox_quant.errors import OxQuantError
-from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.algorithms.base import Quantizer, SiteStats
+from ox_quant.core.config import QuantConfig
+from ox_quant.core.quantize import QuantizedWeight
+from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
+
 KEEP_BYTES = 1 << 20  # arrays below this size stay cached (small tensors may be read twice)
 
 Packer = Callable[[QuantizedWeight], dict[str, np.ndarray]]
@@ -130,7 +131,8 @@ def _fresh_name(used: set[str], base: str) -> str:
 
 
 def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=  # type: ignore[arg-type]  # stub: a tensor's shape is an ir.Shape
+                     ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
@@ -141,7 +143,7 @@ def stored_nbytes(values: list[ir.Value]) -> int:
     for v in values:
         tensor = v.const_value
         assert tensor is not None
-        total += math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)
+        total += math.ceil(math.prod(tensor.shape) * tensor.dtype.bitwidth / 8)  # type: ignore[arg-type]  # stub: int dims
     return total
 
 
@@ -195,7 +197,7 @@ class Writer:
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+    if not value.uses() and value.name is not None and value.name in graph.initializers and not value.is_graph_output():
         graph.initializers.pop(value.name)
 
 

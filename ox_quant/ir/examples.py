@@ -46,7 +46,7 @@ def llm_shaped_model(
     for i in range(layers):
         p = f"layer{i}."
 
-        def weight(name: str, k: int, n: int) -> str:
+        def weight(name: str, k: int, n: int, p: str = p) -> str:
             w = (rng.standard_normal((k, n), dtype=np.float32) * np.float32(1.0 / np.sqrt(k))).astype(np.float32)
             inits.append(numpy_helper.from_array(w, p + name + ".weight"))
             return p + name + ".weight"

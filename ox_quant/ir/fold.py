@@ -12,6 +12,8 @@ A source read by several nodes is left alone (folding would store it twice); a t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -26,7 +28,8 @@ def _replace_by_initializer(graph: ir.Graph, node: ir.Node, tensor: ir.TensorPro
     """Detach ``node``, drop it, and let an initializer of its output's name take its place."""
     out = node.outputs[0]
     name = out.name
-    value = ir.Value(shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(shape=ir.Shape(tensor.shape),  # type: ignore[arg-type]  # stub: a tensor's dims are ints
+                      type=ir.TensorType(tensor.dtype), const_value=tensor)
     out.replace_all_uses_with(value)
     for i in range(len(node.inputs)):
         node.replace_input_with(i, None)
@@ -72,9 +75,10 @@ def _fold_unary(graph: ir.Graph, node: ir.Node) -> bool:
     if len(source.uses()) != 1:
         return False
     src_tensor = source.const_value
-    shape = tuple(src_tensor.shape)
+    shape: tuple[int, ...] = tuple(src_tensor.shape)  # type: ignore[arg-type]  # stub: a tensor's dims are ints
     dtype = src_tensor.dtype
     op = node.op_type
+    func: Callable[[np.ndarray], np.ndarray]
     if op == "Identity":
         func = lambda a: a  # noqa: E731
     elif op == "Transpose":
@@ -83,7 +87,11 @@ def _fold_unary(graph: ir.Graph, node: ir.Node) -> bool:
         if sorted(perm) != list(range(len(shape))):
             return False
         shape = tuple(shape[p] for p in perm)
-        func = lambda a, perm=perm: np.ascontiguousarray(np.transpose(a, perm))  # noqa: E731
+
+        def transpose(a: np.ndarray, perm: tuple[int, ...] = perm) -> np.ndarray:
+            return np.ascontiguousarray(np.transpose(a, perm))
+
+        func = transpose
     elif op == "Cast":
         to = node.attributes.get("to")
         if to is None:
@@ -93,7 +101,11 @@ def _fold_unary(graph: ir.Graph, node: ir.Node) -> bool:
             target = dtype.numpy()
         except Exception:
             return False
-        func = lambda a, target=target: a.astype(target)  # noqa: E731
+
+        def cast(a: np.ndarray, target: np.dtype = target) -> np.ndarray:
+            return a.astype(target)
+
+        func = cast
     elif op == "Reshape":
         target_value = node.inputs[1] if len(node.inputs) > 1 else None
         if target_value is None or target_value.const_value is None:
@@ -103,7 +115,11 @@ def _fold_unary(graph: ir.Graph, node: ir.Node) -> bool:
         if new_shape is None:
             return False
         shape = new_shape
-        func = lambda a, s=new_shape: a.reshape(s)  # noqa: E731
+
+        def reshape(a: np.ndarray, s: tuple[int, ...] = new_shape) -> np.ndarray:
+            return a.reshape(s)
+
+        func = reshape
     else:
         return False
 
@@ -114,7 +130,7 @@ def _fold_unary(graph: ir.Graph, node: ir.Node) -> bool:
     _replace_by_initializer(graph, node, ir.LazyTensor(load, dtype, ir.Shape(shape), name=out.name))
     for value in inputs:
         if value.is_initializer() and not value.uses() and graph.initializers.get(value.name or "") is value:
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(value.name or "")
     return True
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_ir as ir
 
-from ox_quant.ir import wire
 from ox_quant.errors import OxQuantError
+from ox_quant.ir import wire
 
 if TYPE_CHECKING:
     import onnx
@@ -169,7 +170,7 @@ def save_model_atomically(
         tmp_model = tmp_dir / output.name
         callback = None
         if on_tensor is not None:
-            def callback(tensor, info) -> None:  # type: ignore[no-untyped-def]
+            def callback(tensor, info) -> None:
                 on_tensor(tensor.name or "", info.index, info.total)
         if external or IN_PLACE_BYTES is None:
             ir.save(

@@ -95,7 +95,7 @@ class WeightSite:
 
 
 def _static_dims(value: ir.Value) -> tuple[int, ...] | None:
-    shape = value.shape
+    shape: ir.ShapeProtocol | None = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
     if shape is None:
@@ -181,7 +181,7 @@ def _site_for(
     dims = _static_dims(value)
     if dims is None:
         return Skip(name, "weight has no static shape")
-    layouts: set[str] = set()
+    layouts: set[Layout] = set()
     site_uses: list[Use] = []
     for usage in uses:
         classified = classify_use(usage.node, usage.idx, dims)
@@ -209,7 +209,7 @@ def _site_for(
         n, k = dims
     if k * n == 0:
         return Skip(name, "weight is empty")
-    return WeightSite(name, value, graph, dims, layout, k, n, SUPPORTED_DTYPES[value.dtype], site_uses)  # type: ignore[arg-type]
+    return WeightSite(name, value, graph, dims, layout, k, n, SUPPORTED_DTYPES[value.dtype], site_uses)
 
 
 def name_matches(patterns: list[re.Pattern[str]], site: WeightSite) -> str | None:

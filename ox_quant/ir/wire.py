@@ -30,7 +30,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import onnx_ir as ir
 
@@ -57,7 +56,7 @@ TYPED_IN_PLACE = "ox_quant.typed_in_place"
 PLACEHOLDER = "ox-quant-stream:"  # location of a tensor whose data save_embedded streams in
 COPY_CHUNK = 8 << 20
 
-Buffer = Union[bytes, mmap.mmap, memoryview]
+Buffer = bytes | mmap.mmap | memoryview
 
 
 class WireError(ValueError):
@@ -315,7 +314,7 @@ def swap_tensors(
     return tensors, restore
 
 
-Piece = Union[bytes, int]  # bytes to write, or the index of a tensor whose data goes there
+Piece = bytes | int  # bytes to write, or the index of a tensor whose data goes there
 
 
 class _Splicer:
@@ -374,7 +373,7 @@ class _Splicer:
         return pieces, sum(len(p) if isinstance(p, bytes) else self.sizes[p] for p in pieces)
 
 
-def _write_tensor(out, tensor: ir.TensorProtocol, size: int) -> None:  # type: ignore[no-untyped-def]
+def _write_tensor(out, tensor: ir.TensorProtocol, size: int) -> None:
     """Write the tensor's raw bytes: an external tensor's straight from its file (exactly the
     stored bytes, never all in memory), any other as ``tobytes()``."""
     if isinstance(tensor, ir.ExternalTensor):

@@ -4,8 +4,8 @@ memory-mapped weights) plus the checks of every registered format's quantized no
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnx
 import onnx_ir as ir

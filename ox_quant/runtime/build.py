@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ox_quant.runtime.custom_ops import CPU_LIBRARY, CUDA_LIBRARY, LIB_DIR
 from ox_quant.errors import OxQuantError
+from ox_quant.runtime.custom_ops import CPU_LIBRARY, CUDA_LIBRARY, LIB_DIR
 
 HEADER = "onnxruntime_cxx_api.h"
 DEBIAN_PACKAGE = "libonnxruntime-dev"

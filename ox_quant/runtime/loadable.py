@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 
 from ox_quant.errors import OxQuantError, one_line
-from ox_quant.ir.validate import ONNX_DOMAINS, graphs, tensors, weightless_copy
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
+from ox_quant.ir.validate import ONNX_DOMAINS, graphs, tensors, weightless_copy
 from ox_quant.runtime.ort import load as load_onnxruntime
 from ox_quant.runtime.session import max_ir_version, onnxruntime_supports_opset
 

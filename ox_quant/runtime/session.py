@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.custom_matmul import DOMAIN as CUSTOM_DOMAIN
@@ -45,9 +46,9 @@ def cuda_available() -> bool:
     count = ctypes.c_int(0)
     if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
         return False
-    import onnx
-    ort = load_onnxruntime()
     from onnx import TensorProto, helper
+
+    ort = load_onnxruntime()
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "probe",
@@ -63,13 +64,14 @@ def cuda_available() -> bool:
     return PROVIDERS["cuda"] in session.get_providers()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onnxruntime_supports_opset(opset: int) -> bool:
     """Whether the installed onnxruntime loads ai.onnx opset ``opset`` (probed once above 26)."""
     if opset <= KNOWN_MAX_OPSET:
         return True
-    ort = load_onnxruntime()
     from onnx import TensorProto, helper
+
+    ort = load_onnxruntime()
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -180,4 +182,4 @@ def max_ir_version() -> int:
         except Exception:
             continue
         return version
-    raise OxQuantError("the installed onnxruntime loads none of the ONNX IR versions 7..%d" % onnx.IR_VERSION)
+    raise OxQuantError(f"the installed onnxruntime loads none of the ONNX IR versions 7..{onnx.IR_VERSION}")

@@ -22,14 +22,15 @@ outputs; ``weight_sqnr_db`` is the SQNR of the weight itself. Layers are sorted 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ox_quant.errors import OxQuantError
 from ox_quant.core.metrics import compare
+from ox_quant.errors import OxQuantError
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def attribute_errors(
         session = make_session(ref_path, provider, exact=exact, initializers={ref_name: replacement})
         wanted = {i.name for i in session.get_inputs()}
         got = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
-        metrics = [compare(n, r, c) for n, r, c in zip(output_names, reference_outputs, got)]
+        metrics = [compare(n, r, c) for n, r, c in zip(output_names, reference_outputs, got, strict=True)]
         layers.append(
             LayerError(
                 weight=ref_name,

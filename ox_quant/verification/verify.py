@@ -17,17 +17,17 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from ox_quant.errors import OxQuantError, one_line
-from ox_quant.verification.inputs import generate_inputs, input_specs, load_graph, load_inputs, value_rule
 from ox_quant.core.metrics import OutputMetrics, compare
-from ox_quant.verification.per_layer import LayerReport, attribute_errors
+from ox_quant.errors import OxQuantError, one_line
 from ox_quant.export.spec import looks_like_onnx
+from ox_quant.verification.inputs import generate_inputs, input_specs, load_graph, load_inputs, value_rule
+from ox_quant.verification.per_layer import LayerReport, attribute_errors
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def run_hint(infos: tuple[InputInfo, ...], inputs_path: str | None = None) -> st
 
 def _pair_outputs(ref_names, ref_arrays, cand_names) -> tuple[list[np.ndarray], str | None]:
     if ref_names is not None and set(cand_names) <= set(ref_names):
-        by_name = dict(zip(ref_names, ref_arrays))
+        by_name = dict(zip(ref_names, ref_arrays, strict=True))
         return [by_name[n] for n in cand_names], None
     if len(ref_arrays) != len(cand_names):
         raise OxQuantError(f"the reference has {len(ref_arrays)} outputs, the candidate {len(cand_names)}")
@@ -252,14 +252,14 @@ def verify(
     paired, note = _pair_outputs(ref_names, ref_arrays, cand_names)
     if note:
         notes.append(note)
-    metrics = tuple(compare(n, r, c) for n, r, c in zip(cand_names, paired, cand_arrays))
+    metrics = tuple(compare(n, r, c) for n, r, c in zip(cand_names, paired, cand_arrays, strict=True))
     thresholds = Thresholds(min_sqnr_db, min_cosine)
     failures = _failures(metrics, thresholds)
 
     provider_check: tuple[OutputMetrics, ...] = ()
     if provider == "cuda":
         _, cpu_arrays = run_onnx(cand_path, feeds, "cpu", exact, hint)
-        provider_check = tuple(compare(n, c, g) for n, c, g in zip(cand_names, cpu_arrays, cand_arrays))
+        provider_check = tuple(compare(n, c, g) for n, c, g in zip(cand_names, cpu_arrays, cand_arrays, strict=True))
     layers = None
     if per_layer:
         layers = attribute_errors(reference, cand_path, feeds, ref_arrays, provider=provider, exact=exact)
