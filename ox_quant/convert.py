@@ -34,7 +34,8 @@ from ox_quant.modelio import (
     save_model_atomically,
 )
 from ox_quant.runtime import CUSTOM_DOMAIN, max_ir_version
-from ox_quant.selection import Selection, config_for
+from ox_quant.policy import Policy, config_for_site, plan_with_fallback
+from ox_quant.selection import Selection
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.writers import (
     MS_DOMAIN,
@@ -54,6 +55,8 @@ class ConvertOptions:
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
+    policy: Policy = field(default_factory=Policy)
+    """Bits of Conv and embedding weights (``ox_quant.policy``); ``UNIFORM``: all at ``config``."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class QuantizedEntry:
     format: str
     format_reason: str
     stored_bytes: int
+    config_reason: str = "--bits"
+    """Why this config: ``--bits``, the default policy, a flag, a recipe rule, raised bits."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -86,6 +91,7 @@ class QuantizedEntry:
             "symmetric": self.symmetric,
             "format": self.format,
             "format_reason": self.format_reason,
+            "config_reason": self.config_reason,
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
         }
@@ -102,6 +108,8 @@ class ConvertReport:
     skipped: tuple[Skip, ...]
     input_bytes: int
     output_bytes: int
+    policy: str = ""
+    """One line: the config each kind of weight got by default (``Policy.describe``)."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -122,6 +130,7 @@ class ConvertReport:
             "bits_per_weight": round(bpw, 4) if bpw is not None else None,
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
+            "policy": self.policy,
         }
 
 
@@ -262,11 +271,11 @@ def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightS
     return chosen, skips
 
 
-Plan = list[tuple[WeightSite, QuantConfig, FormatChoice]]
+Plan = list[tuple[WeightSite, QuantConfig, FormatChoice, str]]
 
 
 def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
-    """Every weight site with its config and format, and the skips (with reasons).
+    """Every weight site with its config, format and why that config, and the skips (with reasons).
 
     Raises ``OxQuantError`` when no weight can be written (each failed for the same reason).
     """
@@ -278,19 +287,25 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
     site_skips: list[Skip] = []
     errors: list[tuple[WeightSite, OxQuantError]] = []
     for site in sites:
-        config = config_for(site, options.config, selection.rules)
-        if config is None:
+        try:
+            chosen = config_for_site(site, options.config, selection.rules, options.policy)
+        except OxQuantError as exc:
+            errors.append((site, exc))
+            continue
+        if chosen is None:
             site_skips.append(Skip(site.name, "skipped by the recipe"))
             continue
+        config, why = chosen
         try:
-            planned = plan_site(site, config)
+            planned = plan_with_fallback(site, config, plan_site)
         except OxQuantError as exc:
             errors.append((site, exc))
             continue
         if isinstance(planned, Skip):
             site_skips.append(planned)
         else:
-            plan.append((site, *planned))
+            config, choice, raised = planned
+            plan.append((site, config, choice, f"{why}; {raised}" if raised else why))
     if errors and not plan:
         raise errors[0][1]
     if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
@@ -333,12 +348,12 @@ def convert(
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
-    formats = {choice.format for _, _, choice in plan}
+    formats = {choice.format for _, _, choice, _ in plan}
     if "qdq" in formats and _default_opset(model) < QDQ_MIN_OPSET:
         # The upgrade may rebuild the graph: plan again on the upgraded one.
         _ensure_opset(model, QDQ_MIN_OPSET)
         plan, skips = _plan(model, options)
-        formats = {choice.format for _, _, choice in plan}
+        formats = {choice.format for _, _, choice, _ in plan}
     if formats & {"matmulnbits", "gather_block_quantized"}:
         model.opset_imports[MS_DOMAIN] = 1
     if "custom" in formats:
@@ -354,7 +369,7 @@ def convert(
             progress(name, done[0], total)
 
     entries = []
-    for site, config, choice in plan:
+    for site, config, choice, why in plan:
         nbytes = WRITERS[choice.format](site, config, used_names, on_done)
         entries.append(
             QuantizedEntry(
@@ -368,6 +383,7 @@ def convert(
                 format=choice.format,
                 format_reason=choice.reason,
                 stored_bytes=nbytes,
+                config_reason=why,
             )
         )
 
@@ -383,4 +399,5 @@ def convert(
         skipped=tuple(skips),
         input_bytes=model_bytes(src),
         output_bytes=model_bytes(out),
+        policy=options.policy.describe(options.config),
     )

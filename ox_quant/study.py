@@ -267,6 +267,7 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
              fp32_value: float) -> Row:
     """Convert ``src`` with ox-quant under ``config`` and score the result."""
     from ox_quant.convert import ConvertOptions, convert
+    from ox_quant.policy import UNIFORM
     from ox_quant.selection import Selection
 
     label = config_label(config)
@@ -275,7 +276,8 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
     out = work / f"{src.stem}.{label.replace(' ', '.').replace(':', '')}.onnx"
     start = time.perf_counter()
     try:
-        report = convert(src, out, ConvertOptions(config=config, selection=Selection(include_ops=options.include_ops)))
+        report = convert(src, out, ConvertOptions(config=config, selection=Selection(include_ops=options.include_ops),
+                                                      policy=UNIFORM))
     except OxQuantError as exc:
         return Row(**base, status="refused", reason=str(exc), convert_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start

@@ -59,7 +59,7 @@ def test_json_contract(model, tmp_path, capsys):
         {
             "name": "W0", "op": "MatMul", "shape": [256, 128], "bits": 8, "granularity": "channel",
             "block_size": -1, "symmetric": True, "format": "qdq",
-            "format_reason": report["quantized"][0]["format_reason"],
+            "format_reason": report["quantized"][0]["format_reason"], "config_reason": "--bits",
             "stored_bytes": 256 * 128 + 128 * 4, "bits_per_weight": pytest.approx((256 * 128 + 512) * 8 / (256 * 128)),
         }
     ]
@@ -67,6 +67,7 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["bits_per_weight"] == pytest.approx(8 + 128 * 32 / (256 * 128), rel=1e-4)
     assert report["input_bytes"] == model.stat().st_size
     assert report["output_bytes"] == out_path.stat().st_size
+    assert report["policy"].startswith("MatMul/Gemm at int8 channel sym; Conv at int8 per output channel")
 
 
 @pytest.mark.parametrize(

@@ -60,8 +60,12 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
         reasons = sorted({f"{q.format}: {q.format_reason}" for q in report.quantized})
         for reason in reasons:
             console.print(f"  format {reason}")
+        for line in config_reasons(report.quantized):
+            console.print(f"  config {line}")
     else:
         console.print("no weights quantized")
+    if report.policy:
+        console.print(f"default policy: {report.policy}")
     if report.skipped:
         console.print(f"{len(report.skipped)} skipped:")
         for s in report.skipped:
@@ -75,10 +79,25 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
 
 
+def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
+    """``int8 channel x12 (Conv): default policy: ...``: each config, its weights' ops and why."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for q in quantized:
+        config = f"int{q.bits} {q.granularity}" + (f":{q.block_size}" if q.block_size and q.block_size > 0 else "")
+        groups.setdefault((config, q.config_reason), []).append(q.op)
+    lines = []
+    for (config, why), ops in sorted(groups.items()):
+        kinds = ", ".join(sorted(set(ops)))
+        lines.append(f"{config} x{len(ops)} ({kinds}): {why}")
+    return lines
+
+
 @click.command("convert")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code, 2 to 8.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul and Gemm weights, 2 to 8.")
+@click.option("--conv-bits", type=int, default=None, help="Bits of Conv weights (per output channel). Default 8: 4-bit Conv measurably breaks CNNs.")
+@click.option("--embedding-bits", type=int, default=None, help="Bits of embedding tables (Gather, tied tables). Default 8: 4-bit tables measurably break encoders.")
 @click.option("--block-size", type=int, default=None, help="Block size along K (default 128); -1 = per-channel. Alone, implies --granularity block.")
 @click.option(
     "--granularity",
@@ -107,6 +126,8 @@ def convert(
     input_path: str,
     output: str | None,
     bits: int,
+    conv_bits: int | None,
+    embedding_bits: int | None,
     block_size: int | None,
     granularity: str | None,
     fmt: str,
@@ -123,10 +144,21 @@ def convert(
     """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
 
     \b
+    Default policy (chosen by measurement, docs/defaults.md):
+      MatMul, Gemm: --bits (4), blocks of --block-size (128) along K
+      Conv:         int8 per output channel (--conv-bits)
+      embeddings:   int8, blocks of --block-size (--embedding-bits;
+                    Gather tables and tables tied to the output MatMul)
+    --symmetric/--asymmetric and --format apply to all. A recipe rule
+    applies on top of these. A width no format holds for an op (e.g. a
+    3-bit Conv) is raised to 4 or 8 bits rather than left float.
+
+    \b
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
     from ox_quant.convert import ConvertOptions, convert as run_convert
+    from ox_quant.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy
     from ox_quant.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
@@ -145,7 +177,12 @@ def convert(
         min_elements=min_elements,
         rules=load_recipe(recipe) if recipe else (),
     )
-    options = ConvertOptions(config=config, selection=selection)
+    policy = Policy(
+        conv_bits=DEFAULT_CONV_BITS if conv_bits is None else conv_bits,
+        embedding_bits=DEFAULT_EMBEDDING_BITS if embedding_bits is None else embedding_bits,
+        explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits)) if v is not None),
+    )
+    options = ConvertOptions(config=config, selection=selection, policy=policy)
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:
