@@ -34,7 +34,7 @@ from ox_quant.modelio import (
     save_model_atomically,
 )
 from ox_quant.runtime import CUSTOM_DOMAIN, max_ir_version
-from ox_quant.policy import Policy, config_for_site, plan_with_fallback
+from ox_quant.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
 from ox_quant.selection import Selection
 from ox_quant.sites import Skip, WeightSite, find_sites, name_matches
 from ox_quant.writers import (
@@ -292,8 +292,8 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
         except OxQuantError as exc:
             errors.append((site, exc))
             continue
-        if chosen is None:
-            site_skips.append(Skip(site.name, "skipped by the recipe"))
+        if chosen is None or isinstance(chosen, Skip):
+            site_skips.append(chosen or Skip(site.name, "skipped by the recipe"))
             continue
         config, why = chosen
         try:
@@ -308,7 +308,7 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
             plan.append((site, config, choice, f"{why}; {raised}" if raised else why))
     if errors and not plan:
         raise errors[0][1]
-    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
+    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" or POLICY_SKIP in s.reason for s in site_skips):
         misfit = site_skips[0]
         raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name})")
     return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]

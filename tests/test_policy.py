@@ -89,78 +89,94 @@ def runs_close(path: Path, reference: Path, limit: float = 0.4) -> float:
 def test_default_policy_gives_each_role_its_config(model, tmp_path):
     report = convert(model, tmp_path / "q.onnx", ConvertOptions(config=QuantConfig(granularity=Block(32))))
     got = entries(report)
+    assert sorted(got) == ["down", "up"]
     assert got["up"][:2] == got["down"][:2] == (4, "block")
-    assert got["conv.W"] == (8, "channel", "qdq")
-    assert got["emb"] == (8, "block", "gather_block_quantized")
-    assert got["tied"][:2] == (8, "block")
-    why = {q.name: q.config_reason for q in report.quantized}
-    assert why["up"] == "--bits"
-    assert why["conv.W"].startswith("default policy: Conv at int8")
-    assert why["emb"].startswith("default policy: embeddings at int8") and why["tied"] == why["emb"]
-    assert report.policy == ("MatMul/Gemm at int4 block:32 sym; Conv at int8 per output channel; "
-                             "embeddings (Gather, tied tables) at int8 block:32")
+    assert {q.config_reason for q in report.quantized} == {"--bits"}
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert skipped["conv.W"] == "Conv weights left float by the default policy (--conv-bits 8 quantizes it)"
+    assert skipped["emb"] == skipped["tied"] == "embedding table left float by the default policy (--embedding-bits 8 quantizes it)"
+    assert report.policy == ("MatMul/Gemm at int4 block:32 sym; Conv float (--conv-bits); "
+                             "embeddings (Gather, tied tables) float (--embedding-bits)")
     runs_close(tmp_path / "q.onnx", model)
 
 
-def test_uniform_policy_applies_bits_everywhere_and_loses_more(model, tmp_path):
+def test_int8_policy_and_uniform(model, tmp_path):
+    """--conv-bits/--embedding-bits 8: Conv per output channel, tables in blocks; UNIFORM: all at --bits.
+    Error grows from float Conv/tables to int8 to 4-bit ones."""
     config = QuantConfig(granularity=Block(32))
+    report = convert(model, tmp_path / "e.onnx", ConvertOptions(config=config, policy=Policy(conv_bits=8, embedding_bits=8)))
+    got = entries(report)
+    assert got["conv.W"] == (8, "channel", "qdq")
+    assert got["emb"] == (8, "block", "gather_block_quantized")
+    assert got["tied"][:2] == (8, "block")
+    assert {q.name: q.config_reason for q in report.quantized}["conv.W"] == "default policy (--conv-bits)"
     report = convert(model, tmp_path / "u.onnx", ConvertOptions(config=config, policy=UNIFORM))
-    assert {b for b, _, _ in entries(report).values()} == {4}
+    assert {b for b, _, _ in entries(report).values()} == {4} and len(report.quantized) == 5
     convert(model, tmp_path / "d.onnx", ConvertOptions(config=config))
-    assert runs_close(tmp_path / "d.onnx", model) < runs_close(tmp_path / "u.onnx", model)
+    errors = [runs_close(tmp_path / f"{name}.onnx", model) for name in ("d", "e", "u")]
+    assert errors[0] <= errors[1] < errors[2]
 
 
 def test_flags_override_the_policy_and_summary_says_why(model, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--block-size", "32",
-                          "--conv-bits", "4", "--embedding-bits", "4", "--json")
+                          "--conv-bits", "4", "--embedding-bits", "bits", "--json")
     assert code == 0
     report = json.loads(stdout)
     got = {q["name"]: (q["bits"], q["config_reason"]) for q in report["quantized"]}
     assert got["conv.W"] == (4, "--conv-bits")
-    assert got["emb"] == (4, "--embedding-bits") and got["tied"] == (4, "--embedding-bits")
+    assert got["emb"] == got["tied"] == (4, "--bits")
     runs_close(out, model)
-    code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--block-size", "32")
+    code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--block-size", "32", "--conv-bits", "8")
     assert code == 0
-    assert ("default policy: MatMul/Gemm at int4 block:32 sym; Conv at int8 per output channel; "
-            "embeddings (Gather, tied tables) at int8 block:32") in stdout
-    assert "int8 channel x1 (Conv): default policy: Conv at int8 per output channel (--conv-bits)" in stdout
+    assert ("default policy: MatMul/Gemm at int4 block:32 sym; Conv int8 per output channel (--conv-bits); "
+            "embeddings (Gather, tied tables) float (--embedding-bits)") in stdout
+    assert "int8 channel x1 (Conv): --conv-bits" in stdout
+    assert "emb: embedding table left float by the default policy (--embedding-bits 8 quantizes it)" in stdout
 
 
 def test_recipe_rule_applies_on_top_of_the_policy(model, tmp_path):
+    """A rule's bits quantize a Conv the policy leaves float; a rule without bits takes --bits for a
+    table the policy leaves float, and the policy's int8 for one it quantizes."""
     recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"rules": [{"match": "conv", "bits": 4}, {"match": "^emb$", "format": "qdq"}]}))
+    recipe.write_text(json.dumps({"rules": [{"match": "conv", "bits": 8}, {"match": "^emb$", "format": "qdq"}]}))
     from ox_quant.selection import Selection, load_recipe
 
-    options = ConvertOptions(config=QuantConfig(granularity=Block(32)), selection=Selection(rules=load_recipe(recipe)))
-    report = convert(model, tmp_path / "q.onnx", options)
+    selection = Selection(rules=load_recipe(recipe))
+    config = QuantConfig(granularity=Block(32))
+    report = convert(model, tmp_path / "q.onnx", ConvertOptions(config=config, selection=selection))
     got = entries(report)
-    assert got["conv.W"] == (4, "channel", "qdq")  # the rule's bits, the Conv's per-channel scales
-    assert got["emb"] == (8, "block", "qdq")  # the policy's bits, the rule's format
+    assert got["conv.W"] == (8, "channel", "qdq")  # the rule's bits, the Conv's per-channel scales
+    assert got["emb"] == (4, "block", "qdq")  # --bits, the rule's format
+    assert "tied" not in got  # no rule: the policy leaves it float
     assert {q.name: q.config_reason for q in report.quantized}["conv.W"] == "recipe rule 1"
+    runs_close(tmp_path / "q.onnx", model)
+    report = convert(model, tmp_path / "q.onnx",
+                     ConvertOptions(config=config, selection=selection, policy=Policy(embedding_bits=8)))
+    assert entries(report)["emb"] == (8, "block", "qdq")
     runs_close(tmp_path / "q.onnx", model)
 
 
-@pytest.mark.parametrize("uniform", [False, True], ids=["policy", "uniform"])
-def test_three_bits_never_larger_than_four_and_nothing_left_float(model, tmp_path, capsys, uniform):
-    """--bits 3 writes no larger a file than --bits 4, with the same weights quantized (none left float);
-    with --conv-bits/--embedding-bits 3 too, those weights are raised to 4 bits, not left float."""
+@pytest.mark.parametrize("extra", [(), ("--conv-bits", "8", "--embedding-bits", "8"), ("--conv-bits", "bits", "--embedding-bits", "bits")],
+                         ids=["default", "int8", "uniform"])
+def test_three_bits_never_larger_than_four_and_nothing_left_float(model, tmp_path, capsys, extra):
+    """--bits 3 writes no larger a file than --bits 4, with the same weights quantized (none left float
+    that --bits 4 quantizes); Conv and tables asked at 3 bits are raised to 4, not left float."""
     sizes, names = {}, {}
     for bits in (3, 4):
         out = tmp_path / f"q{bits}.onnx"
-        extra = ["--conv-bits", str(bits), "--embedding-bits", str(bits)] if uniform else []
         code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--bits", str(bits),
                               "--block-size", "32", *extra, "--json")
         assert code == 0
         report = json.loads(stdout)
         sizes[bits] = report["output_bytes"]
         names[bits] = sorted(q["name"] for q in report["quantized"])
-        if bits == 3 and uniform:
+        if bits == 3 and "bits" in extra:
             raised = {q["name"]: q for q in report["quantized"] if q["bits"] == 4}
             assert sorted(raised) == ["conv.W", "emb", "tied"]
             assert all("int3 raised to int4" in q["config_reason"] for q in raised.values())
         runs_close(out, model, 0.5)
-    assert names[3] == names[4] == ["conv.W", "down", "emb", "tied", "up"]
+    assert names[3] == names[4] == (["down", "up"] if not extra else ["conv.W", "down", "emb", "tied", "up"])
     assert sizes[3] <= sizes[4]
 
 
@@ -172,10 +188,12 @@ def test_no_raise_when_a_format_is_forced(model, tmp_path):
 
 
 def test_bad_policy_bits_are_one_line_errors(model, tmp_path, capsys):
-    code, _, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "q.onnx"), "--conv-bits", "9")
-    assert code == 1
-    assert err.strip().splitlines() == ["ox-quant: error: --conv-bits: bits must be between 2 and 8, got 9"]
-    assert not (tmp_path / "q.onnx").exists()
+    for value, message in (("9", "--conv-bits: bits must be between 2 and 8, got 9"),
+                           ("half", "--conv-bits 'half': expected float, bits, or 2 to 8")):
+        code, _, err = cli(capsys, "convert", str(model), "-o", str(tmp_path / "q.onnx"), "--conv-bits", value)
+        assert code == 1
+        assert err.strip().splitlines() == [f"ox-quant: error: {message}"]
+        assert not (tmp_path / "q.onnx").exists()
     with pytest.raises(OxQuantError, match="--embedding-bits"):
         Policy(embedding_bits=1)
 
@@ -183,7 +201,8 @@ def test_bad_policy_bits_are_one_line_errors(model, tmp_path, capsys):
 def test_embedding_blocks_fit_the_table(model, tmp_path):
     """--granularity channel sets MatMul/Gemm scales; tables keep blocks (GatherBlockQuantized needs them),
     128 by default, narrowed to the widest power of two that fits a narrower table (D = 64 here)."""
-    report = convert(model, tmp_path / "q.onnx", ConvertOptions(config=QuantConfig(granularity=PerChannel())))
+    report = convert(model, tmp_path / "q.onnx",
+                     ConvertOptions(config=QuantConfig(granularity=PerChannel()), policy=Policy(embedding_bits=8)))
     got = {q.name: (q.bits, q.granularity, q.block_size) for q in report.quantized}
     assert got["up"][:2] == (4, "channel")
     assert got["emb"] == got["tied"] == (8, "block", 64)

@@ -36,6 +36,12 @@ TASKS: dict[str, Task] = {
                        "models.tasks.pitch:evaluate"),
     "ppocr-rec": Task("ppocr-rec", "character error rate on text lines rendered with Pillow",
                       "models.tasks.ocr:evaluate"),
+    "ppocr-det": Task("ppocr-det", "text-mask IoU against the fp32 detector on rendered pages",
+                      "models.tasks.ocr_aux:evaluate_detector"),
+    "ppocr-cls": Task("ppocr-cls", "0/180 degree accuracy on rendered line crops (and agreement with fp32)",
+                      "models.tasks.ocr_aux:evaluate_classifier"),
+    "magika": Task("magika", "file-type label agreement with fp32 on this repository's files",
+                   "models.tasks.filetype:evaluate"),
 }
 
 #: Named ONNX artifacts that can be scored by a task: name -> (task, "module:function" giving the path).

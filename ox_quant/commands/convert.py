@@ -96,8 +96,10 @@ def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul and Gemm weights, 2 to 8.")
-@click.option("--conv-bits", type=int, default=None, help="Bits of Conv weights (per output channel). Default 8: 4-bit Conv measurably breaks CNNs.")
-@click.option("--embedding-bits", type=int, default=None, help="Bits of embedding tables (Gather, tied tables). Default 8: 4-bit tables measurably break encoders.")
+@click.option("--conv-bits", metavar="float|bits|2-8", default=None,
+              help="Conv weights, per output channel: float (default), bits (follow --bits) or a width; 8 is safe, 4 breaks CNNs.")
+@click.option("--embedding-bits", metavar="float|bits|2-8", default=None,
+              help="Embedding tables (Gather, tied tables): float (default), bits (follow --bits) or a width; 8 is safe.")
 @click.option("--block-size", type=int, default=None, help="Block size along K (default 128); -1 = per-channel. Alone, implies --granularity block.")
 @click.option(
     "--granularity",
@@ -126,8 +128,8 @@ def convert(
     input_path: str,
     output: str | None,
     bits: int,
-    conv_bits: int | None,
-    embedding_bits: int | None,
+    conv_bits: str | None,
+    embedding_bits: str | None,
     block_size: int | None,
     granularity: str | None,
     fmt: str,
@@ -146,19 +148,20 @@ def convert(
     \b
     Default policy (chosen by measurement, docs/defaults.md):
       MatMul, Gemm: --bits (4), blocks of --block-size (128) along K
-      Conv:         int8 per output channel (--conv-bits)
-      embeddings:   int8, blocks of --block-size (--embedding-bits;
-                    Gather tables and tables tied to the output MatMul)
+      Conv:         float; --conv-bits 8 quantizes them per output channel
+      embeddings:   float; --embedding-bits 8 quantizes them in blocks of
+                    --block-size (Gather tables, tables tied to a MatMul)
+    4-bit Conv and embeddings break models; int8 is close but not free.
     --symmetric/--asymmetric and --format apply to all. A recipe rule
-    applies on top of these. A width no format holds for an op (e.g. a
-    3-bit Conv) is raised to 4 or 8 bits rather than left float.
+    applies on top of these (bits: 8 quantizes a Conv). A width no format
+    holds for an op (a 3-bit Conv) is raised to 4 or 8, not left float.
 
     \b
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
     from ox_quant.convert import ConvertOptions, convert as run_convert
-    from ox_quant.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy
+    from ox_quant.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy, parse_width
     from ox_quant.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
@@ -178,8 +181,9 @@ def convert(
         rules=load_recipe(recipe) if recipe else (),
     )
     policy = Policy(
-        conv_bits=DEFAULT_CONV_BITS if conv_bits is None else conv_bits,
-        embedding_bits=DEFAULT_EMBEDDING_BITS if embedding_bits is None else embedding_bits,
+        conv_bits=DEFAULT_CONV_BITS if conv_bits is None else parse_width(conv_bits, "--conv-bits"),
+        embedding_bits=(DEFAULT_EMBEDDING_BITS if embedding_bits is None
+                        else parse_width(embedding_bits, "--embedding-bits")),
         explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits)) if v is not None),
     )
     options = ConvertOptions(config=config, selection=selection, policy=policy)
