@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ox_quant.config import Format, Granularity, PerChannel, QuantConfig, parse_granularity
+from ox_quant.config import Format, Granularity, PerChannel, QuantConfig, SymmetricRule, parse_granularity
 from ox_quant.errors import OxQuantError
 
 DEFAULT_BLOCK_SIZE = 128
@@ -116,6 +116,15 @@ def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
     help="auto: MatMulNBits where ONNX Runtime's CPU kernel accepts the config, QDQ otherwise.",
 )
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
+@click.option(
+    "--symmetric-rule",
+    type=click.Choice([r.value for r in SymmetricRule]),
+    default=SymmetricRule.MIN_ERROR.value,
+    show_default=True,
+    help="Symmetric scale per group: min-error = lowest squared error of a few scales (never worse than signed); "
+    "signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits levels (same bytes as its quantizer); "
+    "absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
+)
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
@@ -134,6 +143,7 @@ def convert(
     granularity: str | None,
     fmt: str,
     symmetric: bool,
+    symmetric_rule: str,
     accuracy_level: int | None,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
@@ -168,6 +178,7 @@ def convert(
         bits=bits,
         granularity=resolve_granularity(granularity, block_size),
         symmetric=symmetric,
+        symmetric_rule=SymmetricRule(symmetric_rule),
         format=Format(fmt),
         accuracy_level=accuracy_level,
     )
