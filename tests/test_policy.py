@@ -102,7 +102,7 @@ def test_default_policy_gives_each_role_its_config(model, tmp_path):
 
 def test_int8_policy_and_uniform(model, tmp_path):
     """--conv-bits/--embedding-bits 8: Conv per output channel, tables in blocks; UNIFORM: all at --bits.
-    Error grows from float Conv/tables to int8 to 4-bit ones."""
+    4-bit Conv and tables add error that int8 ones do not (int8 is within a few percent of float)."""
     config = QuantConfig(granularity=Block(32))
     report = convert(model, tmp_path / "e.onnx", ConvertOptions(config=config, policy=Policy(conv_bits=8, embedding_bits=8)))
     got = entries(report)
@@ -114,7 +114,8 @@ def test_int8_policy_and_uniform(model, tmp_path):
     assert {b for b, _, _ in entries(report).values()} == {4} and len(report.quantized) == 5
     convert(model, tmp_path / "d.onnx", ConvertOptions(config=config))
     errors = [runs_close(tmp_path / f"{name}.onnx", model) for name in ("d", "e", "u")]
-    assert errors[0] <= errors[1] < errors[2]
+    assert max(errors[:2]) < errors[2]
+    assert abs(errors[1] - errors[0]) <= 0.05 * errors[0]
 
 
 def test_flags_override_the_policy_and_summary_says_why(model, tmp_path, capsys):

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import matmul_model, relative_error, run
 from ox_quant.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig, SymmetricRule
 from ox_quant.convert import ConvertOptions, convert
+from ox_quant.policy import UNIFORM
 from ox_quant.quantize import quantize_reference
 
 K, N = 96, 40
@@ -96,7 +97,7 @@ def test_gather_block_quantized_decodes_to_the_reference(tmp_path, rule, bits):
     m.ir_version = 10
     onnx.save(m, str(tmp_path / "e.onnx"))
     config = QuantConfig(bits=bits, granularity=Block(32), symmetric_rule=rule)
-    (entry,) = convert(tmp_path / "e.onnx", tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(tmp_path / "e.onnx", tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert entry.format == "gather_block_quantized"
     ids = np.array([[0, 5, 63], [7, 7, 1]], dtype=np.int64)
     deq = quantize_reference(table.T, config).dequantize().T  # [V, D]
@@ -119,7 +120,7 @@ def test_conv_weights_follow_the_rule(tmp_path):
     errors = {}
     for rule in RULES:
         config = QuantConfig(bits=4, granularity=PerChannel(), symmetric_rule=rule)
-        convert(tmp_path / "c.onnx", tmp_path / "q.onnx", ConvertOptions(config=config))
+        convert(tmp_path / "c.onnx", tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM))
         w_kn = w.reshape(16, -1).T  # K = Cin*kh*kw, N = Cout
         deq = quantize_reference(w_kn, config).dequantize().T.reshape(w.shape).astype(np.float32)
         onnx.save(helper.make_model(helper.make_graph(
