@@ -135,10 +135,10 @@ class ConvertReport:
 
 
 def default_output_path(input_path: Path, config: QuantConfig) -> Path:
-    """``model.onnx`` -> ``model.int4-block128.onnx`` (beside the input)."""
+    """``model.onnx`` -> ``model.int4-block128.onnx`` (beside the input; ``-sym`` added when symmetric)."""
     tag = f"int{config.bits}-{str(config.granularity).replace(':', '')}"
-    if not config.symmetric:
-        tag += "-asym"
+    if config.symmetric:
+        tag += "-sym"
     if config.format is not Format.AUTO:
         tag += f"-{config.format.value}"
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")

@@ -51,7 +51,7 @@ def test_headline_command_writes_block128_int4_beside_input(model, capsys):
 def test_json_contract(model, tmp_path, capsys):
     out_path = tmp_path / "out.onnx"
     code, out, _ = cli(capsys, "convert", str(model), "-o", str(out_path), "--block-size", "-1", "--bits", "8",
-                       "--exclude", "W1", "--json")
+                       "--symmetric", "--exclude", "W1", "--json")
     assert code == 0
     report = json.loads(out)  # stdout is exactly one JSON object
     assert report["output"] == str(out_path)
@@ -97,7 +97,7 @@ def test_external_data_input_and_output(tmp_path, capsys):
     data_before = digest(tmp_path / "ext.onnx.data")
     out = tmp_path / "q" / "ext_q.onnx"
     out.parent.mkdir()
-    code, stdout, err = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--json")
+    code, stdout, err = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--symmetric", "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["external_data"] == str(out.with_name("ext_q.onnx.data"))

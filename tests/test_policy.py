@@ -130,7 +130,7 @@ def test_flags_override_the_policy_and_summary_says_why(model, tmp_path, capsys)
     runs_close(out, model)
     code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--block-size", "32", "--conv-bits", "8")
     assert code == 0
-    assert ("default policy: MatMul/Gemm at int4 block:32 sym; Conv int8 per output channel (--conv-bits); "
+    assert ("default policy: MatMul/Gemm at int4 block:32 asym; Conv int8 per output channel (--conv-bits); "
             "embeddings (Gather, tied tables) float (--embedding-bits)") in stdout
     assert "int8 channel x1 (Conv): --conv-bits" in stdout
     assert "emb: embedding table left float by the default policy (--embedding-bits 8 quantizes it)" in stdout

@@ -140,7 +140,7 @@ def test_cli_flag_and_recipe_key_select_the_rule(model, tmp_path, capsys):
 
     def convert_cli(*args):
         with pytest.raises(SystemExit) as exit_info:
-            main(["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--block-size", "32", "--json", *args])
+            main(["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--block-size", "32", "--symmetric", "--json", *args])
         captured = capsys.readouterr()
         return exit_info.value.code, captured
 
