@@ -288,7 +288,8 @@ def verdict(result: dict[str, Any], ours: dict[str, Any], peer: dict[str, Any]) 
     """``yes`` when ours is at least as accurate (SQNR and metric) at equal or smaller size; else why not."""
     why = []
     if ours["sqnr_db"] < peer["sqnr_db"] - 0.005:
-        why.append(f"SQNR {ours['sqnr_db'] - peer['sqnr_db']:+.2f} dB")
+        why.append(f"SQNR {ours['sqnr_db'] - peer['sqnr_db']:+.2f} dB" if math.isfinite(peer["sqnr_db"])
+                   else "SQNR < inf (ORT quantized nothing)")
     a, b = ours["metrics"][result["metric"]], peer["metrics"][result["metric"]]
     worse = a < b if result["higher_is_better"] else a > b
     if worse and abs(a - b) > 1e-9:
@@ -298,6 +299,23 @@ def verdict(result: dict[str, Any], ours: dict[str, Any], peer: dict[str, Any]) 
     extra = ours["bytes"] - peer["bytes"]
     note = f" (+{extra} B)" if extra > 0 and not why else ""
     return ("yes" + note) if not why else "no: " + ", ".join(why)
+
+
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """Counted from the rows: where ox-quant's default is (not) at least ORT's."""
+    passed, failed = 0, []
+    for r in results:
+        for bits in (4, 8):
+            peer = next(x for x in r["rows"] if x["tool"] == "ORT default" and x["bits"] == bits)
+            ours = next(x for x in r["rows"] if x["tool"] == "ox-quant default" and x["bits"] == bits)
+            v = verdict(r, ours, peer)
+            if v.startswith("yes"):
+                passed += 1
+            else:
+                failed.append(f"{r['model']} int{bits} ({v[4:]})")
+    out = [f"**ox-quant's default is at least ORT's default, at equal or smaller size, on {passed} of "
+           f"{passed + len(failed)} rows.**" + (" Not on: " + "; ".join(failed) + "." if failed else ""), ""]
+    return out
 
 
 def render(results: list[dict[str, Any]], command: str, env: dict[str, str]) -> str:
@@ -328,6 +346,17 @@ def render(results: list[dict[str, Any]], command: str, env: dict[str, str]) -> 
         "which ORT's quantizer drops). \"≥ ORT CLI\": the same test against the ORT CLI default row.",
         "",
     ]
+    lines += ["## Policy", "",
+              "`ox-quant convert` quantizes MatMul and Gemm weights at `--bits` (asymmetric, blocks of 128 along K)",
+              "and leaves Conv weights and embedding tables float unless `--conv-bits` / `--embedding-bits` ask",
+              "(`ox_quant/policy.py`). The rows below are why: 4-bit Conv and tables break models, and int8 ones,",
+              "though close on the task metrics, lower the output SQNR below ORT's default, which leaves them float.",
+              "The symmetric rule (`--symmetric`) falls below ORT's asymmetric default on some rows, so the default",
+              "is asymmetric, the same codes as ORT's quantizer (tests/test_peer_ort_quantizer.py). Gemm weights",
+              "follow `--bits` although ORT's quantizer leaves them float (it takes MatMul only): where a model's",
+              "Gemm is quantized (CREPE's classifier) ox-quant's file is smaller and its output not bit-exact, and",
+              "the row says no; `--include-op MatMul` quantizes exactly what ORT does.", ""]
+    lines += summary(results)
     for r in results:
         rows = r["rows"]
         fp32 = rows[0]
