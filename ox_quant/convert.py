@@ -228,7 +228,7 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
         if qdq_rejects(config, site.k, site.n):
             return Skip(site.name, f"Conv weights are written as QDQ, which takes 4 or 8 bits, not {config.bits}")
         return config, FormatChoice("qdq", "Conv weights are quantized per output channel (QDQ)")
-    misfit = check_granularity_fits(config, site.k, site.n)
+    misfit = check_granularity_fits(config, site.k, site.n, partial_block=kinds <= {"matmul", "gemm"})
     if misfit:
         return Skip(site.name, misfit)
     if site.dtype == "BFLOAT16":

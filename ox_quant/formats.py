@@ -65,10 +65,13 @@ def qdq_rejects(config: QuantConfig, k: int, n: int, dtype: str = "FLOAT") -> st
     return None
 
 
-def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
-    """Why the granularity does not fit a ``[K, N]`` weight (None when it does)."""
+def check_granularity_fits(config: QuantConfig, k: int, n: int, partial_block: bool = False) -> str | None:
+    """Why the granularity does not fit a ``[K, N]`` weight (None when it does).
+
+    ``partial_block``: a block up to twice K is one partial block (MatMul/Gemm weights; what
+    ONNX Runtime's quantizer writes for K < block, padding K to the block)."""
     g = config.granularity
-    if isinstance(g, Block) and g.size > k:
+    if isinstance(g, Block) and g.size > k and not (partial_block and g.size < 2 * k):
         return f"block size {g.size} is larger than K={k}"
     if isinstance(g, ChannelGroup) and g.size > n:
         return f"channel-group size {g.size} is larger than N={n}"

@@ -193,6 +193,7 @@ TOOLS = ("ox-quant default", "ORT default", "ORT CLI default", "ox-quant --symme
 EXTRA_WIDTH = {TOOLS[5]: 8, TOOLS[6]: 4}
 PEERS = {"ORT default": False, "ORT CLI default": True}  # tool -> is_symmetric
 SIZE_TOLERANCE = 0.001  # sizes within 0.1 % count as equal (the difference is shown)
+METRIC_TOLERANCE = 1e-5  # task metrics this close count as equal (float noise of the same codes)
 
 
 def cli_defaults() -> dict[str, Any]:
@@ -292,7 +293,7 @@ def verdict(result: dict[str, Any], ours: dict[str, Any], peer: dict[str, Any]) 
                    else "SQNR < inf (ORT quantized nothing)")
     a, b = ours["metrics"][result["metric"]], peer["metrics"][result["metric"]]
     worse = a < b if result["higher_is_better"] else a > b
-    if worse and abs(a - b) > 1e-9:
+    if worse and abs(a - b) > METRIC_TOLERANCE:
         why.append(f"{result['metric']} {_fmt(a)} vs {_fmt(b)}")
     if ours["bytes"] > peer["bytes"] * (1 + SIZE_TOLERANCE):
         why.append(f"size x{ours['bytes'] / peer['bytes']:.2f}")
@@ -341,7 +342,7 @@ def render(results: list[dict[str, Any]], command: str, env: dict[str, str]) -> 
         "",
         "SQNR: of the first model output against the fp32 ONNX (`ox-quant verify`'s metric) on the task inputs",
         "listed per model; the task metric as noted. \"≥ ORT\": the row is at least as accurate as ORT's default",
-        "(SQNR within 0.005 dB or higher, task metric equal or better) at equal or smaller size (sizes within 0.1 %",
+        "(SQNR within 0.005 dB or higher, task metric within 1e-5 or better) at equal or smaller size (sizes within 0.1 %",
         "count as equal; the extra bytes are shown: ox-quant keeps the source's `value_info` shape annotations,",
         "which ORT's quantizer drops). \"≥ ORT CLI\": the same test against the ORT CLI default row.",
         "",
