@@ -140,26 +140,38 @@ def symmetric_group_reference(
 
 
 def _nearest_codes(grouped: np.ndarray, scales: np.ndarray, lo: int, hi: int, mid: int) -> np.ndarray:
+    """float32 codes ``clip(round(w / scale), lo, hi) + mid`` (``mid`` where the scale is 0)."""
     s = scales[:, None, :, None]
-    q = np.round(grouped / np.where(s != 0, s, f32(1)))
+    zero = s == 0
+    q = grouped / np.where(zero, f32(1), s) if zero.any() else grouped / s
+    np.round(q, out=q)
     np.clip(q, lo, hi, out=q)
     q += f32(mid)
-    return np.where(s != 0, q, f32(mid)).astype(np.uint8)
+    if zero.any():
+        np.copyto(q, f32(mid), where=zero)
+    return q
 
 
 def _signed_codes(grouped: np.ndarray, scales: np.ndarray, mid: int, qmax: int) -> np.ndarray:
+    """float32 codes ``clip(round_half_away(w * (1/scale) + mid), 0, qmax)`` (ONNX Runtime's)."""
     s = scales[:, None, :, None]
-    safe = np.where(s != 0, s, f32(1))
+    zero = s == 0
+    safe = np.where(zero, f32(1), s)
     recip = f32(1) / safe
     finite = np.isfinite(recip)
-    v = np.where(finite, grouped * np.where(finite, recip, f32(0)), grouped / safe)
-    x = v + f32(mid)
+    x = grouped * np.where(finite, recip, f32(0))
+    if not finite.all():  # 1/scale overflows for tiny scales: divide there
+        np.copyto(x, grouped / safe, where=~finite)
+    x += f32(mid)
     # round half away from zero; x < 0 clips to 0 either way
-    x = np.maximum(x, f32(0))
-    floor = np.floor(x)
-    q = floor + (x - floor >= f32(0.5)).astype(f32)
+    np.maximum(x, f32(0), out=x)
+    q = np.floor(x)
+    x -= q
+    q += x >= f32(0.5)
     np.clip(q, 0, qmax, out=q)
-    return np.where(s != 0, q, f32(mid)).astype(np.uint8)
+    if zero.any():
+        np.copyto(q, f32(mid), where=zero)
+    return q
 
 
 LOOP_GROUP_SIZE = 4096
@@ -170,17 +182,17 @@ def _squared_errors(grouped: np.ndarray, codes: np.ndarray, scales: np.ndarray, 
     """Per-group float64 ``sum(((q - mid) * scale - w)**2)``, summed strictly left to right in
     row-major group order (the reference's order, so that both pick the same candidate)."""
     r, gk, c, gn = grouped.shape
-    s = scales.astype(f64)
-    if gk * gn <= LOOP_GROUP_SIZE:  # many small groups: one vector op per position
+    err = codes.astype(f64)
+    err -= mid
+    err *= scales.astype(f64)[:, None, :, None]
+    err -= grouped
+    err *= err
+    if gk * gn <= LOOP_GROUP_SIZE:  # many small groups: one vector add per position
         total = np.zeros((r, c), dtype=f64)
         for i in range(gk):
             for j in range(gn):
-                e = (codes[:, i, :, j].astype(f64) - mid) * s - grouped[:, i, :, j]
-                total += e * e
+                total += err[:, i, :, j]
         return total
-    err = (codes.astype(f64) - mid) * s[:, None, :, None]
-    err -= grouped
-    err *= err
     flat = err.transpose(0, 2, 1, 3).reshape(r, c, gk * gn)
     return np.cumsum(flat, axis=2)[:, :, -1]  # cumsum: strictly left to right
 
@@ -200,11 +212,11 @@ def symmetric_fast(
     raw_signed = -ext / f32(mid)
     signed = stored(raw_signed)
     if rule is SymmetricRule.SIGNED:
-        return signed, _signed_codes(grouped, signed, mid, qmax)
+        return signed, _signed_codes(grouped, signed, mid, qmax).astype(np.uint8)
     absmax = np.abs(grouped).max(axis=(1, 3))
     balanced = stored(absmax / f32(mid - 1))
     if rule is SymmetricRule.ABSMAX:
-        return balanced, _nearest_codes(grouped, balanced, -(mid - 1), mid - 1, mid)
+        return balanced, _nearest_codes(grouped, balanced, -(mid - 1), mid - 1, mid).astype(np.uint8)
 
     other = np.where(ext > 0, np.maximum(-lo, f32(0)), np.maximum(hi, f32(0)))
     tight = np.maximum(absmax / f32(mid), other / f32(mid - 1))
@@ -217,17 +229,18 @@ def symmetric_fast(
     for c0 in range(0, c, step):
         part = slice(c0, c0 + step)
         g = grouped[:, :, part, :]
-        best_s = signed[:, part]
-        best_q = _signed_codes(g, best_s, mid, qmax)
-        best_e = _squared_errors(g, best_q, best_s, mid)
+        best_s = signed[:, part].copy()
+        q = _signed_codes(g, best_s, mid, qmax)
+        best_e = _squared_errors(g, q, best_s, mid)
+        best_q = q.astype(np.uint8)
         candidates = [(balanced[:, part], -(mid - 1), mid - 1)] + [(s[:, part], -mid, mid - 1) for s in nearest]
         for s, lo_q, hi_q in candidates:
             q = _nearest_codes(g, s, lo_q, hi_q, mid)
             e = _squared_errors(g, q, s, mid)
             better = e < best_e
-            best_e = np.where(better, e, best_e)
-            best_s = np.where(better, s, best_s)
-            best_q = np.where(better[:, None, :, None], q, best_q)
+            np.copyto(best_e, e, where=better)
+            np.copyto(best_s, s, where=better)
+            np.copyto(best_q, q, where=better[:, None, :, None], casting="unsafe")
         scales[:, part] = best_s
         codes[:, :, part, :] = best_q
     bad = ~np.isfinite(signed)
