@@ -24,10 +24,14 @@ Per group ``g`` (float32 arithmetic), ``ext = max(g) if |max(g)| > |min(g)| else
   2. the ``absmax`` scale and codes;
   3. ``-sign(ext) * max(|ext| / mid, b / (mid - 1))``, ``b`` the magnitude of the most
      extreme weight of the other sign: the smallest signed scale that clips nothing;
-  4. ``t * (-ext / mid)`` for each ``t`` in :data:`CLIP_GRID` (clipped scales);
 
-  codes of 3 and 4 by the nearest level, ``clip(round(w / scale), -mid, mid - 1) + mid``.
-  Its error is therefore never above the ``signed`` or the ``absmax`` error of the group.
+  codes of 3 by the nearest level, ``clip(round(w / scale), -mid, mid - 1) + mid``. Its
+  error is therefore never above the ``signed`` or the ``absmax`` error of the group, and
+  ``ext`` itself is never clipped.
+* ``min-error-clip``: ``min-error``'s candidates and the clipped scales
+  ``t * (-ext / mid)`` for each ``t`` in :data:`CLIP_GRID` (nearest-level codes). Lower
+  weight error still, but clipping the largest weights costs some models output accuracy
+  (docs/conventions.md has the measurements).
 
 Each candidate scale is rounded to the stored dtype before its codes and error are
 computed. A zero scale (all-zero group) codes every weight ``mid``. Rounding is half to even
@@ -49,10 +53,10 @@ import numpy as np
 from ox_quant.config import SymmetricRule
 
 CLIP_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
-"""Fractions of the ``signed`` scale tried by ``min-error`` (clipping the largest weights)."""
+"""Fractions of the ``signed`` scale tried by ``min-error-clip`` (clipping the largest weights)."""
 
 CHUNK_ELEMENTS = 1 << 22
-"""Weights handled at once by ``min-error`` (its float64 temporaries scale with this)."""
+"""Weights handled at once by the ``min-error`` rules (their float64 temporaries scale with this)."""
 
 f32 = np.float32
 f64 = np.float64
@@ -119,7 +123,8 @@ def symmetric_group_reference(
     other = max(f32(-lo), f32(0)) if ext > 0 else max(hi, f32(0))
     tight = max(f32(absmax / f32(mid)), f32(other / f32(mid - 1)))
     nearest_scales = [_stored(-tight if ext > 0 else tight, scale_dtype)]
-    nearest_scales += [_stored(f32(f32(t) * raw_signed), scale_dtype) for t in CLIP_GRID]
+    grid = CLIP_GRID if rule is SymmetricRule.MIN_ERROR_CLIP else ()
+    nearest_scales += [_stored(f32(f32(t) * raw_signed), scale_dtype) for t in grid]
     candidates = [(signed, signed_codes), (balanced, balanced_codes)]
     for s in nearest_scales:
         candidates.append((s, codes_of(lambda w, s=s: _nearest_code(w, s, -mid, mid - 1, mid))))
@@ -220,7 +225,8 @@ def symmetric_fast(
 
     other = np.where(ext > 0, np.maximum(-lo, f32(0)), np.maximum(hi, f32(0)))
     tight = np.maximum(absmax / f32(mid), other / f32(mid - 1))
-    nearest = [stored(np.where(ext > 0, -tight, tight))] + [stored(f32(t) * raw_signed) for t in CLIP_GRID]
+    grid = CLIP_GRID if rule is SymmetricRule.MIN_ERROR_CLIP else ()
+    nearest = [stored(np.where(ext > 0, -tight, tight))] + [stored(f32(t) * raw_signed) for t in grid]
 
     r, gk, c, gn = grouped.shape
     scales = np.empty((r, c), dtype=f32)

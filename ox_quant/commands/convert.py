@@ -100,9 +100,10 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     type=click.Choice([r.value for r in SymmetricRule]),
     default=SymmetricRule.MIN_ERROR.value,
     show_default=True,
-    help="Symmetric scale per group: min-error = lowest squared error of a few scales (never worse than signed); "
-    "signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits levels (same bytes as its quantizer); "
-    "absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
+    help="Symmetric scale per group: min-error = lowest squared error of signed, absmax and the tightest "
+    "unclipped signed scale (never worse than either); min-error-clip = the same plus clipped scales "
+    "(lower weight error, worse on some models); signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits "
+    "levels (same bytes as its quantizer); absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
 )
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
