@@ -134,11 +134,13 @@ class Format(str, enum.Enum):
 
 
 class SymmetricRule(str, enum.Enum):
-    """How a symmetric group's scale is chosen (codes ``q = w/scale + 2**(bits-1)``, see
-    :mod:`ox_quant.symmetric`): the lowest squared error of a few candidate scales
-    (default), ONNX Runtime's signed full-range scale, or the balanced ``absmax / (2**(bits-1) - 1)``."""
+    """How a symmetric group's scale is chosen (zero point ``2**(bits-1)``; see
+    :mod:`ox_quant.symmetric`): the lowest squared error of a few scales that keep the
+    largest weight (default), the same plus clipped scales, ONNX Runtime's signed
+    full-range scale, or the balanced ``absmax / (2**(bits-1) - 1)``."""
 
     MIN_ERROR = "min-error"
+    MIN_ERROR_CLIP = "min-error-clip"
     SIGNED = "signed"
     ABSMAX = "absmax"
 

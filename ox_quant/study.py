@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ox_quant.config import Format, Granularity, QuantConfig, parse_granularity
+from ox_quant.config import Format, Granularity, QuantConfig, SymmetricRule, parse_granularity
 from ox_quant.errors import OxQuantError
 from ox_quant.study_metrics import StudyMetric, metric_for
 
@@ -69,6 +69,7 @@ class StudyOptions:
     bits: tuple[int, ...] = DEFAULT_BITS
     granularities: tuple[Granularity, ...] = field(default_factory=lambda: parse_granularity_list(DEFAULT_GRANULARITIES))
     symmetric: bool = True
+    symmetric_rule: SymmetricRule = SymmetricRule.MIN_ERROR
     format: Format = Format.AUTO
     include_ops: tuple[str, ...] = DEFAULT_OPS
     peer: bool = True
@@ -78,7 +79,8 @@ class StudyOptions:
     provider: str = "cpu"
 
     def configs(self) -> list[QuantConfig]:
-        return [QuantConfig(bits=b, granularity=g, symmetric=self.symmetric, format=self.format)
+        return [QuantConfig(bits=b, granularity=g, symmetric=self.symmetric, symmetric_rule=self.symmetric_rule,
+                            format=self.format)
                 for b in self.bits for g in self.granularities]
 
 

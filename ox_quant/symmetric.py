@@ -24,10 +24,14 @@ Per group ``g`` (float32 arithmetic), ``ext = max(g) if |max(g)| > |min(g)| else
   2. the ``absmax`` scale and codes;
   3. ``-sign(ext) * max(|ext| / mid, b / (mid - 1))``, ``b`` the magnitude of the most
      extreme weight of the other sign: the smallest signed scale that clips nothing;
-  4. ``t * (-ext / mid)`` for each ``t`` in :data:`CLIP_GRID` (clipped scales);
 
-  codes of 3 and 4 by the nearest level, ``clip(round(w / scale), -mid, mid - 1) + mid``.
-  Its error is therefore never above the ``signed`` or the ``absmax`` error of the group.
+  codes of 3 by the nearest level, ``clip(round(w / scale), -mid, mid - 1) + mid``. Its
+  error is therefore never above the ``signed`` or the ``absmax`` error of the group, and
+  ``ext`` itself is never clipped.
+* ``min-error-clip``: ``min-error``'s candidates and the clipped scales
+  ``t * (-ext / mid)`` for each ``t`` in :data:`CLIP_GRID` (nearest-level codes). Lower
+  weight error still, but clipping the largest weights costs some models output accuracy
+  (docs/conventions.md has the measurements).
 
 Each candidate scale is rounded to the stored dtype before its codes and error are
 computed. A zero scale (all-zero group) codes every weight ``mid``. Rounding is half to even
@@ -49,10 +53,10 @@ import numpy as np
 from ox_quant.config import SymmetricRule
 
 CLIP_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
-"""Fractions of the ``signed`` scale tried by ``min-error`` (clipping the largest weights)."""
+"""Fractions of the ``signed`` scale tried by ``min-error-clip`` (clipping the largest weights)."""
 
 CHUNK_ELEMENTS = 1 << 22
-"""Weights handled at once by ``min-error`` (its float64 temporaries scale with this)."""
+"""Weights handled at once by the ``min-error`` rules (their float64 temporaries scale with this)."""
 
 f32 = np.float32
 f64 = np.float64
@@ -119,7 +123,8 @@ def symmetric_group_reference(
     other = max(f32(-lo), f32(0)) if ext > 0 else max(hi, f32(0))
     tight = max(f32(absmax / f32(mid)), f32(other / f32(mid - 1)))
     nearest_scales = [_stored(-tight if ext > 0 else tight, scale_dtype)]
-    nearest_scales += [_stored(f32(f32(t) * raw_signed), scale_dtype) for t in CLIP_GRID]
+    grid = CLIP_GRID if rule is SymmetricRule.MIN_ERROR_CLIP else ()
+    nearest_scales += [_stored(f32(f32(t) * raw_signed), scale_dtype) for t in grid]
     candidates = [(signed, signed_codes), (balanced, balanced_codes)]
     for s in nearest_scales:
         candidates.append((s, codes_of(lambda w, s=s: _nearest_code(w, s, -mid, mid - 1, mid))))
@@ -140,26 +145,38 @@ def symmetric_group_reference(
 
 
 def _nearest_codes(grouped: np.ndarray, scales: np.ndarray, lo: int, hi: int, mid: int) -> np.ndarray:
+    """float32 codes ``clip(round(w / scale), lo, hi) + mid`` (``mid`` where the scale is 0)."""
     s = scales[:, None, :, None]
-    q = np.round(grouped / np.where(s != 0, s, f32(1)))
+    zero = s == 0
+    q = grouped / np.where(zero, f32(1), s) if zero.any() else grouped / s
+    np.round(q, out=q)
     np.clip(q, lo, hi, out=q)
     q += f32(mid)
-    return np.where(s != 0, q, f32(mid)).astype(np.uint8)
+    if zero.any():
+        np.copyto(q, f32(mid), where=zero)
+    return q
 
 
 def _signed_codes(grouped: np.ndarray, scales: np.ndarray, mid: int, qmax: int) -> np.ndarray:
+    """float32 codes ``clip(round_half_away(w * (1/scale) + mid), 0, qmax)`` (ONNX Runtime's)."""
     s = scales[:, None, :, None]
-    safe = np.where(s != 0, s, f32(1))
+    zero = s == 0
+    safe = np.where(zero, f32(1), s)
     recip = f32(1) / safe
     finite = np.isfinite(recip)
-    v = np.where(finite, grouped * np.where(finite, recip, f32(0)), grouped / safe)
-    x = v + f32(mid)
+    x = grouped * np.where(finite, recip, f32(0))
+    if not finite.all():  # 1/scale overflows for tiny scales: divide there
+        np.copyto(x, grouped / safe, where=~finite)
+    x += f32(mid)
     # round half away from zero; x < 0 clips to 0 either way
-    x = np.maximum(x, f32(0))
-    floor = np.floor(x)
-    q = floor + (x - floor >= f32(0.5)).astype(f32)
+    np.maximum(x, f32(0), out=x)
+    q = np.floor(x)
+    x -= q
+    q += x >= f32(0.5)
     np.clip(q, 0, qmax, out=q)
-    return np.where(s != 0, q, f32(mid)).astype(np.uint8)
+    if zero.any():
+        np.copyto(q, f32(mid), where=zero)
+    return q
 
 
 LOOP_GROUP_SIZE = 4096
@@ -170,17 +187,17 @@ def _squared_errors(grouped: np.ndarray, codes: np.ndarray, scales: np.ndarray, 
     """Per-group float64 ``sum(((q - mid) * scale - w)**2)``, summed strictly left to right in
     row-major group order (the reference's order, so that both pick the same candidate)."""
     r, gk, c, gn = grouped.shape
-    s = scales.astype(f64)
-    if gk * gn <= LOOP_GROUP_SIZE:  # many small groups: one vector op per position
+    err = codes.astype(f64)
+    err -= mid
+    err *= scales.astype(f64)[:, None, :, None]
+    err -= grouped
+    err *= err
+    if gk * gn <= LOOP_GROUP_SIZE:  # many small groups: one vector add per position
         total = np.zeros((r, c), dtype=f64)
         for i in range(gk):
             for j in range(gn):
-                e = (codes[:, i, :, j].astype(f64) - mid) * s - grouped[:, i, :, j]
-                total += e * e
+                total += err[:, i, :, j]
         return total
-    err = (codes.astype(f64) - mid) * s[:, None, :, None]
-    err -= grouped
-    err *= err
     flat = err.transpose(0, 2, 1, 3).reshape(r, c, gk * gn)
     return np.cumsum(flat, axis=2)[:, :, -1]  # cumsum: strictly left to right
 
@@ -200,15 +217,16 @@ def symmetric_fast(
     raw_signed = -ext / f32(mid)
     signed = stored(raw_signed)
     if rule is SymmetricRule.SIGNED:
-        return signed, _signed_codes(grouped, signed, mid, qmax)
+        return signed, _signed_codes(grouped, signed, mid, qmax).astype(np.uint8)
     absmax = np.abs(grouped).max(axis=(1, 3))
     balanced = stored(absmax / f32(mid - 1))
     if rule is SymmetricRule.ABSMAX:
-        return balanced, _nearest_codes(grouped, balanced, -(mid - 1), mid - 1, mid)
+        return balanced, _nearest_codes(grouped, balanced, -(mid - 1), mid - 1, mid).astype(np.uint8)
 
     other = np.where(ext > 0, np.maximum(-lo, f32(0)), np.maximum(hi, f32(0)))
     tight = np.maximum(absmax / f32(mid), other / f32(mid - 1))
-    nearest = [stored(np.where(ext > 0, -tight, tight))] + [stored(f32(t) * raw_signed) for t in CLIP_GRID]
+    grid = CLIP_GRID if rule is SymmetricRule.MIN_ERROR_CLIP else ()
+    nearest = [stored(np.where(ext > 0, -tight, tight))] + [stored(f32(t) * raw_signed) for t in grid]
 
     r, gk, c, gn = grouped.shape
     scales = np.empty((r, c), dtype=f32)
@@ -217,17 +235,18 @@ def symmetric_fast(
     for c0 in range(0, c, step):
         part = slice(c0, c0 + step)
         g = grouped[:, :, part, :]
-        best_s = signed[:, part]
-        best_q = _signed_codes(g, best_s, mid, qmax)
-        best_e = _squared_errors(g, best_q, best_s, mid)
+        best_s = signed[:, part].copy()
+        q = _signed_codes(g, best_s, mid, qmax)
+        best_e = _squared_errors(g, q, best_s, mid)
+        best_q = q.astype(np.uint8)
         candidates = [(balanced[:, part], -(mid - 1), mid - 1)] + [(s[:, part], -mid, mid - 1) for s in nearest]
         for s, lo_q, hi_q in candidates:
             q = _nearest_codes(g, s, lo_q, hi_q, mid)
             e = _squared_errors(g, q, s, mid)
             better = e < best_e
-            best_e = np.where(better, e, best_e)
-            best_s = np.where(better, s, best_s)
-            best_q = np.where(better[:, None, :, None], q, best_q)
+            np.copyto(best_e, e, where=better)
+            np.copyto(best_s, s, where=better)
+            np.copyto(best_q, q, where=better[:, None, :, None], casting="unsafe")
         scales[:, part] = best_s
         codes[:, :, part, :] = best_q
     bad = ~np.isfinite(signed)

