@@ -362,7 +362,7 @@ def test_recipe_mixed_precision(mixed_model, tmp_path, capsys, suffix):
     from ox_quant.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", str(mixed_model), "-o", str(tmp_path / "q.onnx"), "--block-size", "16", "--recipe", str(recipe), "--json"])
+        main(["convert", str(mixed_model), "-o", str(tmp_path / "q.onnx"), "--block-size", "16", "--symmetric", "--recipe", str(recipe), "--json"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     report = json.loads(out)
