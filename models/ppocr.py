@@ -21,6 +21,8 @@ from ox_quant.errors import OxQuantError
 DIST = "rapidocr-onnxruntime"
 MODULE = "rapidocr_onnxruntime"
 REC_MODEL = "models/ch_PP-OCRv4_rec_infer.onnx"
+DET_MODEL = "models/ch_PP-OCRv4_det_infer.onnx"  # text detector (DB), ``models/tasks/ocr_aux.py``
+CLS_MODEL = "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"  # 0/180 degree orientation classifier
 HEIGHT = 48
 MIN_WIDTH = 320
 BLANK = "<blank>"
@@ -63,12 +65,18 @@ def hoist_constants(model) -> int:
     return moved
 
 
-def prepare(out: str | os.PathLike) -> Path:
-    """Write the recogniser to ``out``: Constant weights as initializers, opset 21 (atomic)."""
+def package_model(relative: str) -> Path:
+    """Another model of the package (``DET_MODEL``, ``CLS_MODEL``), as shipped."""
+    return package_file(DIST, MODULE, relative)
+
+
+def prepare(out: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Write the recogniser (or ``source``, another PP-OCR ONNX) to ``out``: Constant weights
+    as initializers, opset 21 (atomic)."""
     import onnx
     from onnx import version_converter
 
-    proto = onnx.load(str(onnx_path()))
+    proto = onnx.load(str(source if source is not None else onnx_path()))
     proto = version_converter.convert_version(proto, PREPARED_OPSET)
     hoist_constants(proto)  # after conversion, which adds Constant nodes (e.g. ReduceMean axes)
     proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)

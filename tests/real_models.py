@@ -32,9 +32,10 @@ def ox_quant(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def convert_int8_per_channel(src: Path, dst: Path) -> dict:
-    """``ox-quant convert SRC -o DST --bits 8 --block-size -1 --format qdq --json`` -> its report."""
+    """``ox-quant convert SRC -o DST --bits 8 --block-size -1 --format qdq --conv-bits bits
+    --embedding-bits bits --json`` (every weight, Conv and tables too) -> its report."""
     proc = ox_quant("convert", str(src), "-o", str(dst), "--bits", "8", "--block-size", "-1",
-                    "--format", "qdq", "--json")
+                    "--format", "qdq", "--conv-bits", "bits", "--embedding-bits", "bits", "--json")
     report = json.loads(proc.stdout)
     assert report["quantized"], f"nothing was quantized in {src.name}: {report['skipped']}"
     return report

@@ -43,7 +43,7 @@ def test_headline_command_writes_block128_int4_beside_input(model, capsys):
 def test_json_contract(model, tmp_path, capsys):
     out_path = tmp_path / "out.onnx"
     code, out, _ = cli(capsys, "convert", str(model), "-o", str(out_path), "--block-size", "-1", "--bits", "8",
-                       "--exclude", "W1", "--json")
+                       "--symmetric", "--exclude", "W1", "--json")
     assert code == 0
     report = json.loads(out)  # stdout is exactly one JSON object
     assert report["output"] == str(out_path)
@@ -52,7 +52,7 @@ def test_json_contract(model, tmp_path, capsys):
             "name": "W0", "op": "MatMul", "shape": [256, 128], "stored_shape": [256, 128], "bits": 8,
             "granularity": "channel",
             "block_size": -1, "symmetric": True, "format": "qdq",
-            "format_reason": report["quantized"][0]["format_reason"],
+            "format_reason": report["quantized"][0]["format_reason"], "config_reason": "--bits",
             "stored_bytes": 256 * 128 + 128 * 4, "bits_per_weight": pytest.approx((256 * 128 + 512) * 8 / (256 * 128)),
         }
     ]
@@ -60,6 +60,7 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["bits_per_weight"] == pytest.approx(8 + 128 * 32 / (256 * 128), rel=1e-4)
     assert report["input_bytes"] == model.stat().st_size
     assert report["output_bytes"] == out_path.stat().st_size
+    assert report["policy"].startswith("MatMul/Gemm at int8 channel sym; Conv float (--conv-bits)")
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,7 @@ def test_external_data_input_and_output(tmp_path, capsys):
     data_before = digest(tmp_path / "ext.onnx.data")
     out = tmp_path / "q" / "ext_q.onnx"
     out.parent.mkdir()
-    code, stdout, err = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--json")
+    code, stdout, err = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--symmetric", "--json")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["external_data"] == str(out.with_name("ext_q.onnx.data"))
@@ -164,7 +165,7 @@ def test_demo_runs_the_whole_job_on_the_builtin_model(tmp_path, capsys):
     code, out, err = cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["quantized"] == 14 and result["config"] == "int4 block:128 sym"
+    assert result["quantized"] == 14 and result["config"] == "int4 block:128 asym"  # the CLI default
     assert result["output_bytes"] < result["input_bytes"] / 6
     assert 0.8 < result["cosine"] < 1.0 and result["sqnr_db"] > 3
     assert Path(result["output"]).is_file()

@@ -118,11 +118,25 @@ def test_inexpressible_configs_are_refused_and_nothing_written(model, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_block_larger_than_some_weights_skips_those_with_reason(model, tmp_path):
+@pytest.mark.parametrize("fmt", [Format.AUTO, Format.QDQ, Format.CUSTOM])
+def test_block_up_to_twice_k_is_one_partial_block(model, tmp_path, fmt):
+    """K=96 < block 128: one partial block per column, as ONNX Runtime's quantizer pads K to the block."""
+    path, weights, x = model
+    config = QuantConfig(granularity=Block(128), format=fmt)
+    report = convert(path, tmp_path / "b.onnx", ConvertOptions(config=config))
+    assert [q.name for q in report.quantized] == ["W0", "W1"] and not report.skipped
+    (y,) = run(tmp_path / "b.onnx", {"x": x})
+    ref = x.astype(np.float64)
+    for name in ("W0", "W1"):
+        ref = ref @ quantize(weights[name], config).dequantize()
+    assert relative_error(y, ref) <= 1e-5
+
+
+def test_block_twice_k_or_more_skips_with_reason(model, tmp_path):
     path, _, x = model
-    report = convert(path, tmp_path / "b.onnx", ConvertOptions(config=QuantConfig(granularity=Block(128))))
+    report = convert(path, tmp_path / "b.onnx", ConvertOptions(config=QuantConfig(granularity=Block(256))))
     assert [q.name for q in report.quantized] == ["W0"]
-    assert [(s.name, s.reason) for s in report.skipped] == [("W1", "block size 128 is larger than K=96")]
+    assert [(s.name, s.reason) for s in report.skipped] == [("W1", "block size 256 is larger than K=96")]
     (y,) = run(tmp_path / "b.onnx", {"x": x})
     assert np.isfinite(y).all()
 

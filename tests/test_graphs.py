@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.helpers import relative_error, run
 from ox_quant.core.config import Block, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.pipeline.convert import ConvertOptions, convert
+from ox_quant.pipeline.policy import UNIFORM
 from ox_quant.errors import OxQuantError
 from ox_quant.pipeline.inspect import inspect_model
 from ox_quant.core.quantize import quantize
@@ -62,7 +63,7 @@ def test_gemm(tmp_path, fmt, trans_b, alpha, beta, with_bias):
     node = helper.make_node("Gemm", ["x", "B"] + (["C"] if with_bias else []), ["y"], transB=trans_b, alpha=alpha, beta=beta)
     src = save(tmp_path / "gemm.onnx", [node], [fin("x", 5, k)], [fin("y", 5, n)], inits)
     config = QuantConfig(granularity=Block(32), format=fmt)
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     (entry,) = report.quantized
     assert entry.op == "Gemm" and entry.shape == (k, n)
     assert entry.format == ("matmulnbits" if fmt is Format.AUTO else "qdq")  # alpha: a Mul after MatMulNBits
@@ -98,7 +99,7 @@ IDS = np.array([[0, 5, 63], [7, 7, 1]], dtype=np.int64)
 def test_embedding_gather_block_quantized(tmp_path, bits, symmetric):
     src, table = embedding_model(tmp_path / "e.onnx")
     config = QuantConfig(bits=bits, granularity=Block(32), symmetric=symmetric)
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config)).quantized
     assert (entry.op, entry.format, entry.shape) == ("Gather", "gather_block_quantized", (96, 64))
     deq = deq_kn(table.T, config).T  # [V, D]
     (h,) = run(tmp_path / "q.onnx", {"ids": IDS})
@@ -109,7 +110,7 @@ def test_embedding_gather_block_quantized(tmp_path, bits, symmetric):
 def test_embedding_falls_back_to_dequantize_gather(tmp_path, granularity):
     src, table = embedding_model(tmp_path / "e.onnx")
     config = QuantConfig(bits=8, granularity=granularity)
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config)).quantized
     assert entry.format == "qdq" and "GatherBlockQuantized" in entry.format_reason
     (h,) = run(tmp_path / "q.onnx", {"ids": IDS})
     assert relative_error(h, deq_kn(table.T, config).T[IDS]) <= 1e-6
@@ -120,7 +121,7 @@ def test_tied_embedding_is_quantized_once_and_stored_once(tmp_path, tied):
     v, d = 64, 96
     src, table = embedding_model(tmp_path / "e.onnx", v, d, tied=tied)
     config = QuantConfig(bits=4, granularity=Block(32))
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     (entry,) = report.quantized
     assert entry.op == ("Gather+MatMul" if tied == "transpose" else "Gather+Gemm")
     assert entry.format == "gather_block_quantized+matmulnbits" and "tied" in entry.format_reason
@@ -152,7 +153,7 @@ def test_conv_per_output_channel(tmp_path, bits, requested):
     src = save(tmp_path / "c.onnx", [node], [fin("x", 1, 3, 10, 10)], [fin("y", 1, 16, 10, 10)],
                [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
     config = QuantConfig(bits=bits, granularity=requested)
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config)).quantized
     expected = "tensor" if isinstance(requested, PerTensor) else "channel"
     assert (entry.op, entry.format, entry.granularity, entry.shape) == ("Conv", "qdq", expected, (27, 16))
     effective = QuantConfig(bits=bits, granularity=PerTensor() if expected == "tensor" else PerChannel())
@@ -163,12 +164,20 @@ def test_conv_per_output_channel(tmp_path, bits, requested):
     assert relative_error(run(tmp_path / "q.onnx", {"x": x})[0], run(ref_path, {"x": x})[0].astype(np.float64)) <= 1e-5
 
 
-def test_conv_two_bit_is_skipped_with_reason(tmp_path):
+def test_conv_two_bit_is_raised_to_four_with_reason(tmp_path):
+    """No format holds a 2-bit Conv: it is written at 4 bits (not left float), and the report says so."""
     node = helper.make_node("Conv", ["x", "W"], ["y"])
+    w = weight(4, 3, 3, 3)
     src = save(tmp_path / "c.onnx", [node], [fin("x", 1, 3, 8, 8)], [fin("y", 1, 4, 6, 6)],
-               [numpy_helper.from_array(weight(4, 3, 3, 3), "W")])
-    with pytest.raises(OxQuantError, match="Conv weights are written as QDQ"):
-        convert(src, tmp_path / "q.onnx", ConvertOptions(config=QuantConfig(bits=2)))
+               [numpy_helper.from_array(w, "W")])
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=QuantConfig(bits=2))).quantized
+    assert (entry.op, entry.bits, entry.format) == ("Conv", 4, "qdq")
+    assert "int2 raised to int4" in entry.config_reason and "Conv weights are written as QDQ" in entry.config_reason
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    deq = deq_kn(w.reshape(4, -1).T, QuantConfig(bits=4, granularity=PerChannel())).T.reshape(w.shape)
+    ref = save(tmp_path / "ref.onnx", [node], [fin("x", 1, 3, 8, 8)], [fin("y", 1, 4, 6, 6)],
+               [numpy_helper.from_array(deq.astype(np.float32), "W")])
+    assert relative_error(run(tmp_path / "q.onnx", {"x": x})[0], run(ref, {"x": x})[0].astype(np.float64)) <= 1e-5
 
 
 # ------------------------------------------- Constant nodes and constant chains
@@ -191,7 +200,7 @@ def test_constant_nodes_and_chains_are_folded(tmp_path):
     inits = [numpy_helper.from_array(w2.T.astype(np.float16), "W2t16"), numpy_helper.from_array(w3, "W3flat")]
     src = save(tmp_path / "c.onnx", nodes, [fin("x", 2, k)], [fin("y", 2, n)], inits)
     config = QuantConfig(granularity=Block(32))
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     assert sorted(q.name for q in report.quantized) == ["W1", "W2", "W3"]
     assert {q.format for q in report.quantized} == {"matmulnbits"}
     ops = [node.op_type for node in onnx.load(str(tmp_path / "q.onnx")).graph.node]
@@ -209,7 +218,7 @@ def test_shared_weight_quantized_once(tmp_path):
     src = save(tmp_path / "s.onnx", nodes, [fin("x", 3, 64)], [fin("y", 3, 64)], [numpy_helper.from_array(w, "W")])
     for fmt in (Format.MATMULNBITS, Format.QDQ):
         config = QuantConfig(granularity=Block(32), format=fmt)
-        report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+        report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
         assert len(report.quantized) == 1 and report.quantized[0].op == "MatMul"
         names = initializer_names(tmp_path / "q.onnx")
         assert len([n for n in names if n.startswith("W_Q")]) == 1, names
@@ -230,7 +239,7 @@ def test_weights_inside_if_branches(tmp_path):
     src = save(tmp_path / "if.onnx", [node], [fin("x", 2, k), fin("cond", dtype=TensorProto.BOOL)], [fin("y", 2, n)],
                [numpy_helper.from_array(w_outer, "Wo")])
     config = QuantConfig(granularity=Block(32))
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     assert sorted(q.name for q in report.quantized) == ["Wo", "Wt"]
     x = RNG.standard_normal((2, k)).astype(np.float32)
     for cond, w in ((True, w_then), (False, w_outer)):
@@ -246,7 +255,7 @@ def test_fp16_model_gets_fp16_scales(tmp_path, fmt):
                [fin("x", 2, 64, dtype=TensorProto.FLOAT16)], [fin("y", 2, 48, dtype=TensorProto.FLOAT16)],
                [numpy_helper.from_array(w, "W")])
     config = QuantConfig(granularity=Block(32), format=fmt)
-    convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     scales = [t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if "scale" in t.name]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
     x = RNG.standard_normal((2, 64)).astype(np.float16)
@@ -263,7 +272,7 @@ def test_bf16_model_uses_qdq_with_bf16_scales(tmp_path):
     src = save(tmp_path / "b.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])],
                [fin("x", 2, 64, dtype=TensorProto.BFLOAT16)], [fin("y", 2, 32, dtype=TensorProto.BFLOAT16)], [w_bf16])
     config = QuantConfig(granularity=Block(32))
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config)).quantized
     assert entry.format == "qdq" and "bfloat16" in entry.format_reason
     model = onnx.load(str(tmp_path / "q.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -324,17 +333,17 @@ def skipped(report):
 def test_include_exclude_ops_and_min_elements(mixed_model, tmp_path):
     out = tmp_path / "q.onnx"
     config = QuantConfig(granularity=Block(16))
-    every = convert(mixed_model, out, ConvertOptions(config=config))
+    every = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=config))
     assert quantized_names(every) == ["emb", "head", "layers.0.up", "layers.1.up", "tiny"]
-    r = convert(mixed_model, out, ConvertOptions(config=config, selection=Selection(include=(r"layers\.",))))
+    r = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=config, selection=Selection(include=(r"layers\.",))))
     assert quantized_names(r) == ["layers.0.up", "layers.1.up"]
     assert skipped(r)["emb"] == "not matched by --include"
-    r = convert(mixed_model, out, ConvertOptions(config=config, selection=Selection(include_ops=("MatMul", "Gemm"))))
+    r = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=config, selection=Selection(include_ops=("MatMul", "Gemm"))))
     assert "emb" not in quantized_names(r) and "not selected" in skipped(r)["emb"]
-    r = convert(mixed_model, out, ConvertOptions(config=config, selection=Selection(min_elements=2100)))
+    r = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=config, selection=Selection(min_elements=2100)))
     assert quantized_names(r) == ["emb", "layers.0.up", "layers.1.up"]
     assert skipped(r)["tiny"] == "2048 elements, fewer than --min-elements 2100"
-    r = convert(mixed_model, out, ConvertOptions(config=config, selection=Selection(exclude=("^up1$",))))
+    r = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=config, selection=Selection(exclude=("^up1$",))))
     assert skipped(r)["layers.1.up"] == "excluded by --exclude '^up1$'"  # node names match too
     run(out, {"ids": IDS % 50})
 
@@ -356,7 +365,7 @@ def test_recipe_mixed_precision(mixed_model, tmp_path, capsys, suffix):
     from ox_quant.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", str(mixed_model), "-o", str(tmp_path / "q.onnx"), "--block-size", "16", "--recipe", str(recipe), "--json"])
+        main(["convert", str(mixed_model), "-o", str(tmp_path / "q.onnx"), "--block-size", "16", "--symmetric", "--recipe", str(recipe), "--json"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     report = json.loads(out)
@@ -394,7 +403,7 @@ def test_inspect_agrees_with_convert_on_every_format(mixed_model, tmp_path):
     import re as _re
 
     rules = tuple(Rule(_re.compile(r["match"]), None, False, {k: v for k, v in r.items() if k != "match"}) for r in recipe_rules)
-    report = convert(mixed_model, out, ConvertOptions(config=QuantConfig(granularity=Block(16)), selection=Selection(rules=rules)))
+    report = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=QuantConfig(granularity=Block(16)), selection=Selection(rules=rules)))
     formats = {q.name: q.format for q in report.quantized}
     assert set(formats.values()) == {"gather_block_quantized", "matmulnbits", "qdq"}
     info = inspect_model(out)
@@ -414,7 +423,7 @@ def test_old_opset_model_is_upgraded_for_qdq(tmp_path):
     src = save(tmp_path / "op12.onnx", nodes, [fin("x", 2, 64)], [fin("y", 2, 32)], [numpy_helper.from_array(w, "W")],
                opset=12)
     config = QuantConfig(bits=4, granularity=PerChannel())
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     assert [q.format for q in report.quantized] == ["qdq"]
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert {o.domain: o.version for o in model.opset_import}[""] == 21

@@ -66,7 +66,7 @@ def test_per_layer_lists_every_quantized_weight(tmp_path, capsys, case):
     ref = tmp_path / "ref.onnx"
     weights = embed_mlp(ref)
     cand = tmp_path / "cand.onnx"
-    code, report = run_json(capsys, "convert", str(ref), "-o", str(cand), *flags)
+    code, report = run_json(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(ref), "-o", str(cand), *flags)
     assert code == 0
     assert {q["name"]: q["format"] for q in report["quantized"]} == expected
 
@@ -126,7 +126,7 @@ def test_gather_block_quantized_dequantizer_matches_onnxruntime(tmp_path, capsys
     _gather_only(tmp_path / "ref.onnx", table)
     cand = tmp_path / "cand.onnx"
     flags = ["--bits", str(bits), "--block-size", "32"] + (["--asymmetric"] if asym else [])
-    code, _ = run_json(capsys, "convert", str(tmp_path / "ref.onnx"), "-o", str(cand), *flags)
+    code, _ = run_json(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(tmp_path / "ref.onnx"), "-o", str(cand), *flags)
     assert code == 0
     qw = _dequantized(cand)
     assert qw.format == "gather_block_quantized" and qw.values.shape == (96, 40)
@@ -143,7 +143,7 @@ def test_custom_dequantizer_matches_onnxruntime(tmp_path, capsys, flags):
     w = np.random.default_rng(7).standard_normal((48, 24)).astype(np.float32)
     _matmul_only(tmp_path / "ref.onnx", w)
     cand = tmp_path / "cand.onnx"
-    code, report = run_json(capsys, "convert", str(tmp_path / "ref.onnx"), "-o", str(cand), "--format", "custom", *flags)
+    code, report = run_json(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(tmp_path / "ref.onnx"), "-o", str(cand), "--format", "custom", *flags)
     assert code == 0 and report["quantized"][0]["format"] == "custom"
     qw = _dequantized(cand)
     ort_w = make_session(cand).run(None, {"x": np.eye(48, dtype=np.float32)})[0]

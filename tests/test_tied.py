@@ -17,6 +17,7 @@ from ox_quant.core.dequant import dequantize_matmulnbits
 from ox_quant.core.quantize import quantize
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.tied import TIED_FORMAT
+from ox_quant.pipeline.policy import UNIFORM
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.inspect import inspect_model
 from tests.helpers import relative_error, run
@@ -83,7 +84,7 @@ def test_tied_table_shares_one_packed_tensor(tmp_path, bits, symmetric, d, block
     v = 40
     src, table = tied_model(tmp_path / "t.onnx", v, d, head="both")
     config = QuantConfig(bits=bits, granularity=Block(block), symmetric=symmetric)
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM))
     (entry,) = report.quantized
     assert (entry.op, entry.format, entry.shape) == ("Gather+MatMul+Gemm", TIED_FORMAT, (d, v))
     model = onnx.load(str(tmp_path / "q.onnx"))
@@ -118,7 +119,7 @@ def test_tied_table_shares_one_packed_tensor(tmp_path, bits, symmetric, d, block
 def test_tied_lookup_keeps_the_ids_shape(tmp_path, ids_shape):
     src, table = tied_model(tmp_path / "t.onnx", 48, 64, head="transpose", ids_shape=ids_shape)
     config = QuantConfig(granularity=Block(32))
-    convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM))
     ids = RNG.integers(0, 48, ids_shape).astype(np.int64)
     check_tied_run(tmp_path / "q.onnx", quantize(table.T, config).dequantize().T, ids, "transpose")
 
@@ -127,7 +128,7 @@ def test_tied_gemm_bias_and_accuracy_level(tmp_path):
     bias = (RNG.standard_normal(48) * 0.1).astype(np.float32)
     src, table = tied_model(tmp_path / "t.onnx", 48, 64, head="gemm", ids_shape=(1, 3), bias=bias)
     config = QuantConfig(granularity=Block(32), accuracy_level=1)
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert entry.format == TIED_FORMAT
     assert entry.stored_bytes == stored_weight_bytes(tmp_path / "q.onnx") - bias.nbytes  # the float bias is not counted
     (node,) = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulNBits"]
@@ -139,12 +140,12 @@ def test_tied_gemm_bias_and_accuracy_level(tmp_path):
 def test_tied_falls_back_to_one_dequantize_with_reason(tmp_path):
     src, table = tied_model(tmp_path / "t.onnx", 48, 64, head="transpose")
     config = QuantConfig(bits=8, granularity=PerChannel())
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert entry.format == "qdq" and "tied weight" in entry.format_reason and "channel" in entry.format_reason
     check_tied_run(tmp_path / "q.onnx", quantize(table.T, config).dequantize().T, np.array([[1, 2, 3], [47, 0, 1]], np.int64), "transpose")
     with pytest.raises(OxQuantError, match="--format matmulnbits: .*block size must be a power of two"):
         convert(src, tmp_path / "q3.onnx",
-                ConvertOptions(config=QuantConfig(bits=4, granularity=Block(24), format=Format.MATMULNBITS)))
+                ConvertOptions(config=QuantConfig(bits=4, granularity=Block(24), format=Format.MATMULNBITS), policy=UNIFORM))
     assert not (tmp_path / "q3.onnx").exists()
 
 
@@ -158,7 +159,7 @@ def test_weight_read_through_transpose_becomes_matmulnbits(tmp_path):
     src = save(tmp_path / "t.onnx", nodes, [fin("x", 3, k), fin("x2", 1, 2, k)], [fin("y", 3, n), fin("y2", 1, 2, n)],
                [numpy_helper.from_array(w_nk, "W")])
     config = QuantConfig(granularity=Block(32))
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert (entry.name, entry.format, entry.shape) == ("W", "matmulnbits", (k, n))
     ops = [node.op_type for node in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert ops == ["MatMulNBits", "MatMulNBits"]
@@ -190,7 +191,7 @@ def test_default_writes_no_dequantize_where_a_fused_kernel_exists(tmp_path):
     src = save(tmp_path / "m.onnx", nodes, [fin("ids", 1, 4, dtype=TensorProto.INT64)], [fin("y1", 4, v), fin("y3", 4, v)],
                [numpy_helper.from_array(a, k) for k, a in arrays.items()])
     config = QuantConfig(granularity=Block(128))  # the CLI's --block-size 128
-    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config))
+    report = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM))
     formats = {q.name: q.format for q in report.quantized}
     assert formats == {"T": TIED_FORMAT, "E": "gather_block_quantized", "W1": "matmulnbits", "W2": "matmulnbits",
                        "Ht": "matmulnbits"}  # H's Transpose is folded into the initializer Ht
@@ -226,7 +227,7 @@ def test_every_gemm_becomes_matmulnbits(tmp_path, trans_a, alpha, beta, bias):
     node = helper.make_node("Gemm", ["a", "W"] + (["c"] if c is not None else []), ["y"], transA=trans_a, alpha=alpha, beta=beta)
     src = save(tmp_path / "g.onnx", [node], inputs, [fin("y", m, n)], inits)
     config = QuantConfig(granularity=Block(32))
-    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert entry.format == "matmulnbits"
     ops = [x.op_type for x in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert "MatMulNBits" in ops and not {"DequantizeLinear", "Gemm"} & set(ops)
@@ -248,7 +249,7 @@ def test_per_layer_attributes_the_tied_table(tmp_path):
     src = tmp_path / "llm.onnx"
     llm_shaped_model(src, layers=1, hidden=128, mlp=256, vocab=300, tied=True)
     config = QuantConfig(granularity=Block(64))
-    (entry, *_) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config)).quantized
+    (entry, *_) = convert(src, tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert (entry.name, entry.format) == ("embed.weight", TIED_FORMAT)
     report = verify(src, tmp_path / "q.onnx", per_layer=True)
     assert report.layers.unmatched == ()

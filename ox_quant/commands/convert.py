@@ -9,7 +9,11 @@ import time
 import click
 
 from ox_quant.core.config import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
+from ox_quant.core.config import SymmetricRule
 from ox_quant.errors import OxQuantError
+
+#: The command line's default (asymmetric, as ONNX Runtime's MatMulNBitsQuantizer; docs/defaults.md).
+DEFAULT_SYMMETRIC = False
 
 def format_bytes(n: int) -> str:
     size = float(n)
@@ -47,8 +51,12 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
         reasons = sorted({f"{q.format}: {q.format_reason}" for q in report.quantized})
         for reason in reasons:
             console.print(f"  format {reason}")
+        for line in config_reasons(report.quantized):
+            console.print(f"  config {line}")
     else:
         console.print("no weights quantized")
+    if report.policy:
+        console.print(f"default policy: {report.policy}")
     if report.skipped:
         console.print(f"{len(report.skipped)} left as they are (--json lists each):")
         for group in group_skips(report.skipped):
@@ -65,10 +73,27 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
 
 
+def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
+    """``int8 channel x12 (Conv): default policy: ...``: each config, its weights' ops and why."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for q in quantized:
+        config = f"int{q.bits} {q.granularity}" + (f":{q.block_size}" if q.block_size and q.block_size > 0 else "")
+        groups.setdefault((config, q.config_reason), []).append(q.op)
+    lines = []
+    for (config, why), ops in sorted(groups.items()):
+        kinds = ", ".join(sorted(set(ops)))
+        lines.append(f"{config} x{len(ops)} ({kinds}): {why}")
+    return lines
+
+
 @click.command("convert")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight code, 2 to 8.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul and Gemm weights, 2 to 8.")
+@click.option("--conv-bits", metavar="float|bits|2-8", default=None,
+              help="Conv weights, per output channel: float (default), bits (follow --bits) or a width; 8 is safe, 4 breaks CNNs.")
+@click.option("--embedding-bits", metavar="float|bits|2-8", default=None,
+              help="Embedding tables (Gather, tied tables): float (default), bits (follow --bits) or a width; 8 is safe.")
 @click.option("--block-size", type=int, default=None, help=f"Block size along K (default {DEFAULT_BLOCK_SIZE}); {PER_CHANNEL_BLOCK_SIZE} = per-channel. Alone, implies --granularity block.")
 @click.option(
     "--granularity",
@@ -87,7 +112,20 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     "custom op (e.g. 3, 5-7 bits; needs its library at run time). matmulnbits|qdq|custom: that format only; "
     "a weight it cannot hold stays float and is listed as skipped (exit 1 if it can hold none).",
 )
-@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Zero point fixed at mid-range, or fitted to each group's [min, max].")
+@click.option("--symmetric/--asymmetric", default=DEFAULT_SYMMETRIC, show_default=True,
+              help="Zero point fixed at mid-range (no zero points stored), or fitted to each group's [min, max] "
+              "(default: the same codes as ONNX Runtime's MatMulNBitsQuantizer, whose default it is; "
+              "the symmetric rules fall below it on some models, docs/defaults.md).")
+@click.option(
+    "--symmetric-rule",
+    type=click.Choice([r.value for r in SymmetricRule]),
+    default=SymmetricRule.MIN_ERROR.value,
+    show_default=True,
+    help="Symmetric scale per group: min-error = lowest squared error of signed, absmax and the tightest "
+    "unclipped signed scale (never worse than either); min-error-clip = the same plus clipped scales "
+    "(lower weight error, worse on some models); signed = ONNX Runtime's -w_ext/2^(bits-1), all 2^bits "
+    "levels (same bytes as its quantizer); absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
+)
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
@@ -101,10 +139,13 @@ def convert(
     input_path: str,
     output: str | None,
     bits: int,
+    conv_bits: str | None,
+    embedding_bits: str | None,
     block_size: int | None,
     granularity: str | None,
     fmt: str,
     symmetric: bool,
+    symmetric_rule: str,
     accuracy_level: int | None,
     algorithm: str,
     exclude: tuple[str, ...],
@@ -118,16 +159,30 @@ def convert(
     """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
 
     \b
+    Default policy (chosen by measurement, docs/defaults.md):
+      MatMul, Gemm: --bits (4), blocks of --block-size (128) along K,
+                    asymmetric (--symmetric: no zero points, --symmetric-rule)
+      Conv:         float; --conv-bits 8 quantizes them per output channel
+      embeddings:   float; --embedding-bits 8 quantizes them in blocks of
+                    --block-size (Gather tables, tables tied to a MatMul)
+    4-bit Conv and embeddings break models; int8 is close but not free.
+    --symmetric/--asymmetric and --format apply to all. A recipe rule
+    applies on top of these (bits: 8 quantizes a Conv). A width no format
+    holds for an op (a 3-bit Conv) is raised to 4 or 8, not left float.
+
+    \b
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
     from ox_quant.pipeline.convert import ConvertOptions, convert as run_convert
     from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
+    from ox_quant.pipeline.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy, parse_width
 
     config = QuantConfig(
         bits=bits,
         granularity=resolve_granularity(granularity, block_size),
         symmetric=symmetric,
+        symmetric_rule=SymmetricRule(symmetric_rule),
         format=Format(fmt),
         accuracy_level=accuracy_level,
         algorithm=algorithm,
@@ -141,7 +196,13 @@ def convert(
         min_elements=min_elements,
         rules=load_recipe(recipe) if recipe else (),
     )
-    options = ConvertOptions(config=config, selection=selection)
+    policy = Policy(
+        conv_bits=DEFAULT_CONV_BITS if conv_bits is None else parse_width(conv_bits, "--conv-bits"),
+        embedding_bits=(DEFAULT_EMBEDDING_BITS if embedding_bits is None
+                        else parse_width(embedding_bits, "--embedding-bits")),
+        explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits)) if v is not None),
+    )
+    options = ConvertOptions(config=config, selection=selection, policy=policy)
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import click
 
-from ox_quant.core.config import Format
+from ox_quant.core.config import Format, SymmetricRule
 from ox_quant.errors import OxQuantError
 
 
@@ -43,6 +43,8 @@ def _command_line() -> str:
 @click.option("--format", "fmt", type=click.Choice([f.value for f in Format]), default="auto", show_default=True,
               help="Format for ox-quant's rows (auto: MatMulNBits, else QDQ, else ox-quant's custom op).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True)
+@click.option("--symmetric-rule", type=click.Choice([r.value for r in SymmetricRule]), default=SymmetricRule.MIN_ERROR.value,
+              show_default=True, help="Symmetric scale rule for ox-quant's rows (see convert --help).")
 @click.option("--include-op", multiple=True, metavar="OP",
               help="Quantize weights of these ops only (repeatable; default MatMul, Gemm, Conv: embedding tables stay float).")
 @click.option("--peer/--no-peer", default=True, show_default=True,
@@ -57,7 +59,7 @@ def _command_line() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print study.json's content on stdout.")
 @click.option("--report-only", is_flag=True,
               help="Run nothing: write study.md and the plots again from --out's study.json (claims re-evaluated).")
-def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool,
+def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool, symmetric_rule: str,
               include_op: tuple[str, ...], peer: bool, keep_models: bool, out_dir: str | None,
               text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool,
               report_only: bool) -> None:
@@ -91,6 +93,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
         bits=parse_bits_list(bits_text),
         granularities=parse_granularity_list(granularity_text),
         symmetric=symmetric,
+        symmetric_rule=SymmetricRule(symmetric_rule),
         format=Format(fmt),
         include_ops=resolve_ops(include_op, ()) if include_op else DEFAULT_OPS,
         peer=peer,

@@ -238,12 +238,27 @@ class Format(str, enum.Enum):
         return self.value
 
 
+class SymmetricRule(str, enum.Enum):
+    """How a symmetric group's scale is chosen (zero point ``2**(bits-1)``; see
+    :mod:`ox_quant.core.symmetric`): the lowest squared error of a few scales that keep the
+    largest weight (default), the same plus clipped scales, ONNX Runtime's signed
+    full-range scale, or the balanced ``absmax / (2**(bits-1) - 1)``."""
+
+    MIN_ERROR = "min-error"
+    MIN_ERROR_CLIP = "min-error-clip"
+    SIGNED = "signed"
+    ABSMAX = "absmax"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How to quantize one weight.
 
     ``symmetric``: zero point fixed at ``2**(bits-1)`` (the middle of the unsigned range),
-    scale = absmax / (2**(bits-1) - 1). Asymmetric: scale and zero point cover
+    scale chosen per group by ``symmetric_rule`` (unused when asymmetric). Asymmetric: scale and zero point cover
     ``[min(w_min, 0), max(w_max, 0)]`` of each group (zero stays exactly representable).
     ``accuracy_level`` is passed through to MatMulNBits (None: not written).
     ``algorithm`` names the quantizer that chooses scales and codes (``ox_quant.algorithms``;
@@ -256,12 +271,19 @@ class QuantConfig:
     format: Format = Format.AUTO
     accuracy_level: int | None = None
     algorithm: str = DEFAULT_ALGORITHM
+    symmetric_rule: SymmetricRule = SymmetricRule.MIN_ERROR
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise OxQuantError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OxQuantError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if not isinstance(self.symmetric_rule, SymmetricRule):
+            try:
+                object.__setattr__(self, "symmetric_rule", SymmetricRule(str(self.symmetric_rule)))
+            except ValueError:
+                choices = ", ".join(r.value for r in SymmetricRule)
+                raise OxQuantError(f"symmetric rule must be one of {choices}, got {self.symmetric_rule!r}") from None
 
     @property
     def qmax(self) -> int:
@@ -274,5 +296,5 @@ class QuantConfig:
         return 1 << (self.bits - 1)
 
     def describe(self) -> str:
-        kind = "sym" if self.symmetric else "asym"
+        kind = "asym" if not self.symmetric else "sym" if self.symmetric_rule is SymmetricRule.MIN_ERROR else f"sym-{self.symmetric_rule}"
         return f"int{self.bits} {self.granularity} {kind}"

@@ -2,17 +2,19 @@
 
 Formulas (``qmax = 2**bits - 1``, ``mid = 2**(bits-1)``), per group ``g`` of weights:
 
-* symmetric:  ``scale = absmax(g) / (mid - 1)``, ``zp = mid``,
-  ``q = clip(round(w / scale), -(mid-1), mid-1) + mid``
+* symmetric:  ``zp = mid``, ``scale`` by ``config.symmetric_rule`` (:mod:`ox_quant.core.symmetric`:
+  ``min-error`` by default, ``signed`` = ONNX Runtime's ``-ext / mid``, ``absmax`` =
+  ``absmax(g) / (mid - 1)``), codes ``q in [0, qmax]``
 * asymmetric: ``lo = min(min(g), 0)``, ``hi = max(max(g), 0)``, ``scale = (hi - lo) / qmax``,
   ``zp = clip(round(-lo / scale), 0, qmax)``, ``q = clip(round(w / scale) + zp, 0, qmax)``
-* dequantized: ``w' = (q - zp) * scale`` and ``|w - w'| <= scale / 2`` for every element.
+* dequantized: ``w' = (q - zp) * scale``; ``|w - w'| <= |scale| / 2`` for every element under
+  asymmetric and ``absmax`` (``signed`` and ``min-error`` may clip the largest weights).
 
 A group whose range is zero gets ``scale = 0`` and codes ``zp``: it dequantizes to exact
-zeros, never NaN or Inf. For 2-bit symmetric, ``mid - 1 = 1``: codes are {-1, 0, 1} + mid.
+zeros, never NaN or Inf.
 
 Scales are rounded to ``scale_dtype`` (the activation dtype a format stores) *before* the
-codes are computed, so the bound holds for the stored scale. Rounding is half-to-even.
+codes are computed, so the formulas hold for the stored scale. Rounding is half-to-even.
 
 :func:`quantize_reference` loops over groups one at a time (slow, obvious);
 :func:`quantize` is the vectorised version held to it by tests. It is two steps, as the
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ox_quant.core.config import Granularity, QuantConfig
+from ox_quant.core.config import Granularity, QuantConfig, SymmetricRule
+from ox_quant.core.symmetric import nearest_codes, signed_codes, symmetric_fast, symmetric_group_reference
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class QuantizedWeight:
     codes:       ``uint8[K, N]``, values in ``[0, 2**bits - 1]``
     scales:      ``scale_dtype[R, C]`` with ``(R, C) = granularity.scale_shape(K, N)``
     zero_points: ``uint8[R, C]``; for symmetric configs every entry is ``2**(bits-1)``
+                 (symmetric scales may be negative, see :mod:`ox_quant.core.symmetric`)
     """
 
     codes: np.ndarray
@@ -78,12 +82,8 @@ def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: in
 
 
 def _group_params_reference(group: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> tuple[float, int]:
-    """(stored scale, zero point) of one group, scalar arithmetic in float32."""
+    """(stored scale, zero point) of one asymmetric group, scalar arithmetic in float32."""
     f32 = np.float32
-    if config.symmetric:
-        absmax = f32(np.max(np.abs(group)))
-        scale = f32(absmax / f32(config.mid - 1))
-        return f32(np.asarray(scale, dtype=scale_dtype)), config.mid
     lo = f32(min(f32(np.min(group)), f32(0)))
     hi = f32(max(f32(np.max(group)), f32(0)))
     scale = f32(np.asarray(f32((hi - lo) / f32(config.qmax)), dtype=scale_dtype))
@@ -97,8 +97,6 @@ def _code_reference(w: np.float32, scale: np.float32, zp: int, config: QuantConf
     if scale == 0:
         return zp
     r = int(np.round(np.float32(w / scale)))
-    if config.symmetric:
-        return min(max(r, -(config.mid - 1)), config.mid - 1) + config.mid
     return min(max(r + zp, 0), config.qmax)
 
 
@@ -114,6 +112,12 @@ def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: np.
     for r in range(rows):
         for c in range(cols):
             group = w[r * gk : (r + 1) * gk, c * gn : (c + 1) * gn]
+            if config.symmetric:
+                scale, group_codes = symmetric_group_reference(group, config.bits, config.symmetric_rule, np.dtype(scale_dtype))
+                scales[r, c] = scale
+                zps[r, c] = config.mid
+                codes[r * gk : r * gk + group.shape[0], c * gn : c * gn + group.shape[1]] = group_codes
+                continue
             scale, zp = _group_params_reference(group, config, np.dtype(scale_dtype))
             scales[r, c] = scale
             zps[r, c] = zp
@@ -130,7 +134,8 @@ def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: np.
 def _grouped_view(w: np.ndarray, gk: int, gn: int) -> np.ndarray:
     """Zero-pad ``w[K, N]`` to whole groups and view it as ``[R, gk, C, gn]``.
 
-    Zero padding does not change any group's range: both formulas include 0.
+    Zero padding changes no group's result (asymmetric ranges include 0; see
+    :func:`ox_quant.core.symmetric.symmetric_fast`).
     """
     k, n = w.shape
     rows, cols = math.ceil(k / gk), math.ceil(n / gn)
@@ -152,15 +157,15 @@ def choose_qparams(
     weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32, stats: object | None = None
 ) -> QParams:
     """Round-to-nearest's scales and zero points of ``weight[K, N]`` (module docstring's
-    formulas, vectorised). ``stats`` (calibration statistics) is not used by this rule."""
+    formulas, vectorised; symmetric scales by ``config.symmetric_rule``, see
+    :mod:`ox_quant.core.symmetric`). ``stats`` (calibration statistics) is not used by this rule."""
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
     gk, gn = group_sizes(config.granularity, k, n)
     grouped = _grouped_view(w, gk, gn)
     f32 = np.float32
     if config.symmetric:
-        absmax = np.abs(grouped).max(axis=(1, 3))
-        scales_f = (absmax / f32(config.mid - 1)).astype(scale_dtype).astype(f32)
+        scales_f, _ = symmetric_fast(grouped, config.bits, config.symmetric_rule, np.dtype(scale_dtype))
         zps = np.full(scales_f.shape, config.mid, dtype=np.uint8)
     else:
         lo = np.minimum(grouped.min(axis=(1, 3)), f32(0))
@@ -174,7 +179,9 @@ def choose_qparams(
 
 def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> np.ndarray:
     """Codes ``uint8[K, N]`` of ``weight[K, N]`` under given scales and zero points:
-    ``clip(round(w / scale) (+ zp), ...)`` as in the module docstring; a zero scale gives ``zp``."""
+    ``clip(round(w / scale) (+ zp), ...)`` as in the module docstring; a zero scale gives ``zp``.
+    Symmetric scales may be negative (all 2^b levels): ``signed`` rounds as ONNX Runtime does,
+    the other rules take the nearest of the ``2^b`` levels."""
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
     gk, gn = group_sizes(config.granularity, k, n)
@@ -182,30 +189,36 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
     f32 = np.float32
     scales_f = qparams.scales.astype(f32)  # exact: the stored scales came from float32
     zps = qparams.zero_points
+    rows, cols = scales_f.shape
+    if config.symmetric:
+        if config.symmetric_rule is SymmetricRule.SIGNED:
+            q = signed_codes(grouped, scales_f, config.mid, config.qmax)
+        else:
+            q = nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
+        return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
     safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
     q = np.round(grouped / safe)
-    if config.symmetric:
-        np.clip(q, -(config.mid - 1), config.mid - 1, out=q)
-        q += f32(config.mid)
-    else:
-        q += zps[:, None, :, None].astype(f32)
-        np.clip(q, 0, config.qmax, out=q)
+    q += zps[:, None, :, None].astype(f32)
+    np.clip(q, 0, config.qmax, out=q)
     # zero-range groups: every code is the zero point
     q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
-    rows, cols = scales_f.shape
     return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
 
 
 def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
     """Vectorised round-to-nearest quantization of ``weight[K, N]`` (see module docstring):
-    :func:`choose_qparams` then :func:`quantize_with`."""
+    :func:`choose_qparams` then :func:`quantize_with`; symmetric configs keep the codes their
+    rule chose with each group's scale (:func:`ox_quant.core.symmetric.symmetric_fast`)."""
+    if config.symmetric:
+        w = np.asarray(weight, dtype=np.float32)
+        k, n = w.shape
+        gk, gn = group_sizes(config.granularity, k, n)
+        grouped = _grouped_view(w, gk, gn)
+        scales_f, q_codes = symmetric_fast(grouped, config.bits, config.symmetric_rule, np.dtype(scale_dtype))
+        rows, cols = scales_f.shape
+        codes = np.ascontiguousarray(q_codes.reshape(rows * gk, cols * gn)[:k, :n])
+        zps = np.full(scales_f.shape, config.mid, dtype=np.uint8)
+        return QuantizedWeight(codes, scales_f.astype(scale_dtype), zps, config.bits, config.granularity, True)
     qparams = choose_qparams(weight, config, scale_dtype)
     codes = quantize_with(weight, qparams, config)
-    return QuantizedWeight(
-        codes,
-        qparams.scales,
-        qparams.zero_points,
-        config.bits,
-        config.granularity,
-        config.symmetric,
-    )
+    return QuantizedWeight(codes, qparams.scales, qparams.zero_points, config.bits, config.granularity, False)

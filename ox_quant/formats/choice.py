@@ -42,8 +42,14 @@ class FormatChoice:
     reason: str
 
 
-def check_granularity_fits(config: QuantConfig, k: int, n: int) -> str | None:
-    """Why the granularity does not fit a ``[K, N]`` weight (None when it does)."""
+def check_granularity_fits(config: QuantConfig, k: int, n: int, partial_block: bool = False) -> str | None:
+    """Why the granularity does not fit a ``[K, N]`` weight (None when it does).
+
+    ``partial_block``: a block up to twice K is one partial block (MatMul/Gemm weights; what
+    ONNX Runtime's quantizer writes for K < block, padding K to the block)."""
+    block = config.granularity.k_block
+    if partial_block and block is not None and k < block < 2 * k:
+        return None
     return config.granularity.misfit(k, n)
 
 

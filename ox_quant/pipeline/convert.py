@@ -41,7 +41,8 @@ from ox_quant.ir.modelio import (
 from ox_quant.pipeline.load import load_model
 from ox_quant.runtime.loadable import check_runnable
 from ox_quant.runtime.session import max_ir_version
-from ox_quant.pipeline.selection import Selection, config_for
+from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
+from ox_quant.pipeline.selection import Selection
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
 from ox_quant.formats.tied import TIED_FORMAT, TIED_FORMATS, plan_tied, write_tied
@@ -60,6 +61,8 @@ class ConvertOptions:
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
     calibration: Mapping[str, SiteStats] | None = None
+    policy: Policy = field(default_factory=Policy)
+    """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class QuantizedEntry:
     format_reason: str
     stored_bytes: int
     stored_shape: tuple[int, ...] = ()
+    config_reason: str = "--bits"
+    """Why this config: ``--bits``, the default policy, a flag, a recipe rule, raised bits."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -96,6 +101,7 @@ class QuantizedEntry:
             "symmetric": self.symmetric,
             "format": self.format,
             "format_reason": self.format_reason,
+            "config_reason": self.config_reason,
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
         }
@@ -155,6 +161,8 @@ class ConvertReport:
     input_bytes: int
     output_bytes: int
     version_changes: tuple[VersionChange, ...] = ()
+    policy: str = ""
+    """One line: the config each kind of weight got by default (``Policy.describe``)."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -177,14 +185,15 @@ class ConvertReport:
             "bits_per_weight": round(bpw, 4) if bpw is not None else None,
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
+            "policy": self.policy,
         }
 
 
 def default_output_path(input_path: Path, config: QuantConfig) -> Path:
-    """``model.onnx`` -> ``model.int4-block128.onnx`` (beside the input)."""
+    """``model.onnx`` -> ``model.int4-block128.onnx`` (beside the input; ``-sym`` added when symmetric)."""
     tag = f"int{config.bits}-{str(config.granularity).replace(':', '')}"
-    if not config.symmetric:
-        tag += "-asym"
+    if config.symmetric:
+        tag += "-sym"
     if config.format is not Format.AUTO:
         tag += f"-{config.format.value}"
     if config.algorithm != DEFAULT_ALGORITHM:
@@ -276,7 +285,7 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
         if qdq_rejects(config, site.k, site.n):
             return Skip(site.name, f"Conv weights are written as QDQ, which takes 4 or 8 bits, not {config.bits}")
         return config, FormatChoice("qdq", "Conv weights are quantized per output channel (QDQ)")
-    misfit = check_granularity_fits(config, site.k, site.n)
+    misfit = check_granularity_fits(config, site.k, site.n, partial_block=kinds <= {"matmul", "gemm"})
     if misfit:
         return Skip(site.name, misfit)
     if site.dtype == "BFLOAT16":
@@ -323,7 +332,7 @@ def _select(sites: list[WeightSite], selection: Selection) -> tuple[list[WeightS
     return chosen, skips
 
 
-Plan = list[tuple[WeightSite, QuantConfig, FormatChoice]]
+Plan = list[tuple[WeightSite, QuantConfig, FormatChoice, str]]
 
 # What each explicitly requested --format may write (MatMulNBits' sibling for embeddings too).
 REQUESTED_WRITES = {
@@ -370,7 +379,7 @@ def _nothing_selected(model: ir.Model, selection: Selection) -> OxQuantError | N
 
 
 def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
-    """Every weight site with its config and format, and the skips (with reasons).
+    """Every weight site with its config, format and why that config, and the skips (with reasons).
 
     Raises ``OxQuantError`` when no weight can be written (each failed for the same reason).
     """
@@ -386,25 +395,31 @@ def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
     site_skips: list[Skip] = []
     errors: list[tuple[WeightSite, OxQuantError]] = []
     for site in sites:
-        config = config_for(site, options.config, selection.rules)
-        if config is None:
-            site_skips.append(Skip(site.name, "skipped by the recipe"))
+        try:
+            chosen = config_for_site(site, options.config, selection.rules, options.policy)
+        except OxQuantError as exc:
+            errors.append((site, exc))
             continue
+        if chosen is None or isinstance(chosen, Skip):
+            site_skips.append(chosen or Skip(site.name, "skipped by the recipe"))
+            continue
+        config, why = chosen
         get_quantizer(config.algorithm)  # an unknown algorithm is an error, not a skip
         try:
-            planned = plan_site(site, config)
+            planned = plan_with_fallback(site, config, plan_site)
         except OxQuantError as exc:
             errors.append((site, exc))
             continue
         if isinstance(planned, Skip):
             site_skips.append(planned)
-        elif (outside := _outside_requested_format(site, *planned)) is not None:
+        elif (outside := _outside_requested_format(site, planned[0], planned[1])) is not None:
             site_skips.append(outside)
         else:
-            plan.append((site, *planned))
+            config, choice, raised = planned
+            plan.append((site, config, choice, f"{why}; {raised}" if raised else why))
     if errors and not plan:
         raise OxQuantError(f"{errors[0][1]}; nothing written") from errors[0][1]
-    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" for s in site_skips):
+    if site_skips and not plan and not errors and not any(s.reason == "skipped by the recipe" or POLICY_SKIP in s.reason for s in site_skips):
         misfit = site_skips[0]
         raise OxQuantError(f"{misfit.reason} for every weight (e.g. {misfit.name}); nothing written")
     return plan, skips + site_skips + [Skip(site.name, str(exc)) for site, exc in errors]
@@ -445,21 +460,21 @@ def convert(
 
     fold_constant_weights(model)
     plan, skips = _plan(model, options)
-    formats = {f for _, _, choice in plan for f in formats_written(choice.format)}
+    formats = {f for _, _, choice, _ in plan for f in formats_written(choice.format)}
     changes: list[VersionChange] = []
     needed_opset = max([f.opset for f in formats if f.domain == ""], default=0)
     if (old_opset := _default_opset(model)) < needed_opset:
         # The upgrade may rebuild the graph: plan again on the upgraded one.
         _ensure_opset(model, needed_opset)
         raised = [f.op_type for f in formats if f.domain == "" and f.opset > old_opset]
-        count = sum(any(f.op_type in raised for f in formats_written(choice.format)) for _, _, choice in plan)
+        count = sum(any(f.op_type in raised for f in formats_written(choice.format)) for _, _, choice, _ in plan)
         changes.append(VersionChange(
             "ai.onnx opset", old_opset, _default_opset(model),
             f"{count} weight(s) are written as {', '.join(sorted(raised))}, which ox-quant writes at opset "
             f"{needed_opset} (INT4/UINT4 codes and block scales need it); the whole graph was converted",
         ))
         plan, skips = _plan(model, options)
-        formats = {f for _, _, choice in plan for f in formats_written(choice.format)}
+        formats = {f for _, _, choice, _ in plan for f in formats_written(choice.format)}
     for fmt in formats:
         if fmt.domain:
             model.opset_imports[fmt.domain] = fmt.opset
@@ -474,7 +489,7 @@ def convert(
             progress(name, done[0], total)
 
     entries = []
-    for site, config, choice in plan:
+    for site, config, choice, why in plan:
         stats = options.calibration.get(site.name) if options.calibration else None
         nbytes = writer_for(choice.format)(
             site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
@@ -492,6 +507,7 @@ def convert(
                 format_reason=choice.reason,
                 stored_bytes=nbytes,
                 stored_shape=tuple(site.stored_shape),
+                config_reason=why,
             )
         )
 
@@ -515,4 +531,5 @@ def convert(
         input_bytes=model_bytes(src),
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
+        policy=options.policy.describe(options.config),
     )

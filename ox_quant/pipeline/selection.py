@@ -13,7 +13,7 @@ A recipe (JSON or YAML) maps name patterns to per-weight configs, for mixed prec
         bits: 4
         block_size: 64
         format: qdq
-        symmetric: false
+        symmetric: false            # or symmetric_rule: min-error | signed | absmax
         algorithm: rtn              # the quantizer (ox_quant.algorithms.registry)
 
 The first rule that matches a weight wins; its fields override the command-line config.
@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
+from ox_quant.core.config import SymmetricRule
 from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
-RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "accuracy_level", "algorithm"}
+RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "symmetric_rule",
+             "accuracy_level", "algorithm"}
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,12 @@ def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "
             changes["bits"] = int(overrides["bits"])
         if "symmetric" in overrides:
             changes["symmetric"] = bool(overrides["symmetric"])
+        if "symmetric_rule" in overrides:
+            choices = [r.value for r in SymmetricRule]
+            if str(overrides["symmetric_rule"]) not in choices:
+                raise OxQuantError(f"{where}: symmetric_rule must be one of {', '.join(choices)}, "
+                                   f"got {overrides['symmetric_rule']!r}")
+            changes["symmetric_rule"] = SymmetricRule(str(overrides["symmetric_rule"]))
         if "accuracy_level" in overrides:
             changes["accuracy_level"] = None if overrides["accuracy_level"] is None else int(overrides["accuracy_level"])
         if "format" in overrides:

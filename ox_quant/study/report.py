@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ox_quant.core.config import Format
+from ox_quant.core.config import Format, SymmetricRule
 from ox_quant.study.rows import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
 from ox_quant.study.metrics import StudyMetric
 from ox_quant.study.claims import excluded_from_claims
@@ -36,7 +36,7 @@ def result_dict(result: StudyResult, command: str | None = None) -> dict[str, An
         "metric": {"task": m.task, "name": m.name, "direction": m.direction, "relative_change": m.relative,
                    "near_lossless_max_loss": m.lossless, "noticeable_min_loss": m.noticeable, "about": m.why},
         "options": {"bits": list(opts.bits), "granularities": [str(g) for g in opts.granularities],
-                    "symmetric": opts.symmetric, "format": opts.format.value, "include_ops": list(opts.include_ops),
+                    "symmetric": opts.symmetric, "symmetric_rule": opts.symmetric_rule.value, "format": opts.format.value, "include_ops": list(opts.include_ops),
                     "peer": opts.peer, "task_options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.task_options},
                     "provider": opts.provider},
         "fp32": result.fp32.as_dict(),
@@ -75,7 +75,9 @@ def load_result(path: str | os.PathLike) -> StudyResult:
                          m["near_lossless_max_loss"], m["noticeable_min_loss"], m["about"])
     options = StudyOptions(model=data["model"], bits=tuple(o["bits"]),
                            granularities=parse_granularity_list(",".join(o["granularities"])),
-                           symmetric=o["symmetric"], format=Format(o["format"]), include_ops=tuple(o["include_ops"]),
+                           symmetric=o["symmetric"], format=Format(o["format"]),
+                           symmetric_rule=SymmetricRule(o.get("symmetric_rule", "absmax")),  # absent: absmax, the rule then
+                           include_ops=tuple(o["include_ops"]),
                            peer=o["peer"], task_options=tuple(o["task_options"].items()), provider=o["provider"])
     task_notes = data.get("task_notes")
     if task_notes is None:  # written before task notes were kept apart
@@ -133,7 +135,8 @@ def markdown(result: StudyResult, command: str | None = None) -> str:
     lines += [
         f"Metric: **{m.name}** ({m.direction}): {m.why}.",
         f"fp32 ONNX baseline: {m.name} = {_num(fp32.value)} (eval {fp32.eval_seconds:.1f} s).",
-        f"Quantized: weights of {', '.join(o.include_ops)} ops; {'symmetric' if o.symmetric else 'asymmetric'}; "
+        f"Quantized: weights of {', '.join(o.include_ops)} ops; "
+        f"{f'symmetric (`{o.symmetric_rule}` rule)' if o.symmetric else 'asymmetric'}; "
         f"format `{o.format.value}`; round-to-nearest. Scored on ONNX Runtime {result.environment.get('onnxruntime')} "
         f"({o.provider.upper()} EP, DQ+MatMul fusion at float accuracy).",
         "Bits per weight: all stored bytes of the quantized weights (codes, scales, zero points) x 8 / their "
@@ -156,8 +159,9 @@ def markdown(result: StudyResult, command: str | None = None) -> str:
     if result.peer_rows:
         lines += ["", "## ONNX Runtime MatMulNBitsQuantizer (peer, same configurations)", "",
                   "Default RTN, MatMul weights only, as it ships. Its symmetric mode uses a signed scale "
-                  "(`w_ext / -2^(bits-1)`) that reaches all 2^bits levels; ox-quant's keeps zero exact "
-                  "with `absmax / (2^(bits-1) - 1)` (one level unused; at 2 bits, ternary). "
+                  "(`w_ext / -2^(bits-1)`) that reaches all 2^bits levels (ox-quant's `--symmetric-rule signed`); "
+                  "ox-quant's `min-error` rule keeps, per group, the lowest-error of a few scales including that one; "
+                  "`absmax` keeps zero exact with `absmax / (2^(bits-1) - 1)` (one level unused; at 2 bits, ternary). "
                   "See docs/conventions.md.", ""]
         lines += _table(result, list(result.peer_rows))
     lines += ["", "## Plots", "", f"![{m.name} vs bits per weight]({PLOT})", "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ox_quant.core.config import Format, Granularity, QuantConfig, parse_granularity
+from ox_quant.core.config import Format, Granularity, QuantConfig, SymmetricRule, parse_granularity
 from ox_quant.errors import OxQuantError
 from ox_quant.study.metrics import StudyMetric
 
@@ -51,6 +51,7 @@ class StudyOptions:
     bits: tuple[int, ...] = DEFAULT_BITS
     granularities: tuple[Granularity, ...] = field(default_factory=lambda: parse_granularity_list(DEFAULT_GRANULARITIES))
     symmetric: bool = True
+    symmetric_rule: SymmetricRule = SymmetricRule.MIN_ERROR
     format: Format = Format.AUTO
     include_ops: tuple[str, ...] = DEFAULT_OPS
     peer: bool = True
@@ -60,7 +61,8 @@ class StudyOptions:
     provider: str = "cpu"
 
     def configs(self) -> list[QuantConfig]:
-        return [QuantConfig(bits=b, granularity=g, symmetric=self.symmetric, format=self.format)
+        return [QuantConfig(bits=b, granularity=g, symmetric=self.symmetric, symmetric_rule=self.symmetric_rule,
+                            format=self.format)
                 for b in self.bits for g in self.granularities]
 
 

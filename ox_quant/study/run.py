@@ -34,6 +34,7 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
              fp32_value: float | None) -> Row:
     """Convert ``src`` with ox-quant under ``config`` and score the result."""
     from ox_quant.pipeline.convert import ConvertOptions, convert
+    from ox_quant.pipeline.policy import UNIFORM
     from ox_quant.pipeline.selection import Selection
 
     label = config_label(config)
@@ -42,7 +43,8 @@ def run_ours(config: QuantConfig, src: Path, work: Path, options: StudyOptions, 
     out = work / f"{src.stem}.{label.replace(' ', '.').replace(':', '')}.onnx"
     start = time.perf_counter()
     try:
-        report = convert(src, out, ConvertOptions(config=config, selection=Selection(include_ops=options.include_ops)))
+        report = convert(src, out, ConvertOptions(config=config, selection=Selection(include_ops=options.include_ops),
+                                                      policy=UNIFORM))
     except OxQuantError as exc:
         return Row(**base, status="refused", reason=str(exc), convert_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
