@@ -15,8 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ox_quant_models._locate import package_file
 from ox_quant.errors import OxQuantError
+from ox_quant_models._locate import package_file
 
 DIST = "rapidocr-onnxruntime"
 MODULE = "rapidocr_onnxruntime"

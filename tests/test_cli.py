@@ -14,10 +14,6 @@ from tests.helpers import digest, matmul_model, random_weights, relative_error, 
 from tests.helpers import run_cli as cli
 
 
-
-
-
-
 @pytest.fixture()
 def model(tmp_path):
     rng = np.random.default_rng(3)

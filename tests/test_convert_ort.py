@@ -8,11 +8,11 @@ import itertools
 import numpy as np
 import pytest
 
-from tests.helpers import matmul_model, random_weights, relative_error, run
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
-from ox_quant.errors import OxQuantError
 from ox_quant.core.quantize import quantize
+from ox_quant.errors import OxQuantError
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from tests.helpers import matmul_model, random_weights, relative_error, run
 
 K0, K1, N1 = 200, 96, 48  # K0 is not a multiple of 32, 48, 64 or 128
 

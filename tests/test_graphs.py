@@ -13,14 +13,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import relative_error, run
 from ox_quant.core.config import Block, Format, PerChannel, PerTensor, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
-from ox_quant.pipeline.policy import UNIFORM
-from ox_quant.errors import OxQuantError
-from ox_quant.pipeline.inspect import inspect_model
 from ox_quant.core.quantize import quantize
+from ox_quant.pipeline.convert import ConvertOptions, convert
+from ox_quant.pipeline.inspect import inspect_model
+from ox_quant.pipeline.policy import UNIFORM
 from ox_quant.pipeline.selection import Selection
+from tests.helpers import relative_error, run
 
 RNG = np.random.default_rng(11)
 
@@ -399,8 +398,9 @@ def test_inspect_agrees_with_convert_on_every_format(mixed_model, tmp_path):
     """Stored bytes per weight, as inspect reads them back, equal what convert reported."""
     out = tmp_path / "q.onnx"
     recipe_rules = ({"match": "layers\\.1", "format": "qdq", "bits": 8, "granularity": "channel"},)
-    from ox_quant.pipeline.selection import Rule
     import re as _re
+
+    from ox_quant.pipeline.selection import Rule
 
     rules = tuple(Rule(_re.compile(r["match"]), None, False, {k: v for k, v in r.items() if k != "match"}) for r in recipe_rules)
     report = convert(mixed_model, out, ConvertOptions(policy=UNIFORM, config=QuantConfig(granularity=Block(16)), selection=Selection(rules=rules)))

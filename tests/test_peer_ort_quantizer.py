@@ -18,11 +18,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.helpers import matmul_model, random_weights, run
 from ox_quant.core.config import Block, Format, QuantConfig, SymmetricRule
+from ox_quant.core.packing import unpack_matmulnbits
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.inspect import inspect_model
-from ox_quant.core.packing import unpack_matmulnbits, unpack_zero_points
+from tests.helpers import matmul_model, random_weights, run
 
 K, N = 200, 64  # K not a multiple of the block sizes below
 
@@ -88,7 +88,7 @@ def test_asymmetric_matches_ort_byte_for_byte(model, tmp_path, bits, block_size)
         bits=bits, granularity=Block(block_size), symmetric=False, format=Format.MATMULNBITS)))
     theirs, ours = nbits_arrays(tmp_path / "ort.onnx"), nbits_arrays(tmp_path / "ours.onnx")
     # same bytes; ONNX Runtime stores scales/zero points as [N, nb], ox-quant flat [N*nb]
-    for a, b in zip(theirs[:3], ours[:3]):
+    for a, b in zip(theirs[:3], ours[:3], strict=True):
         np.testing.assert_array_equal(a.reshape(-1), b.reshape(-1))
     assert {k: theirs[3][k] for k in ("K", "N", "bits", "block_size")} == {k: ours[3][k] for k in ("K", "N", "bits", "block_size")}
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import relative_error, run
 from ox_quant.cli import main
 from ox_quant.core.config import Block, Format, PerChannel, QuantConfig
-from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.errors import OxQuantError
+from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.policy import UNIFORM, Policy
+from tests.helpers import relative_error, run
 
 RNG = np.random.default_rng(7)
 V, D, V2, C = 64, 64, 256, 4

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from tests.real_models import ox_quant, require
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.study.rows import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
 from ox_quant.study.claims import evaluate_claims
-from ox_quant_models.tasks import study_facts
 from ox_quant.study.peer import peer_arguments
+from ox_quant.study.rows import Row, StudyOptions, StudyResult, mark_partial, parse_bits_list, parse_granularity_list
+from ox_quant_models.tasks import study_facts
+from tests.real_models import ox_quant, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.models]
 
@@ -81,12 +81,12 @@ def test_inexpressible_configs_are_rows_with_reasons(crepe_study):
 @needs_crepe
 @needs_matplotlib
 def test_numbers_match_a_direct_convert_and_evaluate(crepe_study, tmp_path):
-    from ox_quant_models.tasks.pitch import evaluate
     from ox_quant.pipeline.convert import ConvertOptions, convert
+    from ox_quant.pipeline.policy import UNIFORM
     from ox_quant.pipeline.selection import Selection
     from ox_quant.study.measure import scale_bytes
     from ox_quant.study.rows import DEFAULT_OPS
-    from ox_quant.pipeline.policy import UNIFORM
+    from ox_quant_models.tasks.pitch import evaluate
 
     out, data = crepe_study
     row = next(r for r in data["rows"] if r["label"] == "int4 block:64")

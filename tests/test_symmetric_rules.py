@@ -11,11 +11,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import matmul_model, relative_error, run
 from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig, SymmetricRule
+from ox_quant.core.quantize import quantize_reference
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.policy import UNIFORM
-from ox_quant.core.quantize import quantize_reference
+from tests.helpers import matmul_model, relative_error, run
 
 K, N = 96, 40
 RULES = list(SymmetricRule)

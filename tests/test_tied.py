@@ -17,9 +17,9 @@ from ox_quant.core.dequant import dequantize_matmulnbits
 from ox_quant.core.quantize import quantize
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.tied import TIED_FORMAT
-from ox_quant.pipeline.policy import UNIFORM
 from ox_quant.pipeline.convert import ConvertOptions, convert
 from ox_quant.pipeline.inspect import inspect_model
+from ox_quant.pipeline.policy import UNIFORM
 from tests.helpers import relative_error, run
 
 RNG = np.random.default_rng(5)

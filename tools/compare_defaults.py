@@ -35,9 +35,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +99,8 @@ _MINILM_REFERENCE: list[np.ndarray] = []
 
 
 def _minilm_score(path: Path) -> dict[str, float]:
-    from ox_quant_models.tasks.embedding import evaluate
     from ox_quant_models.tasks import study_facts
+    from ox_quant_models.tasks.embedding import evaluate
 
     if not _MINILM_REFERENCE:
         _MINILM_REFERENCE.append(study_facts("minilm").task_extras()["reference"])
@@ -205,11 +206,10 @@ def cli_defaults() -> dict[str, Any]:
 
 def ox_quant(src: Path, out: Path, bits: int, variant: str) -> int:
     """Convert with ox-quant as the CLI does; returns the number of weights quantized."""
+    from ox_quant.core.config import SymmetricRule
     from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.pipeline.policy import Policy
     from ox_quant.pipeline.selection import Selection
-
-    from ox_quant.core.config import SymmetricRule
 
     defaults = cli_defaults()
     symmetric = True if variant == "ox-quant --symmetric" else bool(defaults["symmetric"])

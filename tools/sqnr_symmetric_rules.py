@@ -107,8 +107,8 @@ def main() -> int:
     from ox_quant.core.config import Block, Format, QuantConfig, SymmetricRule
     from ox_quant.pipeline.convert import ConvertOptions, convert
     from ox_quant.pipeline.selection import Selection
-    from ox_quant_models.tasks import study_facts
     from ox_quant.study.peer import quantize_with_peer
+    from ox_quant_models.tasks import study_facts
 
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []

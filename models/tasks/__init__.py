@@ -9,9 +9,10 @@ model (e.g. a quantized one), run through ``ox_quant.runtime.session.make_sessio
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ox_quant.evaluation.tasks import TaskResult
 from ox_quant.study.metrics import StudyMetric

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import magika
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
+from ox_quant_models import magika
 
 FILES = 64
 SKIP_DIRS = {"lib", "build", "__pycache__", "node_modules"}

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ox_quant_models import ppocr
-from ox_quant_models.tasks.ocr import LINES, MARGIN, render
 from ox_quant.errors import OxQuantError
 from ox_quant.evaluation.tasks import OrtRunner, Progress, TaskResult, is_onnx_path, no_progress, target_label
+from ox_quant_models import ppocr
+from ox_quant_models.tasks.ocr import LINES, MARGIN, render
 
 LINES_PER_PAGE = 4
 THRESHOLD = 0.3
@@ -68,7 +68,7 @@ def crops() -> tuple[np.ndarray, np.ndarray]:
             for label, im in ((0, crop), (1, crop[::-1, ::-1])):
                 h, w = im.shape[:2]
                 width = min(CLS_WIDTH, math.ceil(CLS_HEIGHT * w / h))
-                resized = np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((width, CLS_HEIGHT), Image.BILINEAR))
+                resized = np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((width, CLS_HEIGHT), Image.Resampling.BILINEAR))
                 x = np.zeros((3, CLS_HEIGHT, CLS_WIDTH), dtype=np.float32)
                 x[:, :, :width] = _scale(resized)
                 images.append(x)

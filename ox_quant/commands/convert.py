@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
-from ox_quant.core.config import DEFAULT_ALGORITHM, DEFAULT_BLOCK_SIZE, PER_CHANNEL_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
-from ox_quant.core.config import SymmetricRule
+from ox_quant.core.config import (
+    DEFAULT_ALGORITHM,
+    DEFAULT_BLOCK_SIZE,
+    PER_CHANNEL_BLOCK_SIZE,
+    Format,
+    QuantConfig,
+    SymmetricRule,
+    resolve_granularity,
+)
 from ox_quant.errors import OxQuantError
+
+if TYPE_CHECKING:
+    from ox_quant.pipeline.convert import ConvertReport, QuantizedEntry
 
 #: The command line's default (asymmetric, as ONNX Runtime's MatMulNBitsQuantizer; docs/defaults.md).
 DEFAULT_SYMMETRIC = False
@@ -24,7 +36,7 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-def]
+def print_summary(report: ConvertReport, elapsed: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -73,7 +85,7 @@ def print_summary(report, elapsed: float) -> None:  # type: ignore[no-untyped-de
     console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
 
 
-def config_reasons(quantized) -> list[str]:  # type: ignore[no-untyped-def]
+def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
     """``int8 channel x12 (Conv): default policy: ...``: each config, its weights' ops and why."""
     groups: dict[tuple[str, str], list[str]] = {}
     for q in quantized:
@@ -174,9 +186,10 @@ def convert(
     Example: ox-quant convert model.onnx --block-size 128
     writes model.int4-block128.onnx (4-bit, blocks of 128 along K).
     """
-    from ox_quant.pipeline.convert import ConvertOptions, convert as run_convert
-    from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
+    from ox_quant.pipeline.convert import ConvertOptions
+    from ox_quant.pipeline.convert import convert as run_convert
     from ox_quant.pipeline.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy, parse_width
+    from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
         bits=bits,

@@ -7,8 +7,8 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import click
 
@@ -26,7 +26,7 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -73,13 +73,12 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ox_quant_models.tasks import TASKS
     from ox_quant.commands._display import quiet_torch
     from ox_quant.pipeline.selection import resolve_ops
-    from ox_quant.study.rows import DEFAULT_OPS, StudyOptions, parse_bits_list, parse_granularity_list
-    from ox_quant_models.tasks import study_facts
-    from ox_quant.study.run import run_study
     from ox_quant.study.report import result_dict, write_report
+    from ox_quant.study.rows import DEFAULT_OPS, StudyOptions, parse_bits_list, parse_granularity_list
+    from ox_quant.study.run import run_study
+    from ox_quant_models.tasks import TASKS, study_facts
 
     study_facts(model)  # unknown model: one line naming the models a study runs on
     task_options = tuple((k, v) for k, v in (("text", text), ("max_tokens", max_tokens), ("context", context))

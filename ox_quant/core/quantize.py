@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ox_quant.core.config import Granularity, QuantConfig, SymmetricRule
 from ox_quant.core.symmetric import nearest_codes, signed_codes, symmetric_fast, symmetric_group_reference
@@ -52,7 +53,8 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.codes.shape  # type: ignore[return-value]
+        k, n = self.codes.shape
+        return k, n
 
     def expand(self, per_group: np.ndarray) -> np.ndarray:
         """Broadcast a ``[R, C]`` per-group array to ``[K, N]``."""
@@ -81,7 +83,7 @@ def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: in
 # Reference
 
 
-def _group_params_reference(group: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> tuple[float, int]:
+def _group_params_reference(group: np.ndarray, config: QuantConfig, scale_dtype: np.dtype) -> tuple[np.float32, int]:
     """(stored scale, zero point) of one asymmetric group, scalar arithmetic in float32."""
     f32 = np.float32
     lo = f32(min(f32(np.min(group)), f32(0)))
@@ -100,7 +102,7 @@ def _code_reference(w: np.float32, scale: np.float32, zp: int, config: QuantConf
     return min(max(r + zp, 0), config.qmax)
 
 
-def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
+def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32) -> QuantizedWeight:
     """Slow reference: one group, then one element at a time. ``weight`` is ``[K, N]``."""
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
@@ -154,7 +156,7 @@ class QParams:
 
 
 def choose_qparams(
-    weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32, stats: object | None = None
+    weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32, stats: object | None = None
 ) -> QParams:
     """Round-to-nearest's scales and zero points of ``weight[K, N]`` (module docstring's
     formulas, vectorised; symmetric scales by ``config.symmetric_rule``, see
@@ -205,7 +207,7 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
     return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
 
 
-def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype = np.float32) -> QuantizedWeight:
+def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32) -> QuantizedWeight:
     """Vectorised round-to-nearest quantization of ``weight[K, N]`` (see module docstring):
     :func:`choose_qparams` then :func:`quantize_with`; symmetric configs keep the codes their
     rule chose with each group's scale (:func:`ox_quant.core.symmetric.symmetric_fast`)."""

@@ -46,7 +46,7 @@ obvious); :func:`symmetric_fast` on all groups at once; tests hold them equal.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def _squared_error(group: np.ndarray, codes: np.ndarray, scale: np.float32, mid:
     """``sum(((q - mid) * scale - w)**2)`` in float64, element by element, row-major."""
     total = 0.0
     s = float(scale)
-    for w, q in zip(group.ravel().tolist(), codes.ravel().tolist()):
+    for w, q in zip(group.ravel().tolist(), codes.ravel().tolist(), strict=True):
         e = (q - mid) * s - w
         total += e * e
     return total
@@ -127,7 +127,10 @@ def symmetric_group_reference(
     nearest_scales += [_stored(f32(f32(t) * raw_signed), scale_dtype) for t in grid]
     candidates = [(signed, signed_codes), (balanced, balanced_codes)]
     for s in nearest_scales:
-        candidates.append((s, codes_of(lambda w, s=s: _nearest_code(w, s, -mid, mid - 1, mid))))
+        def nearest(w: np.float32, s: np.float32 = s) -> int:
+            return _nearest_code(w, s, -mid, mid - 1, mid)
+
+        candidates.append((s, codes_of(nearest)))
 
     best_scale, best_codes = candidates[0]
     best_error = _squared_error(group, best_codes, best_scale, mid)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 import onnx_ir as ir
 
@@ -19,7 +19,7 @@ from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
-from ox_quant.ir.fold import fold_constant_weights
+from ox_quant.formats.base import QuantFormat
 from ox_quant.formats.choice import (
     FormatChoice,
     check_granularity_fits,
@@ -29,8 +29,10 @@ from ox_quant.formats.choice import (
     granularity_block_size,
 )
 from ox_quant.formats.qdq import qdq_rejects
-from ox_quant.formats.base import QuantFormat
 from ox_quant.formats.registry import format_named
+from ox_quant.formats.tied import TIED_FORMAT, TIED_FORMATS, plan_tied, write_tied
+from ox_quant.formats.writers import matmulnbits_blocker
+from ox_quant.ir.fold import fold_constant_weights
 from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     external_files,
@@ -38,15 +40,13 @@ from ox_quant.ir.modelio import (
     model_bytes,
     save_model_atomically,
 )
-from ox_quant.pipeline.load import load_model
-from ox_quant.runtime.loadable import check_runnable
-from ox_quant.runtime.session import max_ir_version
-from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
-from ox_quant.pipeline.selection import Selection
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
-from ox_quant.formats.tied import TIED_FORMAT, TIED_FORMATS, plan_tied, write_tied
-from ox_quant.formats.writers import matmulnbits_blocker
+from ox_quant.pipeline.load import load_model
+from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
+from ox_quant.pipeline.selection import Selection
+from ox_quant.runtime.loadable import check_runnable
+from ox_quant.runtime.session import max_ir_version
 
 
 @dataclass(frozen=True)

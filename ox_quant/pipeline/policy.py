@@ -25,14 +25,15 @@ a 4-bit one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Union
+from typing import Literal
 
 from ox_quant.core.config import Block, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.choice import FormatChoice
-from ox_quant.pipeline.selection import Rule, apply_overrides
 from ox_quant.ir.sites import Skip, WeightSite, name_matches
+from ox_quant.pipeline.selection import Rule, apply_overrides
 
 Role = Literal["matmul", "conv", "embedding"]
 
@@ -40,14 +41,14 @@ FLOAT = "float"
 """A role's width meaning: leave these weights float."""
 SAME = "bits"
 """A role's width meaning: follow ``--bits`` (and the command-line granularity for tables)."""
-DEFAULT_CONV_BITS: "Width" = FLOAT
-DEFAULT_EMBEDDING_BITS: "Width" = FLOAT
+DEFAULT_CONV_BITS: Width = FLOAT
+DEFAULT_EMBEDDING_BITS: Width = FLOAT
 DEFAULT_EMBEDDING_BLOCK = 128
 #: Widths some standard format holds for every op (DequantizeLinear: 4 and 8).
 STANDARD_BITS = (4, 8)
 POLICY_SKIP = "left float by the default policy"
 
-Width = Union[int, str]
+Width = int | str
 Planner = Callable[[WeightSite, QuantConfig], "tuple[QuantConfig, FormatChoice] | Skip"]
 
 

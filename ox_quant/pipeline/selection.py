@@ -28,9 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, resolve_granularity
-from ox_quant.core.config import SymmetricRule
 from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, SymmetricRule, resolve_granularity
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 

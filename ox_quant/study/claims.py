@@ -9,8 +9,8 @@ never used (its source weights are Q4_1: that configuration is near its source f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ox_quant.study.rows import Claim, Row, StudyResult
 from ox_quant_models.tasks import TASKS

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class StudyMetric:
     """The metric a study reports for one task and how a change of it is judged."""

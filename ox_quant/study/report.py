@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ox_quant.core.config import Format, SymmetricRule
-from ox_quant.study.rows import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
-from ox_quant.study.metrics import StudyMetric
 from ox_quant.study.claims import excluded_from_claims
+from ox_quant.study.metrics import StudyMetric
+from ox_quant.study.rows import PEER, Row, StudyOptions, StudyResult, parse_granularity_list, study_notes
 from ox_quant_models.tasks import TASKS
 
 PLOT = "metric_vs_bpw.png"

@@ -15,8 +15,9 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
@@ -93,7 +94,6 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     """
     from ox_quant.study.claims import evaluate_claims
     from ox_quant.study.peer import run_peer
-
     from ox_quant_models.tasks import study_facts
 
     facts = study_facts(options.model)
