@@ -32,8 +32,8 @@ from typing import Literal
 from ox_quant.core.config import Block, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.choice import FormatChoice
-from ox_quant.ir.sites import Skip, WeightSite, name_matches
-from ox_quant.pipeline.selection import Rule, apply_overrides
+from ox_quant.ir.sites import Skip, WeightSite
+from ox_quant.pipeline.selection import Rule, apply_overrides, first_matching_rule
 
 Role = Literal["matmul", "conv", "embedding"]
 
@@ -150,16 +150,14 @@ def config_for_site(
     config (of ``--bits`` where the policy leaves the role float); a Skip when the policy
     leaves it float and no rule matches; None when a rule says skip."""
     chosen = role_config(site, base, policy)
-    for i, rule in enumerate(rules):
-        if rule.op is not None and rule.op not in site.op.split("+"):
-            continue
-        if name_matches([rule.pattern], site) is None:
-            continue
-        if rule.skip:
-            return None
-        config = chosen[0] if not isinstance(chosen, Skip) else role_config(site, base, UNIFORM)[0]  # type: ignore[index]
-        return apply_overrides(config, rule.overrides, f"recipe rule {i + 1}"), f"recipe rule {i + 1}"
-    return chosen
+    matched = first_matching_rule(site, rules)
+    if matched is None:
+        return chosen
+    i, rule = matched
+    if rule.skip:
+        return None
+    config = chosen[0] if not isinstance(chosen, Skip) else role_config(site, base, UNIFORM)[0]  # type: ignore[index]
+    return apply_overrides(config, rule.overrides, f"recipe rule {i + 1}"), f"recipe rule {i + 1}"
 
 
 def plan_with_fallback(

@@ -160,14 +160,12 @@ def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "
     return replace(base, **changes)
 
 
-def config_for(site: WeightSite, base: QuantConfig, rules: tuple[Rule, ...]) -> QuantConfig | None:
-    """The config for ``site`` under ``rules`` (None: a rule says skip)."""
+def first_matching_rule(site: WeightSite, rules: tuple[Rule, ...]) -> tuple[int, Rule] | None:
+    """``(index, rule)`` of the first recipe rule whose op and pattern match ``site`` (first match wins)."""
     for i, rule in enumerate(rules):
         if rule.op is not None and rule.op not in site.op.split("+"):
             continue
         if name_matches([rule.pattern], site) is None:
             continue
-        if rule.skip:
-            return None
-        return apply_overrides(base, rule.overrides, f"recipe rule {i + 1}")
-    return base
+        return i, rule
+    return None
