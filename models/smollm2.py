@@ -95,6 +95,27 @@ class Attention(nn.Module):
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.o(out)
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                       past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, D]``, ``cos/sin [B, 1, T, d]``, ``mask [B, 1, T, P+T]`` additive, ``past_k/v
+        [B, kv_heads, P, d]`` -> ``(out [B, T, D], k, v [B, kv_heads, P+T, d])``: the new keys and
+        values (RoPE applied to k) are concatenated after the past ones; GQA groups are expanded
+        only for the product, the cache keeps ``kv_heads``."""
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = torch.cat([past_k, k], dim=2)
+        v_all = torch.cat([past_v, v], dim=2)
+        group = self.heads // self.kv_heads
+        s = k_all.shape[2]
+        k_rep = k_all[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
+        v_rep = v_all[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
+        scores = q @ k_rep.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+        out = (scores.softmax(-1) @ v_rep).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o(out), k_all, v_all
+
 
 class MLP(nn.Module):
     """SwiGLU: ``W_down(silu(W_gate x) * W_up x)``."""
@@ -121,6 +142,13 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                       past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with a key-value cache (see ``Attention.forward_cached``)."""
+        attn, k, v = self.attn.forward_cached(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
 
 class Llama(nn.Module):
     """``input_ids [B, T] int64 -> logits [B, T, V] float32`` (T <= ``max_positions``)."""
@@ -128,9 +156,12 @@ class Llama(nn.Module):
     rope_cos: torch.Tensor  # buffers registered in __init__
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS):
+    def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS,
+                 bos_token_id: int | None = None, eos_token_id: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.max_positions = max_positions
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
@@ -146,6 +177,39 @@ class Llama(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return F.linear(self.norm(x), self.embed.weight)
+
+    def forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step with a tensor key-value cache.
+
+        ``input_ids, position_ids [B, T] int64``, ``attention_mask [B, P+T]`` (1 = attend, 0 =
+        padding), ``past = [k_0, v_0, k_1, v_1, ...]`` each ``[B, kv_heads, P, d]`` (``P`` may be 0)
+        -> ``(logits [B, T, V], present)`` with ``present`` like ``past`` at length ``P+T``.
+        Query ``i`` (absolute position ``P+i``) attends to key ``j`` iff ``j <= P+i`` and
+        ``attention_mask[b, j] = 1``; RoPE angles come from ``position_ids``.
+        """
+        t = input_ids.shape[1]
+        p = past[0].shape[2]
+        x = self.embed(input_ids)
+        cos = self.rope_cos[position_ids].unsqueeze(1)
+        sin = self.rope_sin[position_ids].unsqueeze(1)
+        keys = torch.arange(p + t, device=x.device)
+        queries = torch.arange(t, device=x.device) + p
+        allowed = (keys[None, :] <= queries[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        present: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            present += [k, v]
+        return F.linear(self.norm(x), self.embed.weight), present
+
+    def cache_layout(self) -> dict[str, int | None]:
+        """What a key-value-cache export and its decoder need to know (see ``ox_quant.export.kvcache``)."""
+        c = self.cfg
+        return {"layers": c.layers, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+                "hidden": c.hidden, "vocab_size": c.vocab_size,
+                "context_length": min(self.max_positions, c.context_length),
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
 
 
 def state_dict_from_gguf(contents: GGUFContents) -> dict[str, torch.Tensor]:
@@ -181,7 +245,7 @@ def _contents() -> GGUFContents:
 def load() -> Llama:
     """The fp32 model (dequantized Q4_1 weights) in eval mode."""
     contents = _contents()
-    model = Llama(contents.config)
+    model = Llama(contents.config, bos_token_id=contents.bos_id, eos_token_id=contents.eos_id)
     model.load_state_dict(state_dict_from_gguf(contents), strict=True)
     return model.eval()
 

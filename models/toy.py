@@ -132,3 +132,52 @@ def transformer_block() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Small CNN classifier; example input ``float32 [2, 3, 16, 16]``."""
     return _seeded(CNN).eval(), (_example((2, 3, 16, 16)),)
+
+
+#: The toy Llama's shape: 2 layers, 4 query heads sharing 2 key-value heads of 32 (GQA).
+TOY_LLAMA_POSITIONS = 64
+
+
+def causal_lm() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A 2-layer Llama (``ox_quant_models.smollm2.Llama``: RoPE, RMSNorm, SwiGLU, tied head)
+    with vocab 256 (one token per byte, see :func:`tokenizer`), hidden 128, 4 heads / 2
+    key-value heads, MLP 256, context 64; example ``int64 [1, 12]``. Token 0 (the byte
+    ``\\x00``) is its end-of-sequence token."""
+    from ox_quant_models.gguf_llama import LlamaConfig
+    from ox_quant_models.smollm2 import Llama
+
+    cfg = LlamaConfig(vocab_size=256, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
+                      rope_theta=10000.0, rms_eps=1e-5, context_length=TOY_LLAMA_POSITIONS)
+
+    def build() -> nn.Module:
+        return Llama(cfg, max_positions=TOY_LLAMA_POSITIONS, bos_token_id=None, eos_token_id=0)
+
+    generator = torch.Generator().manual_seed(SEED + 1)
+    ids = torch.randint(1, 256, (1, 12), generator=generator)
+    return _seeded(build).eval(), (ids,)
+
+
+def tokenizer():
+    """A byte-level ``tokenizers.Tokenizer`` for :func:`causal_lm`: token ``i`` is byte ``i``
+    (GPT-2's byte-to-symbol alphabet, no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    symbols = _byte_symbols()
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable symbol for each byte value 0..255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = 0
+    out = []
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out

@@ -12,7 +12,10 @@ from ox_quant.errors import OxQuantError
 
 @click.command("export")
 @click.argument("spec")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .onnx path (a folder with --kv-cache).")
+@click.option("--kv-cache", is_flag=True,
+              help="Causal LMs: export with past/present key-value inputs/outputs into the folder OUTPUT "
+              "(model.onnx, genai_config.json, tokenizer files), ready for `ox-quant generate` and ONNX Runtime GenAI.")
 @click.option(
     "--dynamic-axis",
     "dynamic_axes",
@@ -49,6 +52,7 @@ def export_cmd(
     ctx: click.Context,
     spec: str,
     output: str,
+    kv_cache: bool,
     dynamic_axes: tuple[str, ...],
     static_axes: tuple[str, ...],
     static: bool,
@@ -77,6 +81,11 @@ def export_cmd(
         raise OxQuantError("--static and --dynamic-axis / --static-axis exclude each other")
     axes = [] if static else ([parse_dynamic_axis(a) for a in dynamic_axes] or None)
     threshold = DEFAULT_CHECK_MIN_SQNR if check_min_sqnr is None else check_min_sqnr
+    if kv_cache:
+        if static or dynamic_axes or static_axes:
+            raise OxQuantError("--kv-cache sets the axes itself (batch, sequence, past_sequence, total_sequence)")
+        _export_kv(ctx, spec, output, opset, optimize, external_data, torchscript, check, threshold, log_file, as_json)
+        return
     try:
         report = export_spec(
             spec,
@@ -150,3 +159,49 @@ def _print_axes(console, report) -> None:
     for c in report.axes:
         if c.name is None and any(word in c.reason for word in ("PyTorch", "feature", "static-axis", "checked")):
             console.print(f"  {c.input}[{c.axis}] static: {c.reason}", highlight=False, markup=False)
+
+
+def _export_kv(ctx: click.Context, spec: str, output: str, opset: int | None, optimize: bool,
+               external_data: bool | None, torchscript: bool, check: bool, threshold: float,
+               log_file: str | None, as_json: bool) -> None:
+    """``--kv-cache``: the folder export (``ox_quant.export.kvcache``). TorchScript unless the
+    dynamo exporter is asked for (it is the slower one on LLMs): ``--torchscript`` is the default here."""
+    from ox_quant.core.jsonify import to_jsonable
+    from ox_quant.export.exporter import DEFAULT_OPSET
+    from ox_quant.export.kvcache import export_kv_spec
+    from ox_quant.export.log import ExportError
+
+    if output.lower().endswith(".onnx"):
+        raise OxQuantError(f"--kv-cache writes a folder: give -o DIR, not {output}")
+    try:
+        report = export_kv_spec(spec, output, opset=DEFAULT_OPSET if opset is None else opset, optimize=optimize,
+                                external_data=external_data, check=check, check_min_sqnr_db=threshold)
+    except ExportError as exc:
+        if log_file:
+            _write_log(log_file, exc.log)
+        elif (ctx.obj or {}).get("debug"):
+            click.echo(exc.log, err=True, nl=False)
+        raise OxQuantError(str(exc)) from exc
+    if log_file:
+        _write_log(log_file, report.export.log)
+    if as_json:
+        payload = {"folder": report.folder, "files": list(report.files), "layout": report.layout,
+                   "tokenizer": report.tokenizer, "exporter": report.export.exporter,
+                   "check": to_jsonable(report.export.check),
+                   "shape_check": to_jsonable(report.export.shape_check),
+                   "dynamic_axes": to_jsonable(report.export.dynamic_axes)}
+        click.echo(json.dumps(payload))
+        return
+    layout = report.layout
+    click.echo(f"wrote {report.folder}: {', '.join(report.files)}")
+    click.echo(f"  {layout['layers']} layers, {layout['heads']} heads / {layout['kv_heads']} key-value heads of "
+               f"{layout['head_dim']}, context {layout['context_length']}")
+    if not report.tokenizer:
+        click.echo("  no tokenizer: the model's factory has no tokenizer() beside it; generate needs tokenizer.json")
+    worst = min(report.export.check, key=lambda m: m.sqnr_db) if report.export.check else None
+    if worst is not None:
+        click.echo(f"  ONNX Runtime vs PyTorch (batch 2, 3 cached + 5 new tokens): worst SQNR {worst.sqnr_db:.1f} dB ({worst.name})")
+    if report.export.shape_check:
+        sizes = ", ".join(f"{k}={v}" for k, v in report.export.shape_check.sizes.items())
+        low = min(m.sqnr_db for m in report.export.shape_check.metrics)
+        click.echo(f"  and at {sizes}: worst SQNR {low:.1f} dB")
