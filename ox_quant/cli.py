@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "build-ops": "ox_quant.commands.build_ops:build_ops_cmd",
     "eval": "ox_quant.commands.eval:eval_cmd",
     "study": "ox_quant.commands.study:study_cmd",
+    "generate": "ox_quant.commands.generate:generate_cmd",
+    "bench": "ox_quant.commands.bench:bench_cmd",
 }
 
 
