@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ class Llama(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
         present: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            x, k, v = cast(Block, block).forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
             present += [k, v]
         return F.linear(self.norm(x), self.embed.weight), present
 

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -97,8 +98,8 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
 
 
 @click.command("convert")
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Output model (default: beside INPUT, named after the config); a folder when INPUT is an LLM folder.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul weights, 2 to 8.")
 @click.option("--gemm-bits", metavar="float|bits|2-8", default=None,
               help="Gemm weights: float (default, as ONNX Runtime's quantizer), bits (follow --bits, with the MatMul config) or a width.")
@@ -227,6 +228,20 @@ def convert(
                            if v is not None),
     )
     options = ConvertOptions(config=config, selection=selection, policy=policy)
+    copied: list[str] = []
+    if Path(input_path).is_dir():  # an LLM folder: the model quantized, the other files copied
+        from ox_quant.pipeline.folder import convert_folder
+
+        if output is None:
+            raise OxQuantError(f"{input_path} is a folder: give the output folder with -o DIR")
+        started = time.perf_counter()
+        report, copied = convert_folder(input_path, output, options)
+        if as_json:
+            click.echo(json.dumps({**report.as_dict(), "folder": output, "copied": copied}))
+        else:
+            print_summary(report, time.perf_counter() - started)
+            print(f"copied {', '.join(copied) or 'nothing'} into {output}")
+        return
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:

