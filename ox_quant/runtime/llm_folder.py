@@ -104,8 +104,11 @@ def read_folder(path: str | os.PathLike) -> LLMFolder:
     """The folder's decoding facts; ``OxQuantError`` (one line) when it is not an LLM folder."""
     p = Path(path)
     config_path = p / CONFIG
+    if p.is_file():
+        raise OxQuantError(f"{p.name} is a single file, not a key-value-cache LLM folder (export one with "
+                           "`ox-quant export NAME --kv-cache -o DIR`)")
     if not p.is_dir():
-        raise OxQuantError(f"{p} is not a folder")
+        raise OxQuantError(f"{p} does not exist")
     if not config_path.is_file():
         raise OxQuantError(f"{p} has no {CONFIG}: not a key-value-cache LLM folder (export one with "
                            "`ox-quant export NAME --kv-cache -o DIR`)")
