@@ -173,6 +173,10 @@ def runner_for(
             return CachedRunner(path, provider=provider, exact=exact)
         if not path.is_file():
             raise OxQuantError(f"model file {path} does not exist")
+        from ox_quant.runtime.llm_folder import is_llm_folder, read_folder
+
+        if is_llm_folder(path.parent) and read_folder(path.parent).model.resolve() == path.resolve():
+            return CachedRunner(path.parent, provider=provider, exact=exact)  # its cache inputs need the folder
         return OrtRunner(path, provider=provider, exact=exact)
     return TorchRunner(target, input_names)
 
