@@ -164,6 +164,7 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     progress("score fp32", 1, total)
     task_options = {**dict(options.task_options), **facts.task_extras()}
     fp32 = stored.get(row_key("fp32", "fp32", None, None, None, options, digest, __version__))
+    fp32_kept = fp32 is not None and previous is not None
     if fp32 is not None and previous is not None:
         notes, details = list(previous.notes), {k: v for k, v in previous.details.items()
                                                  if k not in ("export_seconds", "model_hash", "rows_pending", "rows_reused")}
@@ -177,8 +178,8 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     keys = {job: job_key(job, ctx) for job in jobs}
     done: dict[RowJob, Row] = {job: stored[k] for job, k in keys.items() if k in stored}
     details = {**details, "export_seconds": round(export_seconds, 2), "model_hash": digest}
-    if done:
-        details["rows_reused"] = len(done)
+    if done or fp32_kept:
+        details["rows_reused"] = len(done) + fp32_kept  # the fp32 row counts
 
     def result(rows: list[Row], peer_rows: list[Row]) -> StudyResult:
         return StudyResult(
