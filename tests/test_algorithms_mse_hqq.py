@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from ox_quant.algorithms import search
 from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.hqq import hqq_quantize, hqq_reference
 from ox_quant.algorithms.mse import mse_quantize, mse_reference
@@ -72,6 +73,22 @@ def test_mse_fast_matches_reference(case):
 def test_hqq_fast_matches_reference(case):
     w, config, scale_dtype, _ = case
     same(hqq_quantize(w, config, scale_dtype), hqq_reference(w, config, scale_dtype))
+
+
+@pytest.mark.parametrize("granularity", [Block(8), PerChannel(), ChannelGroup(3), PerTensor()])
+def test_column_chunks_change_nothing(monkeypatch, granularity):
+    """Large weights are searched in slices of whole column groups: the same result as at once."""
+    w = random_weights(np.random.default_rng(8), 40, 30)["W0"]
+    stats = SiteStats(np.random.default_rng(9).random(40), 3)
+    f32 = np.dtype(np.float32)
+    for symmetric in (False, True):
+        config = QuantConfig(bits=3, granularity=granularity, symmetric=symmetric)
+        whole = mse_quantize(w, config, f32, stats), hqq_quantize(w, config, f32)
+        monkeypatch.setattr(search, "CHUNK_ELEMENTS", 50)
+        same(mse_quantize(w, config, f32, stats), whole[0])
+        same(hqq_quantize(w, config, f32), whole[1])
+        same(whole[0], mse_reference(w, config, f32, stats))
+        monkeypatch.undo()
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,8 +18,15 @@ from ox_quant.calibration import stats as stats_module
 from ox_quant.calibration.driver import Target, calibrate
 from ox_quant.calibration.feeds import FeedSource, calibration_feeds
 from ox_quant.calibration.sites import site_levels
-from ox_quant.calibration.stats import Accumulator, merge, output_error, stats_reference
-from ox_quant.core.config import Block, QuantConfig
+from ox_quant.calibration.stats import (
+    Accumulator,
+    diagonal_error,
+    merge,
+    output_error,
+    quantized_error,
+    stats_reference,
+)
+from ox_quant.core.config import Block, ChannelGroup, PerTensor, QuantConfig
 from ox_quant.core.quantize import quantize
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.examples import llm_shaped_model
@@ -274,3 +281,17 @@ def test_feeds_are_checked_against_the_model(tmp_path, chain):
     (feed,) = list(feeds)
     assert feed["x"].dtype == np.float32 and feed["x"].shape == (5, 3, 64)  # the symbolic batch is free; cast
     assert list(feeds)[0]["x"].shape == (5, 3, 64)  # re-iterable
+
+
+@pytest.mark.parametrize("granularity", [Block(8), PerTensor(), ChannelGroup(3)])
+def test_error_in_column_slices_equals_the_whole(monkeypatch, granularity):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((24, 20)).astype(np.float32)
+    x = rng.standard_normal((50, 24))
+    stats = stats_reference(x, hessian=True)
+    q = quantize(w, QuantConfig(bits=3, granularity=granularity))
+    whole = output_error(w, q.dequantize(), stats.hessian), diagonal_error(w, q.dequantize(), stats.input_sq_mean)
+    monkeypatch.setattr(stats_module, "COLUMNS_ELEMENTS", 30)
+    assert quantized_error(w, q, stats) == (pytest.approx(whole[0], rel=1e-12), "output")
+    plain = SiteStats(stats.input_sq_mean, stats.count)
+    assert quantized_error(w, q, plain) == (pytest.approx(whole[1], rel=1e-12), "diagonal")

@@ -36,6 +36,7 @@ from ox_quant.algorithms.search import (
     BestReference,
     Groups,
     against_rtn,
+    by_column_chunks,
     codes_reference,
     element_weights_reference,
     fit_affine,
@@ -77,9 +78,15 @@ def shrink(x: np.ndarray, beta: float) -> np.ndarray:
 
 def hqq_quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
                  stats: SiteStats | None = None) -> QuantizedWeight:
-    """Vectorised HQQ (module docstring) over all groups of ``weight[K, N]``."""
+    """The search over all groups of ``weight[K, N]``, in chunks of whole column groups."""
     w = np.asarray(weight, dtype=f32)
-    scale_dtype = np.dtype(scale_dtype)
+    imp = None
+    return by_column_chunks(_hqq_quantize, w, config, np.dtype(scale_dtype), imp)
+
+
+def _hqq_quantize(w: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
+                 importance: np.ndarray | None) -> QuantizedWeight:
+    """Vectorised HQQ (module docstring) over all groups of ``w[K, N]`` at once."""
     g = Groups(w, config, None)
     rtn_params = choose_qparams(w, config, scale_dtype)
     best = Best(g, rtn_params.scales.astype(f32), rtn_params.zero_points, config)

@@ -33,6 +33,7 @@ from ox_quant.algorithms.search import (
     BestReference,
     Groups,
     against_rtn,
+    by_column_chunks,
     element_weights_reference,
     fit_affine,
     fit_affine_reference,
@@ -67,10 +68,16 @@ def _importance(stats: SiteStats | None, k: int) -> np.ndarray | None:
 
 def mse_quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
                  stats: SiteStats | None = None) -> QuantizedWeight:
-    """Vectorised search (module docstring) over all groups of ``weight[K, N]``."""
+    """The search over all groups of ``weight[K, N]``, in chunks of whole column groups."""
     w = np.asarray(weight, dtype=f32)
-    scale_dtype = np.dtype(scale_dtype)
-    g = Groups(w, config, _importance(stats, w.shape[0]))
+    imp = _importance(stats, w.shape[0])
+    return by_column_chunks(_mse_quantize, w, config, np.dtype(scale_dtype), imp)
+
+
+def _mse_quantize(w: np.ndarray, config: QuantConfig, scale_dtype: np.dtype,
+                 importance: np.ndarray | None) -> QuantizedWeight:
+    """Vectorised search (module docstring) over all groups of ``w[K, N]`` at once."""
+    g = Groups(w, config, importance)
     rtn_params = choose_qparams(w, config, scale_dtype)
     best = Best(g, rtn_params.scales.astype(f32), rtn_params.zero_points, config)
     if config.symmetric:

@@ -22,6 +22,7 @@ asymmetric) gives no candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -259,3 +260,29 @@ class BestReference:
     def against_rtn(self, rtn_codes: list[list[int]], scale: np.float32, zp: int) -> bool:
         """Whether this group's search result beats round-to-nearest's own codes (strictly)."""
         return self.error < error_reference(self.group, rtn_codes, scale, zp, self.v)
+
+
+CHUNK_ELEMENTS = 1 << 20
+"""Weights searched at once: whole column groups up to about this many elements (the float64
+temporaries of a search are a few times this); groups are independent, so chunks change nothing."""
+
+
+def by_column_chunks(
+    search: Callable[[np.ndarray, QuantConfig, np.dtype, np.ndarray | None], QuantizedWeight],
+    weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, importance: np.ndarray | None,
+) -> QuantizedWeight:
+    """``search`` run on column slices of ``weight[K, N]`` made of whole column groups, the
+    results put side by side (per-tensor weights are one group: searched whole)."""
+    k, n = weight.shape
+    _, gn = group_sizes(config.granularity, k, n)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, k * gn)) * gn
+    if per_chunk >= n:
+        return search(weight, config, scale_dtype, importance)
+    parts = [search(weight[:, c0:c0 + per_chunk], config, scale_dtype, importance) for c0 in range(0, n, per_chunk)]
+    first = parts[0]
+    return QuantizedWeight(
+        np.concatenate([p.codes for p in parts], axis=1),
+        np.concatenate([p.scales for p in parts], axis=1),
+        np.concatenate([p.zero_points for p in parts], axis=1),
+        first.bits, first.granularity, first.symmetric,
+    )

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import Needs, Quantizer, SiteStats
+from ox_quant.algorithms.base import Needs, Quantizer, SiteStats, stats_bytes
 from ox_quant.algorithms.rtn import RoundToNearest
 from ox_quant.calibration.feeds import FeedSource
 from ox_quant.calibration.observe import Observer
 from ox_quant.calibration.sites import Activation, activations, site_levels
-from ox_quant.calibration.stats import Accumulator, calibration_error, merge
+from ox_quant.calibration.stats import Accumulator, merge, quantized_error
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight
 from ox_quant.errors import OxQuantError
@@ -314,13 +314,11 @@ def _quantize(t: Target, stats: SiteStats | None, level: int, rtn: RoundToNeares
         result.reports[site.name] = SiteReport(site.name, t.quantizer.name, level, 0, 0, 0, None, None, None,
                                                _note(site, model))
         return
-    error, kind = calibration_error(w, q.dequantize(np.float64), stats)
+    error, kind = quantized_error(w, q, stats)
     if t.quantizer.name == rtn.name:
         error_rtn = error
     else:
-        error_rtn, _ = calibration_error(w, rtn.quantize(w, t.config, scale_dtype).dequantize(np.float64), stats)
-    from ox_quant.algorithms.base import stats_bytes
-
+        error_rtn, _ = quantized_error(w, rtn.quantize(w, t.config, scale_dtype), stats)
     result.reports[site.name] = SiteReport(site.name, t.quantizer.name, level, stats.samples, stats.count,
                                            stats_bytes(stats.k, stats.hessian is not None), error_rtn, error, kind)
     result.stats[site.name] = replace(stats, hessian=None)
