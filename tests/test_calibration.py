@@ -295,3 +295,45 @@ def test_error_in_column_slices_equals_the_whole(monkeypatch, granularity):
     assert quantized_error(w, q, stats) == (pytest.approx(whole[0], rel=1e-12), "output")
     plain = SiteStats(stats.input_sq_mean, stats.count)
     assert quantized_error(w, q, plain) == (pytest.approx(whole[1], rel=1e-12), "diagonal")
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_rtn_writes_the_bytes_of_plain_rtn(tmp_path, monkeypatch, capsys, sequential):
+    """rtn ignores statistics: calibrating (one pass, or level by level with embeddings quantized
+    first and the tied head last) must not change a byte of the output."""
+    from ox_quant.algorithms import registry
+
+    probe = SequentialRtn()
+    probe.name = "rtn"
+    if sequential:
+        monkeypatch.setitem(registry.QUANTIZERS, "rtn", probe)
+    src = tmp_path / "lm.onnx"
+    llm_shaped_model(src, layers=2, hidden=64, mlp=128, vocab=60, tied=True)
+    ids = np.random.default_rng(1).integers(0, 60, (2, 16))
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    flags = ["--block-size", "32", "--embedding-bits", "8"]
+    code, stdout, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "cal.onnx"), *flags,
+                                "--calibration", str(tmp_path / "ids.npz"), "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["calibration"]["schedule"] == ("sequential" if sequential else "one pass")
+    levels = {q["name"]: q["calibration"]["level"] for q in report["quantized"]}
+    assert levels["embed.weight"] == (9 if sequential else 1)  # the tied table: its MatMul use is observed
+    if sequential:
+        assert report["calibration"]["passes"] == 9 and len(probe.seen) >= 4
+    monkeypatch.undo()
+    assert run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "plain.onnx"), *flags)[0] == 0
+    assert (tmp_path / "cal.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+
+
+def test_recipe_rules_pick_algorithms_per_weight(tmp_path, chain, capsys):
+    src, _ = chain
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('rules:\n  - match: "W1"\n    algorithm: hqq\n')
+    np.savez(tmp_path / "f.npz", x=np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32))
+    code, stdout, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--block-size", "32",
+                                "--algorithm", "mse", "--recipe", str(recipe), "--calibration", str(tmp_path / "f.npz"),
+                                "--json")
+    assert code == 0, err
+    got = {q["name"]: (q["algorithm"], q["calibration"]["algorithm"]) for q in json.loads(stdout)["quantized"]}
+    assert got == {"W0": ("mse", "mse"), "W1": ("hqq", "hqq")}
