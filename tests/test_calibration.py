@@ -337,3 +337,30 @@ def test_recipe_rules_pick_algorithms_per_weight(tmp_path, chain, capsys):
     assert code == 0, err
     got = {q["name"]: (q["algorithm"], q["calibration"]["algorithm"]) for q in json.loads(stdout)["quantized"]}
     assert got == {"W0": ("mse", "mse"), "W1": ("hqq", "hqq")}
+
+
+def test_segments_give_the_statistics_of_running_the_whole_prefix(tmp_path):
+    """The sequential schedule runs each level's new nodes only, reading earlier tensors from a
+    cache; the statistics equal those of running the model from its inputs for every level."""
+    src = tmp_path / "lm.onnx"
+    llm_shaped_model(src, layers=2, hidden=48, mlp=96, vocab=70, tied=True, external=True)
+    model = load_model(src)
+    sites, _ = find_sites(model)
+    rng = np.random.default_rng(4)
+    ids = [rng.integers(0, 70, (1, 12)) for _ in range(3)]
+    feeds = FeedSource("memory", 3, lambda: iter({"input_ids": a} for a in ids))
+    config = QuantConfig(bits=3, granularity=Block(16))
+    runs = []
+    for segments in (True, False):
+        probe = SequentialRtn()
+        result = calibrate(model, [Target(s, config, probe) for s in sites], feeds, segments=segments)
+        runs.append((result, probe))
+        result.close()
+    (fast, fast_probe), (slow, slow_probe) = runs
+    assert fast.passes == slow.passes == 9 and fast.cache_peak_bytes > 0 and slow.cache_peak_bytes == 0
+    for name, report in slow.reports.items():
+        assert fast.reports[name].rows == report.rows
+        assert fast.reports[name].error == pytest.approx(report.error, rel=1e-6)
+        np.testing.assert_allclose(fast.stats[name].input_sq_mean, slow.stats[name].input_sq_mean, rtol=1e-5)
+    for shape, stats in slow_probe.seen.items():
+        np.testing.assert_allclose(fast_probe.seen[shape].hessian, stats.hessian, rtol=1e-5, atol=1e-7)
