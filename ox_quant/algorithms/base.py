@@ -24,10 +24,13 @@ class SiteStats:
     """Calibration statistics of one weight site, gathered on the activations ``x[..., K]`` that
     multiply it: ``input_sq_mean[k] = mean(x[..., k] ** 2)`` over ``count`` rows (per-input-channel
     importance, as ggml's importance matrix). Filled by a calibration stage; round-to-nearest
-    ignores it."""
+    ignores it. Optional: ``input_abs_mean[k] = mean(|x[..., k]|)`` (AWQ) and
+    ``hessian[K, K] = X^T X / count`` in float64 (GPTQ, AWQ's loss), ``X`` the ``[count, K]`` rows."""
 
     input_sq_mean: np.ndarray
     count: int
+    input_abs_mean: np.ndarray | None = None
+    hessian: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if np.asarray(self.input_sq_mean).ndim != 1:

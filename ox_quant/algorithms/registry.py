@@ -7,10 +7,18 @@ entry in :data:`QUANTIZERS`.
 from __future__ import annotations
 
 from ox_quant.algorithms.base import Quantizer
+from ox_quant.algorithms.gptq import GPTQ
 from ox_quant.algorithms.rtn import RoundToNearest
 from ox_quant.errors import OxQuantError
 
-QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (RoundToNearest(),)}
+QUANTIZERS: dict[str, Quantizer] = {
+    q.name: q
+    for q in (
+        RoundToNearest(),
+        GPTQ("gptq", act_order=True),  # act-order measured better on every config of tests/test_gptq.py
+        GPTQ("gptq-noact", act_order=False),
+    )
+}
 
 
 def get_quantizer(name: str) -> Quantizer:
