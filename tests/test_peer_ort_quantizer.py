@@ -94,6 +94,34 @@ def test_asymmetric_matches_ort_byte_for_byte(model, tmp_path, bits, block_size)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_asymmetric_matches_ort_on_grid_weights_with_exact_ties(tmp_path, bits, dtype):
+    """Weights already on a grid (as a dequantized Q4_1 model's are) put ``w / scale + zp``
+    and ``-lo / scale`` exactly on halves; ONNX Runtime rounds those away from zero, and so
+    must ox-quant to write its bytes. Each block: ``scale = 2**-e``, ``lo = -(z + 1/2) scale``,
+    ``hi = lo + qmax scale``, every weight ``lo + j scale`` (dyadic, exact in float16)."""
+    rng = np.random.default_rng(3)
+    k, n, block = 320, 24, 128
+    qmax = (1 << bits) - 1
+    w = np.zeros((k, n), dtype=np.float32)
+    for b in range(0, k, block):
+        for j in range(n):
+            scale = 2.0 ** -int(rng.integers(5, 9))
+            lo = -(int(rng.integers(0, qmax)) + 0.5) * scale
+            rows = min(block, k - b)
+            col = lo + scale * rng.integers(0, qmax + 1, rows)
+            col[:2] = lo, lo + qmax * scale  # the block's range is exactly [lo, hi]
+            w[b:b + rows, j] = col
+    src = matmul_model(tmp_path / "grid.onnx", {"W0": w}, dtype=dtype)
+    ort_quantize(src, tmp_path / "ort.onnx", bits, block, symmetric=False)
+    convert(src, tmp_path / "ours.onnx", ConvertOptions(config=QuantConfig(
+        bits=bits, granularity=Block(block), symmetric=False, format=Format.MATMULNBITS)))
+    theirs, ours = nbits_arrays(tmp_path / "ort.onnx"), nbits_arrays(tmp_path / "ours.onnx")
+    for a, b in zip(theirs[:3], ours[:3], strict=True):
+        np.testing.assert_array_equal(a.reshape(-1), b.reshape(-1))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 32, 128])
 def test_signed_rule_matches_ort_symmetric_byte_for_byte(model, tmp_path, bits, block_size):
     src, w = model

@@ -6,7 +6,9 @@ Formulas (``qmax = 2**bits - 1``, ``mid = 2**(bits-1)``), per group ``g`` of wei
   ``min-error`` by default, ``signed`` = ONNX Runtime's ``-ext / mid``, ``absmax`` =
   ``absmax(g) / (mid - 1)``), codes ``q in [0, qmax]``
 * asymmetric: ``lo = min(min(g), 0)``, ``hi = max(max(g), 0)``, ``scale = (hi - lo) / qmax``,
-  ``zp = clip(round(-lo / scale), 0, qmax)``, ``q = clip(round(w / scale) + zp, 0, qmax)``
+  ``zp = clip(round(-lo / scale), 0, qmax)``, ``q = clip(round(w * (1 / scale) + zp), 0, qmax)``,
+  in float32 as ONNX Runtime's blockwise quantizer computes them (``zp`` from the scale before it
+  is rounded to ``scale_dtype``, codes from the stored one), so the bytes are ONNX Runtime's
 * dequantized: ``w' = (q - zp) * scale``; ``|w - w'| <= |scale| / 2`` for every element under
   asymmetric and ``absmax`` (``signed`` and ``min-error`` may clip the largest weights).
 
@@ -14,7 +16,9 @@ A group whose range is zero gets ``scale = 0`` and codes ``zp``: it dequantizes 
 zeros, never NaN or Inf.
 
 Scales are rounded to ``scale_dtype`` (the activation dtype a format stores) *before* the
-codes are computed, so the formulas hold for the stored scale. Rounding is half-to-even.
+codes are computed, so the formulas hold for the stored scale. ``round`` is half away from
+zero (C's ``roundf``, ONNX Runtime's choice): weights that are themselves on a grid (a
+re-quantized Q4_1 model) hit exact ties, where half-to-even would write other codes.
 
 :func:`quantize_reference` loops over groups one at a time (slow, obvious);
 :func:`quantize` is the vectorised version held to it by tests. It is two steps, as the
@@ -79,6 +83,13 @@ def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: in
     return np.repeat(np.repeat(per_group, gk, axis=0)[:k], gn, axis=1)[:, :n]
 
 
+def round_half_away(x: np.ndarray | np.floating) -> np.ndarray:
+    """``roundf``: to the nearest integer, halves away from zero, computed exactly in float64
+    (``floor(|x| + 0.5)`` in float32 would round 0.49999997 up)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return np.copysign(np.floor(np.abs(x64) + 0.5), x64)
+
+
 # ----------------------------------------------------------------------------------
 # Reference
 
@@ -88,18 +99,22 @@ def _group_params_reference(group: np.ndarray, config: QuantConfig, scale_dtype:
     f32 = np.float32
     lo = f32(min(f32(np.min(group)), f32(0)))
     hi = f32(max(f32(np.max(group)), f32(0)))
-    scale = f32(np.asarray(f32((hi - lo) / f32(config.qmax)), dtype=scale_dtype))
+    unrounded = f32((hi - lo) / f32(config.qmax))
+    scale = f32(np.asarray(unrounded, dtype=scale_dtype))
     if scale == 0:
         return f32(0), 0
-    zp = int(np.clip(np.round(f32(-lo / scale)), 0, config.qmax))
+    zp = int(np.clip(round_half_away(f32(-lo / unrounded)), 0, config.qmax))
     return scale, zp
 
 
 def _code_reference(w: np.float32, scale: np.float32, zp: int, config: QuantConfig) -> int:
     if scale == 0:
         return zp
-    r = int(np.round(np.float32(w / scale)))
-    return min(max(r + zp, 0), config.qmax)
+    with np.errstate(over="ignore"):
+        inverse = np.float32(np.float32(1) / scale)
+    x = np.float32(w * inverse) if np.isfinite(inverse) else np.float32(w / scale)
+    r = int(round_half_away(np.float32(x + np.float32(zp))))
+    return min(max(r, 0), config.qmax)
 
 
 def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32) -> QuantizedWeight:
@@ -172,9 +187,10 @@ def choose_qparams(
     else:
         lo = np.minimum(grouped.min(axis=(1, 3)), f32(0))
         hi = np.maximum(grouped.max(axis=(1, 3)), f32(0))
-        scales_f = ((hi - lo) / f32(config.qmax)).astype(scale_dtype).astype(f32)
+        unrounded = ((hi - lo) / f32(config.qmax)).astype(f32)
+        scales_f = unrounded.astype(scale_dtype).astype(f32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            zp_f = np.where(scales_f > 0, np.round(-lo / scales_f), 0)
+            zp_f = np.where(scales_f > 0, round_half_away(-lo / unrounded), 0)
         zps = np.clip(zp_f, 0, config.qmax).astype(np.uint8)
     return QParams(scales_f.astype(scale_dtype), zps)
 
@@ -199,8 +215,13 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
             q = nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
         return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
     safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
-    q = np.round(grouped / safe)
-    q += zps[:, None, :, None].astype(f32)
+    with np.errstate(over="ignore"):
+        inverse = f32(1) / safe
+    finite = np.isfinite(inverse)
+    x = grouped * np.where(finite, inverse, f32(0))
+    if not finite.all():  # 1 / scale overflows for subnormal scales: divide there
+        np.copyto(x, grouped / safe, where=np.broadcast_to(~finite, x.shape))
+    q = round_half_away(x + zps[:, None, :, None].astype(f32))
     np.clip(q, 0, config.qmax, out=q)
     # zero-range groups: every code is the zero point
     q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
