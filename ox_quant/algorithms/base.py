@@ -9,10 +9,12 @@ whole step (an algorithm such as GPTQ may also change the codes it rounds to).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight
@@ -24,10 +26,13 @@ class SiteStats:
     """Calibration statistics of one weight site, gathered on the activations ``x[..., K]`` that
     multiply it: ``input_sq_mean[k] = mean(x[..., k] ** 2)`` over ``count`` rows (per-input-channel
     importance, as ggml's importance matrix). Filled by a calibration stage; round-to-nearest
-    ignores it."""
+    ignores it. Optional: ``input_abs_mean[k] = mean(|x[..., k]|)`` (AWQ) and
+    ``hessian[K, K] = X^T X / count`` in float64 (GPTQ, AWQ's loss), ``X`` the ``[count, K]`` rows."""
 
     input_sq_mean: np.ndarray
     count: int
+    input_abs_mean: np.ndarray | None = None
+    hessian: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if np.asarray(self.input_sq_mean).ndim != 1:
@@ -35,6 +40,17 @@ class SiteStats:
                                f"{list(np.asarray(self.input_sq_mean).shape)}")
         if self.count < 1:
             raise OxQuantError(f"calibration statistics need at least one row, got {self.count}")
+
+
+def scaled_stats(stats: SiteStats, s: np.ndarray) -> SiteStats:
+    """Statistics of ``x / s`` given those of ``x``."""
+    s = np.asarray(s, dtype=np.float64)
+    return SiteStats(
+        np.asarray(stats.input_sq_mean, dtype=np.float64) / s**2,
+        stats.count,
+        None if stats.input_abs_mean is None else np.asarray(stats.input_abs_mean, dtype=np.float64) / s,
+        None if stats.hessian is None else np.asarray(stats.hessian, dtype=np.float64) / np.outer(s, s),
+    )
 
 
 class Quantizer(Protocol):
@@ -52,4 +68,24 @@ class Quantizer(Protocol):
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
     ) -> QuantizedWeight:
         """Codes, scales and zero points of ``weight[K, N]``."""
+        ...
+
+
+@runtime_checkable
+class InputScaler(Protocol):
+    """Optional extension of a quantizer: per-input-channel scales applied before quantizing.
+
+    ``convert`` groups the weights that read one activation tensor ``x[..., K]`` (all of them
+    must share one ``s``) and calls ``input_scales`` once per group with the current weights
+    ``W_j[K, N_j]``, their configs and scale dtypes, and the statistics of ``x``. A returned
+    ``s[K]`` (positive) is applied exactly in float by ``ox_quant.ir.input_scales``
+    (``W_j <- diag(s) W_j``, ``x <- x / s`` folded into the op producing ``x``, or an inserted
+    ``Mul``); each weight's ``quantize`` then gets its scaled weight and the statistics of
+    ``x / s``. None: leave the group as it is.
+    """
+
+    def input_scales(
+        self, weights: Sequence[np.ndarray], configs: Sequence[QuantConfig], scale_dtypes: Sequence[DTypeLike],
+        stats: SiteStats | None,
+    ) -> np.ndarray | None:
         ...

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import InputScaler, SiteStats
 from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
@@ -42,6 +42,7 @@ from ox_quant.ir.modelio import (
 )
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
+from ox_quant.pipeline.input_scaling import ScaledInput, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
 from ox_quant.pipeline.selection import Selection
@@ -163,6 +164,10 @@ class ConvertReport:
     version_changes: tuple[VersionChange, ...] = ()
     policy: str = ""
     """One line: the config each kind of weight got by default (``Policy.describe``)."""
+    scaled_inputs: tuple[ScaledInput, ...] = ()
+    """Activations whose readers took input scales before quantizing (AWQ), and how."""
+    unscaled: tuple[tuple[str, str], ...] = ()
+    """(weight, why) for weights whose algorithm asked for input scales that could not be applied."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -186,6 +191,8 @@ class ConvertReport:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "policy": self.policy,
+            "input_scales": [{"tensor": i.tensor, "weights": list(i.weights), "fold": i.how} for i in self.scaled_inputs],
+            "input_scales_not_applied": [{"name": n, "reason": r} for n, r in self.unscaled],
         }
 
 
@@ -480,6 +487,12 @@ def convert(
             model.opset_imports[fmt.domain] = fmt.opset
 
     used_names = _all_names(model)
+    calibration: Mapping[str, SiteStats] = options.calibration or {}
+    scaled: list[ScaledInput] = []
+    unscaled: dict[str, str] = {}
+    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
+        calibration, scaled, unscaled = scale_inputs([(site, config) for site, config, _, _ in plan], calibration,
+                                                     used_names)
     total = len(plan)
     done = [0]
 
@@ -490,7 +503,7 @@ def convert(
 
     entries = []
     for site, config, choice, why in plan:
-        stats = options.calibration.get(site.name) if options.calibration else None
+        stats = calibration.get(site.name)
         nbytes = writer_for(choice.format)(
             site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
         )
@@ -532,4 +545,6 @@ def convert(
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
+        scaled_inputs=tuple(scaled),
+        unscaled=tuple(unscaled.items()),
     )
