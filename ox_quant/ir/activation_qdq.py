@@ -12,13 +12,22 @@ pattern written                                           ONNX Runtime runs
                                                           zeros for a symmetric weight)
 ``Q -> DQ(x)``, ``DQ(W int8)`` -> Conv -> ``Q -> DQ(y)``  ``QLinearConv`` (needs the output pair)
 ``DynamicQuantizeLinear -> DQ(x)``, ``DQ(W int8)`` -> MatMul  ``DynamicQuantizeMatMul``
-per-channel ``Q -> DQ(x)`` (axis = last)                  unfused: its int8 kernels take one
-                                                          activation scale per tensor
+per-channel (float ``Div/Round/Add/Clip/Sub/Mul``)        unfused: its int8 kernels take one
+                                                          activation scale per tensor (a per-axis
+                                                          ``Q -> DQ`` is fused into
+                                                          MatMulIntegerToFloat, which then refuses
+                                                          to run: "Per-Channel is not supported")
 per-token (float ``Div/Round/Clip/Mul`` on each row)      unfused: ONNX has no per-row dynamic
                                                           quantize op and ORT no such kernel
 =======================================================  ===========================================
 
-A tensor read by several such nodes (Q, K, V projections) gets one pair, read by all of them.
+uint8 activations with uint8 (asymmetric) weights run ONNX Runtime's u8u8 kernels, equal to the
+unfused Q/DQ arithmetic; with int8 weights its AVX2 u8s8 kernels (no VNNI) saturate 16-bit pair
+sums and drift (measured 0.1 relative error on a toy MatMul); int8 activations were not fused
+at all on x86. A Gemm's bias is moved into an ``Add`` after it (QGemm fuses only a bias that is
+itself an int32 DequantizeLinear). A tensor read by several such nodes (Q, K, V projections)
+gets one pair, read by all of them; the float forms are exactly ONNX Q/DQ's arithmetic
+(``Round`` is half to even, as QuantizeLinear).
 """
 
 from __future__ import annotations
@@ -143,7 +152,7 @@ def insert_static(site: ActivationSite, scale: np.ndarray, zero_point: np.ndarra
     attrs = {} if axis is None else {"axis": axis}
     q = _node("QuantizeLinear", [x, s, z], names, base, **attrs)
     dq = _node("DequantizeLinear", [q.outputs[0], s, z], names, base, **attrs)
-    dq.outputs[0].dtype = x.dtype
+    dq.outputs[0].type = x.type
     dq.outputs[0].shape = x.shape
     _insert(site.graph, site.nodes, [q, dq])
     _rewire(site.nodes, x, dq.outputs[0])
@@ -163,7 +172,7 @@ def insert_output_pair(graph: ir.Graph, node: ir.Node, scale: np.ndarray, zero_p
     z = _const(graph, names, f"{base}_zero_point", np.asarray(zero_point))
     q = _node("QuantizeLinear", [y, s, z], names, base)
     dq = _node("DequantizeLinear", [q.outputs[0], s, z], names, base)
-    dq.outputs[0].dtype = y.dtype
+    dq.outputs[0].type = y.type
     dq.outputs[0].shape = y.shape
     graph.insert_after(node, [q, dq])
     for reader, idx in readers:
@@ -177,7 +186,7 @@ def insert_dynamic(site: ActivationSite, used: set[str]) -> None:
     x = site.tensor
     dyn = _node("DynamicQuantizeLinear", [x], names, site.name, n_out=3)
     dq = _node("DequantizeLinear", list(dyn.outputs), names, site.name)
-    dq.outputs[0].dtype = x.dtype
+    dq.outputs[0].type = x.type
     dq.outputs[0].shape = x.shape
     _insert(site.graph, site.nodes, [dyn, dq])
     _rewire(site.nodes, x, dq.outputs[0])
@@ -208,10 +217,63 @@ def insert_per_token(site: ActivationSite, used: set[str], opset: int) -> None:
     nodes.append(_node("Clip", [nodes[-1].outputs[0], lo, hi], names, base))
     out = _node("Mul", [nodes[-1].outputs[0], scale.outputs[0]], names, base)
     nodes.append(out)
-    out.outputs[0].dtype = x.dtype
+    out.outputs[0].type = x.type
     out.outputs[0].shape = x.shape
     _insert(g, site.nodes, nodes)
     _rewire(site.nodes, x, out.outputs[0])
+
+
+def insert_fake_quant(site: ActivationSite, scale: np.ndarray, zero_point: np.ndarray, dtype: str,
+                      used: set[str]) -> None:
+    """Per-channel ``(clip(round(x / s) + zp, lo, hi) - zp) * s`` in float ops (``s``, ``zp`` along
+    the site's channel axis; ``lo, hi`` the range of ``dtype``): Q/DQ's arithmetic, unfused."""
+    names = _Names(used)
+    x = site.tensor
+    dt = _float_dtype(x)
+    g = site.graph
+    base = site.name + "_channel"
+    shape = (-1,) if site.channel_axis == -1 else (-1, 1, 1)[: max(1, len(x.shape or ()) - 1)]
+    s = _const(g, names, f"{base}_scale", np.asarray(scale, dt).reshape(shape))
+    z = _const(g, names, f"{base}_zero_point", np.asarray(zero_point).astype(dt).reshape(shape))
+    lo_v, hi_v = (0.0, 255.0) if dtype == "uint8" else (-128.0, 127.0)
+    lo = _const(g, names, f"{base}_lo", np.array(lo_v, dt))
+    hi = _const(g, names, f"{base}_hi", np.array(hi_v, dt))
+    nodes = [_node("Div", [x, s], names, base)]
+    nodes.append(_node("Round", [nodes[-1].outputs[0]], names, base))
+    nodes.append(_node("Add", [nodes[-1].outputs[0], z], names, base))
+    nodes.append(_node("Clip", [nodes[-1].outputs[0], lo, hi], names, base))
+    nodes.append(_node("Sub", [nodes[-1].outputs[0], z], names, base))
+    nodes.append(_node("Mul", [nodes[-1].outputs[0], s], names, base))
+    nodes[-1].outputs[0].type = x.type
+    nodes[-1].outputs[0].shape = x.shape
+    _insert(g, site.nodes, nodes)
+    _rewire(site.nodes, x, nodes[-1].outputs[0])
+
+
+def split_gemm_bias(site: ActivationSite, used: set[str]) -> None:
+    """``Gemm(A, B, C)`` -> ``Add(Gemm(A, B), beta * C)`` for each Gemm of the site (same values;
+    ``site.nodes`` then holds the new Gemms)."""
+    names = _Names(used)
+    for i, node in enumerate(site.nodes):
+        if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        graph = node.graph or site.graph
+        c = node.inputs[2]
+        attrs = {k: v for k, v in node.attributes.items() if k != "beta"}
+        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+        gemm = ir.node("Gemm", [node.inputs[0], node.inputs[1]], attrs, name=names((node.name or "Gemm") + "_nobias"))
+        gemm.outputs[0].name = names((node.outputs[0].name or "gemm") + "_nobias")
+        gemm.outputs[0].type = node.outputs[0].type
+        new = [gemm]
+        if beta != 1.0:
+            c_dt = _float_dtype(node.outputs[0])
+            mul = _node("Mul", [c, _const(graph, names, f"{gemm.name}_beta", np.array(beta, c_dt))], names, gemm.name or "")
+            new.append(mul)
+            c = mul.outputs[0]
+        add = ir.node("Add", [gemm.outputs[0], c], name=names((node.name or "Gemm") + "_bias"))
+        new.append(add)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, add.outputs)
+        site.nodes[i] = gemm
 
 
 def add_weight_zero_points(nodes: Sequence[ir.Node], graph: ir.Graph, used: set[str]) -> int:
