@@ -18,8 +18,8 @@ max is 0), weights scaled ``diag(s) W`` and ``1/s`` folded into the producer of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -44,8 +44,9 @@ from ox_quant.ir.sites import Skip, WeightSite
 
 MODES = ("int8", "uint8", "dynamic")
 GRANULARITIES = ("tensor", "channel", "token")
-Feeds = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-"""A fresh iterator over calibration feeds (input name -> array) each time it is called."""
+Feeds = Iterable[Mapping[str, np.ndarray]]
+"""Calibration feeds (input name -> array), iterated once per pass (a list, or a re-iterable
+``ox_quant.calibration.feeds.FeedSource``)."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _channel_absmax(model: ir.Model, tensors: list[str], feeds: Feeds) -> tuple[
             m = np.abs(a.astype(np.float64)).reshape(-1, a.shape[-1]).max(axis=0)
             out[name] = m if name not in out else np.maximum(out[name], m)
 
-    count = observe(model, tensors, feeds(), on_feed)
+    count = observe(model, tensors, iter(feeds), on_feed)
     return out, count
 
 
@@ -242,16 +243,19 @@ def _collect(model: ir.Model, sites: list[ActivationSite], options: ActivationOp
             else:
                 per_tensor.setdefault(name, RangeStats(options.bins)).update(a)
 
-    count = observe(model, list(dict.fromkeys(names)), options.feeds(), on_feed)
+    count = observe(model, list(dict.fromkeys(names)), iter(options.feeds), on_feed)
     if count == 0:
         raise OxQuantError("the calibration data holds no feeds")
     return per_tensor, per_channel, count
 
 
 def prepare(model: ir.Model, planned: Sequence[tuple[WeightSite, str, bool]], options: ActivationOptions,
-            used_names: set[str]) -> _Prepared:
+            used_names: set[str], feeds: Feeds | None = None) -> _Prepared:
     """SmoothQuant (if asked), then the activation sites and their calibrated parameters; run
-    before the weights are written (the weights are still float)."""
+    before the weights are written (the weights are still float). ``feeds``: used when
+    ``options.feeds`` is None (``--calibration``)."""
+    if options.feeds is None and feeds is not None:
+        options = replace(options, feeds=feeds)
     result = ActivationResult()
     if options.needs_feeds and options.feeds is None:
         raise OxQuantError(f"--activations {options.mode} needs calibration data (--calibration)"
