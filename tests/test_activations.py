@@ -325,3 +325,22 @@ def test_default_weights_under_activations_are_int8_channel_qdq(tmp_path, capsys
     assert {(q["bits"], q["granularity"], q["format"]) for q in quantized} == {(8, "channel", "qdq")}
     model = ir.load(str(tmp_path / "q.onnx"))
     assert sum(n.op_type == "DynamicQuantizeLinear" for n in model.graph) == 3
+
+
+def test_per_layer_attributes_each_quantized_activation(tmp_path):
+    """verify --per-layer runs the reference with one activation pair inserted at a time."""
+    from ox_quant.verification.verify import verify
+
+    src = mlp_model(tmp_path / "m.onnx", outlier=1.0)
+    feeds = feeds_for(src)
+    _convert(src, tmp_path / "q.onnx", feeds, mode="uint8")
+    np.savez(tmp_path / "in.npz", **feeds[0])
+    report = verify(src, tmp_path / "q.onnx", inputs=tmp_path / "in.npz", per_layer=True)
+    assert report.layers is not None
+    acts = {layer.weight: layer for layer in report.layers.layers if layer.format == "activation"}
+    weights = {layer.weight for layer in report.layers.layers if layer.format == "qdq"}
+    assert set(acts) == {"ln", "ab", "r"} and weights == {"w1", "w2", "w3", "w4"}
+    assert not report.layers.unmatched
+    whole = min(o.sqnr_db for o in report.outputs)
+    for layer in acts.values():  # one activation alone costs less than all of them with the weights
+        assert np.isfinite(layer.output_sqnr_db) and layer.output_sqnr_db > whole
