@@ -11,8 +11,8 @@ text; CREPE: tones of another seed), and scores on the model's task:
   int4 block 128, MatMulNBits);
 - ONNX Runtime ``quantize_static`` (QDQ, per-channel QInt8 weights, QUInt8 activations, the same
   calibration feeds) with its MinMax, Entropy and Percentile calibrators, as it ships (every op
-  type it supports) and with ``reduce_range=True`` (7-bit weights, its advice for CPUs without
-  VNNI); ``quantize_dynamic`` (QInt8 weights).
+  type it supports), with ``reduce_range=True`` (7-bit weights, its advice for CPUs without
+  VNNI), and restricted to MatMul/Gemm/Conv (MinMax, Entropy); ``quantize_dynamic`` (QInt8 weights).
 
 Weights quantized by every ox-quant W8 row: MatMul, Gemm and Conv (``UNIFORM`` policy: Conv too,
 as quantize_static does). Each row also lists the integer kernels ONNX Runtime ran (its
@@ -49,7 +49,9 @@ W8 = QuantConfig(bits=8, granularity=PerChannel(), symmetric=False, format=Forma
 W4 = QuantConfig(bits=4, granularity=Block(128), symmetric=False)
 
 
-def minilm_feeds(count: int = 8, batch: int = 8) -> list[dict[str, np.ndarray]]:
+def minilm_feeds(count: int = 8, batch: int = 8, length: int = 64) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of ``batch`` Austen sentences, each padded (or cut) to ``length`` tokens:
+    one shape for every feed (quantize_static's histogram calibrators stack them)."""
     from ox_quant.evaluation.textdata import read_text, text_files
     from ox_quant_models import minilm
 
@@ -59,7 +61,11 @@ def minilm_feeds(count: int = 8, batch: int = 8) -> list[dict[str, np.ndarray]]:
     feeds = []
     for i in range(count):
         enc = minilm.encode(picked[i * batch:(i + 1) * batch])
-        feeds.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        ids = np.zeros((batch, length), np.int64)
+        mask = np.zeros((batch, length), np.int64)
+        t = min(length, enc["input_ids"].shape[1])
+        ids[:, :t], mask[:, :t] = enc["input_ids"][:, :t], enc["attention_mask"][:, :t]
+        feeds.append({"input_ids": ids, "attention_mask": mask})
     return feeds
 
 
@@ -97,6 +103,10 @@ def ox_rows() -> list[tuple[str, QuantConfig, Policy, ActivationOptions | None]]
     ]
 
 
+MATMUL_OPS = ["MatMul", "Gemm", "Conv"]
+"""The op types ox-quant quantizes (quantize_static also quantizes activation x activation MatMuls among them)."""
+
+
 class _Reader:
     def __init__(self, feeds: list[dict[str, np.ndarray]], names: list[str]):
         self.feeds, self.names, self.i = feeds, names, 0
@@ -116,12 +126,12 @@ def peer_rows(src: Path, work: Path, feeds: list[dict[str, np.ndarray]]) -> list
 
     names = _inputs_of(src)
 
-    def static(method: Any, reduce_range: bool = False) -> Callable[[Path], None]:
+    def static(method: Any, reduce_range: bool = False, ops: list[str] | None = None) -> Callable[[Path], None]:
         def run(dst: Path) -> None:
             reader = _Reader(feeds, names)
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                            reduce_range=reduce_range)
+                            reduce_range=reduce_range, op_types_to_quantize=ops)
         return run
 
     def dynamic(dst: Path) -> None:
@@ -132,6 +142,8 @@ def peer_rows(src: Path, work: Path, feeds: list[dict[str, np.ndarray]]) -> list
         ("ORT quantize_static Entropy", static(CalibrationMethod.Entropy)),
         ("ORT quantize_static Percentile", static(CalibrationMethod.Percentile)),
         ("ORT quantize_static MinMax reduce_range", static(CalibrationMethod.MinMax, True)),
+        ("ORT quantize_static MinMax, MatMul/Gemm/Conv only", static(CalibrationMethod.MinMax, False, MATMUL_OPS)),
+        ("ORT quantize_static Entropy, MatMul/Gemm/Conv only", static(CalibrationMethod.Entropy, False, MATMUL_OPS)),
         ("ORT quantize_dynamic QInt8", dynamic),
     ]
 
