@@ -263,7 +263,8 @@ def test_recipe_rule_leaves_an_activation_float(tmp_path, capsys):
         np.savez(tmp_path / "cal" / f"f{i}.npz", **feed)
     (tmp_path / "r.json").write_text('{"rules": [{"match": "^w3$", "activations": false}]}')
     code, out, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "q.onnx"), "--activations", "uint8",
-                             "--calibration", str(tmp_path / "cal"), "--recipe", str(tmp_path / "r.json"), "--json")
+                             "--calibration", str(tmp_path / "cal"), "--recipe", str(tmp_path / "r.json"), "--gemm-bits", "8",
+                             "--json")
     assert code == 0, err
     import json
 
@@ -315,6 +316,7 @@ def test_activation_flag_errors(tmp_path, capsys, args, needle):
 
 
 def test_default_weights_under_activations_are_int8_channel_qdq(tmp_path, capsys):
+    """The policy is the weight-only one (Gemm float unless --gemm-bits): the Gemm's input stays float."""
     src = mlp_model(tmp_path / "m.onnx")
     code, out, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "q.onnx"), "--activations", "dynamic",
                              "--json")
@@ -324,7 +326,8 @@ def test_default_weights_under_activations_are_int8_channel_qdq(tmp_path, capsys
     quantized = json.loads(out)["quantized"]
     assert {(q["bits"], q["granularity"], q["format"]) for q in quantized} == {(8, "channel", "qdq")}
     model = ir.load(str(tmp_path / "q.onnx"))
-    assert sum(n.op_type == "DynamicQuantizeLinear" for n in model.graph) == 3
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in model.graph) == 2
+    assert {q["name"] for q in quantized} == {"w1", "w2", "w4"}
 
 
 def test_per_layer_attributes_each_quantized_activation(tmp_path):

@@ -57,8 +57,9 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["bits_per_weight"] == pytest.approx(8 + 128 * 32 / (256 * 128), rel=1e-4)
     assert report["input_bytes"] == model.stat().st_size
     assert report["output_bytes"] == out_path.stat().st_size
-    assert report["policy"].startswith("MatMul/Gemm at int8 channel sym; Conv float (--conv-bits)")
+    assert report["policy"].startswith("MatMul at int8 channel sym; Gemm float (--gemm-bits); Conv float (--conv-bits)")
     assert report["calibration"] is None
+    assert report["activations"] is None
 
 
 @pytest.mark.parametrize(
