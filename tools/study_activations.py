@@ -76,7 +76,26 @@ def crepe_feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
     return [{"frames": frames[i * 4:(i + 1) * 4]} for i in range(count)]
 
 
-MODELS: dict[str, Callable[[], list[dict[str, np.ndarray]]]] = {"minilm": minilm_feeds, "crepe-tiny": crepe_feeds}
+def ppocr_feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
+    """Lines of the Austen text (not the evaluation lines), rendered as the task renders them and
+    padded to one width (quantize_static's histogram calibrators stack the feeds)."""
+    from ox_quant.evaluation.textdata import read_text, text_files
+    from ox_quant_models.tasks.ocr import preprocess, render
+
+    words = read_text(text_files()[0]).split()[5000:]
+    lines = [" ".join(words[i * 7:(i + 1) * 7]) for i in range(count)]
+    images = [preprocess(render(line)) for line in lines]
+    width = max(im.shape[-1] for im in images)
+    feeds = []
+    for im in images:
+        padded = np.zeros(im.shape[:-1] + (width,), np.float32)
+        padded[..., :im.shape[-1]] = im
+        feeds.append({"x": padded})
+    return feeds
+
+
+MODELS: dict[str, Callable[[], list[dict[str, np.ndarray]]]] = {
+    "minilm": minilm_feeds, "crepe-tiny": crepe_feeds, "ppocr-rec": ppocr_feeds}
 
 
 def _inputs_of(path: Path) -> list[str]:
@@ -158,14 +177,15 @@ def measure(model: str, path: Path, extras: dict[str, Any]) -> dict[str, Any]:
             "bytes": path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))}
 
 
-def study(model: str, work: Path) -> dict[str, Any]:
+def study(model: str, work: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     from ox_quant_models.tasks import TASKS
 
     facts = TASKS[model].study
     assert facts is not None
     src = facts.export(work / f"{model}.fp32.onnx")
     extras = facts.task_extras()
-    feeds = MODELS[model]()
+    names = _inputs_of(src)
+    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
     rows: list[dict[str, Any]] = [{"row": "fp32", **measure(model, src, extras)}]
     for label, config, policy, act in ox_rows():
         dst = work / f"{model}.{len(rows)}.onnx"
@@ -244,7 +264,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ox-act-study-") as tmp:
             for model in args.models.split(","):
                 print(model, file=sys.stderr)
-                results.append(study(model, Path(tmp)))
+                results.append(study(model, Path(tmp), MODELS[model]()))
         data.write_text(json.dumps({"command": command, "results": results}, indent=1, default=float))
     (args.out / "README.md").write_text(render(results, command))
 
