@@ -115,6 +115,19 @@ def test_entropy_and_mse_clip_a_far_outlier():
     assert lo == -3.0 and hi == 3.0
 
 
+def test_entropy_ignores_the_relu_zero_spike():
+    """Half the values exactly 0 (after a ReLU), the rest |N(0, 1)|: the threshold stays in the
+    Gaussian's tail instead of collapsing to a few bins."""
+    rng = np.random.default_rng(1)
+    stats = RangeStats()
+    for _ in range(4):
+        x = np.abs(rng.standard_normal(20000)).astype(np.float32)
+        x[: x.size // 2] = 0.0
+        stats.update(x)
+    t = threshold(stats, Calibrator("entropy"))
+    assert 2.0 < t <= stats.max
+
+
 def test_parse_calibrator():
     assert parse_calibrator("percentile:99.9") == Calibrator("percentile", 99.9)
     assert str(parse_calibrator("entropy")) == "entropy"

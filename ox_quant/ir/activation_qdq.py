@@ -232,7 +232,11 @@ def insert_fake_quant(site: ActivationSite, scale: np.ndarray, zero_point: np.nd
     dt = _float_dtype(x)
     g = site.graph
     base = site.name + "_channel"
-    shape = (-1,) if site.channel_axis == -1 else (-1, 1, 1)[: max(1, len(x.shape or ()) - 1)]
+    shape: tuple[int, ...] = (-1,)
+    if site.channel_axis != -1:  # Conv: x has the weight's rank, channels on axis 1
+        w = site.nodes[0].inputs[1]
+        rank = len(w.shape) if w is not None and w.shape is not None else len(x.shape or (0, 0, 0, 0))
+        shape = (-1,) + (1,) * (rank - 2)
     s = _const(g, names, f"{base}_scale", np.asarray(scale, dt).reshape(shape))
     z = _const(g, names, f"{base}_zero_point", np.asarray(zero_point).astype(dt).reshape(shape))
     lo_v, hi_v = (0.0, 255.0) if dtype == "uint8" else (-128.0, 127.0)
