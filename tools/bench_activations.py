@@ -8,7 +8,8 @@ Model: MiniLM (``--model minilm``, sequences of ``--seq`` tokens) or CREPE tiny 
 - ``W8A8 static``: ``--activations uint8`` (per-tensor min-max from the held-out calibration feeds of
   ``tools/study_activations.py``), int8 per-channel QDQ weights;
 - ``W8A8 dynamic``: ``--activations dynamic``;
-- ``W4A16``: ox-quant's default (int4 blocks of 128, MatMulNBits, no accuracy level written).
+- ``W4A16``: int4 blocks of 128 on MatMul and Gemm weights (MatMulNBits, no accuracy level written;
+  Conv float).
 
 The machine is shared: each (variant, batch) is timed in ``--rounds`` interleaved rounds of
 ``--iters`` runs after a warm-up, and the table gives the median per-run time over rounds (and
@@ -63,7 +64,7 @@ def variants(src: Path, work: Path, model: str) -> dict[str, Path]:
     specs: dict[str, tuple[Any, Policy, ActivationOptions | None]] = {
         "W8A8 static": (W8, UNIFORM, ActivationOptions("uint8", Calibrator("minmax"), feeds=feeds)),
         "W8A8 dynamic": (W8, UNIFORM, ActivationOptions("dynamic")),
-        "W4A16": (W4, Policy(), None),
+        "W4A16": (W4, Policy(gemm_bits="bits"), None),
     }
     for name, (config, policy, act) in specs.items():
         dst = work / f"{model}.{name.replace(' ', '_')}.onnx"

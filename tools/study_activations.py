@@ -7,8 +7,8 @@ text; CREPE: tones of another seed), and scores on the model's task:
 
 - ox-quant W8A8 static uint8 per tensor, calibrators minmax / percentile:99.99 / entropy / mse;
   per channel (min-max); per token (int8, dynamic); dynamic (uint8 per tensor); minmax with
-  SmoothQuant alpha 0.5; W8A16 (int8 per-channel weights only) and W4A16 (ox-quant's default
-  int4 block 128, MatMulNBits);
+  SmoothQuant alpha 0.5; W8A16 (int8 per-channel weights only) and W4A16 (int4 blocks of 128,
+  asymmetric, MatMulNBits, on MatMul and Gemm weights; Conv float as 4 bits break CNNs);
 - ONNX Runtime ``quantize_static`` (QDQ, per-channel QInt8 weights, QUInt8 activations, the same
   calibration feeds) with its MinMax, Entropy and Percentile calibrators, as it ships (every op
   type it supports), with ``reduce_range=True`` (7-bit weights, its advice for CPUs without
@@ -118,7 +118,7 @@ def ox_rows() -> list[tuple[str, QuantConfig, Policy, ActivationOptions | None]]
         ("ox W8A8 dynamic uint8 tensor", W8, UNIFORM, ActivationOptions("dynamic")),
         ("ox W8A8 uint8 tensor minmax + SmoothQuant 0.5", W8, UNIFORM, ActivationOptions("uint8", mm, smooth_alpha=0.5)),
         ("ox W8A16 (weights int8 channel)", W8, UNIFORM, None),
-        ("ox W4A16 (int4 block 128, default)", W4, Policy(), None),
+        ("ox W4A16 (int4 block 128 MatMul/Gemm, Conv float)", W4, Policy(gemm_bits="bits"), None),
     ]
 
 
