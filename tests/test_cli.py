@@ -101,7 +101,7 @@ def test_external_data_input_and_output(tmp_path, capsys):
     from ox_quant.core.quantize import quantize
 
     (y,) = run(out, {"x": x})
-    ref = x.astype(np.float64) @ quantize(weights["W0"], QuantConfig(granularity=Block(32))).dequantize()
+    ref = x.astype(np.float64) @ quantize(weights["W0"], QuantConfig(symmetric=True, granularity=Block(32))).dequantize()
     assert relative_error(y, ref) <= 1e-5
 
 

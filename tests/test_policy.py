@@ -95,7 +95,7 @@ def test_default_policy_gives_each_role_its_config(model, tmp_path):
     skipped = {s.name: s.reason for s in report.skipped}
     assert skipped["conv.W"] == "Conv weights left float by the default policy (--conv-bits 8 quantizes it)"
     assert skipped["emb"] == skipped["tied"] == "embedding table left float by the default policy (--embedding-bits 8 quantizes it)"
-    assert report.policy == ("MatMul at int4 block:32 sym; Gemm float (--gemm-bits); Conv float (--conv-bits); "
+    assert report.policy == ("MatMul at int4 block:32 asym; Gemm float (--gemm-bits); Conv float (--conv-bits); "
                              "embeddings (Gather, tied tables) float (--embedding-bits)")
     runs_close(tmp_path / "q.onnx", model)
 

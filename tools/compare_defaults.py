@@ -237,7 +237,7 @@ def ort_default(src: Path, out: Path, bits: int, symmetric: bool | None = None) 
 
 
 def measure(case: Case, src: Path, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    from ox_quant.verification import verify
+    from ox_quant.verification.verify import verify
 
     report = verify(src, path, inputs=feeds)
     first = report.outputs[0]
