@@ -10,6 +10,8 @@ from __future__ import annotations
 from ox_quant.algorithms.awq import AWQ
 from ox_quant.algorithms.base import Quantizer
 from ox_quant.algorithms.gptq import GPTQ
+from ox_quant.algorithms.hqq import HalfQuadratic
+from ox_quant.algorithms.mse import MseSearch
 from ox_quant.algorithms.rtn import RoundToNearest
 from ox_quant.errors import OxQuantError
 
@@ -17,6 +19,8 @@ QUANTIZERS: dict[str, Quantizer] = {
     q.name: q
     for q in (
         RoundToNearest(),
+        MseSearch(),
+        HalfQuadratic(),
         GPTQ("gptq", act_order=True),  # act-order measured better on every config of tests/test_gptq.py
         GPTQ("gptq-noact", act_order=False),
         AWQ(),

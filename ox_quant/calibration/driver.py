@@ -29,19 +29,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import Needs, Quantizer, SiteStats
+from ox_quant.algorithms.base import Needs, Quantizer, SiteStats, stats_bytes
 from ox_quant.algorithms.rtn import RoundToNearest
 from ox_quant.calibration.feeds import FeedSource
 from ox_quant.calibration.observe import Observer
+from ox_quant.calibration.segments import Segments
 from ox_quant.calibration.sites import Activation, activations, site_levels
-from ox_quant.calibration.stats import Accumulator, calibration_error, merge
+from ox_quant.calibration.stats import Accumulator, merge, quantized_error
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight
 from ox_quant.errors import OxQuantError
@@ -170,6 +171,8 @@ class Calibration:
     reports: dict[str, SiteReport]
     store: QuantizedStore
     notes: list[str] = field(default_factory=list)
+    cache_peak_bytes: int = 0
+    """Sequential schedule with segments: the most bytes of cached tensors held (on disk)."""
 
     def quantizer_for(self, name: str, original: Quantizer) -> Quantizer:
         """What the writer of weight ``name`` should call: its precomputed result, if any."""
@@ -179,6 +182,7 @@ class Calibration:
         return {
             "source": self.source, "samples": self.samples, "schedule": "sequential" if self.sequential else "one pass",
             "levels": self.levels, "passes": self.passes, "peak_state_bytes": self.peak_state_bytes,
+            "cache_peak_bytes": self.cache_peak_bytes,
             "seconds": round(self.seconds, 3), "notes": self.notes,
         }
 
@@ -223,9 +227,13 @@ def calibrate(
     workdir: str | Path | None = None,
     provider: str = "cpu",
     threads: int | None = None,
+    segments: bool = True,
 ) -> Calibration:
     """Statistics, quantized weights and reports for ``targets`` (module docstring). ``model``
-    is the loaded graph the targets' sites belong to (weights memory-mapped); it is not changed."""
+    is the loaded graph the targets' sites belong to (weights memory-mapped); it is not changed.
+    ``segments`` (sequential schedule): run each level's new nodes only, reading earlier levels'
+    tensors from a cache (:mod:`ox_quant.calibration.segments`); False: run the model from its
+    inputs for every level (the obvious way, which tests hold the segments to)."""
     started = time.perf_counter()
     say = progress or (lambda line: None)
     sequential = any(t.quantizer.sequential for t in targets)
@@ -239,7 +247,10 @@ def calibrate(
                          {}, {}, store)
     rtn = RoundToNearest()
     overrides: dict[str, np.ndarray] = {}
+    runner: Segments | None = None
     try:
+        if sequential and segments:
+            runner = Segments(model, feeds, store.folder / "segments", provider, threads)
         by_level: dict[int, list[Target]] = {}
         for t in targets:
             by_level.setdefault(levels[t.site.name], []).append(t)
@@ -249,7 +260,7 @@ def calibrate(
             gathered: dict[str, SiteStats] = {}
             if level > 0:
                 gathered = _gather(model, group, acts, feeds, overrides if sequential else {}, result, level, top,
-                                   say, provider, threads)
+                                   say, provider, threads, runner)
             for t in group:
                 stats = gathered.get(t.site.name)
                 _quantize(t, stats, level, rtn, result, model)
@@ -264,6 +275,8 @@ def calibrate(
     except BaseException:
         store.close()
         raise
+    if runner is not None:
+        result.cache_peak_bytes = runner.peak_bytes
     result.seconds = time.perf_counter() - started
     say(f"calibration done: {len(targets)} weights, {result.passes} pass(es) over {len(feeds)} feeds, "
         f"{result.seconds:.1f} s")
@@ -272,7 +285,7 @@ def calibrate(
 
 def _gather(model: ir.Model, group: list[Target], acts: dict[str, tuple[Activation, ...]], feeds: FeedSource,
             overrides: dict[str, np.ndarray], result: Calibration, level: int, top: int, say: Progress,
-            provider: str, threads: int | None) -> dict[str, SiteStats]:
+            provider: str, threads: int | None, runner: Segments | None) -> dict[str, SiteStats]:
     """One pass over the feeds: the statistics of ``group``'s observable inputs."""
     needs_h: dict[Activation, bool] = {}
     width: dict[Activation, int] = {}
@@ -289,15 +302,17 @@ def _gather(model: ir.Model, group: list[Target], acts: dict[str, tuple[Activati
     say(f"calibrating {label}: {len(group)} weight(s), {len(accs)} input(s), state {state / 2**20:.1f} MiB, "
         f"{len(feeds)} feeds")
     names = sorted({a.name for a in accs})
-    observer = Observer(model, names, initializers=overrides, prune=True, provider=provider, threads=threads)
-    for feed in feeds:
-        tensors = observer.run(feed)
+    if runner is not None:
+        stream: Iterable[Mapping[str, np.ndarray]] = runner.level(names, overrides)
+    else:
+        observer = Observer(model, names, initializers=overrides, prune=True, provider=provider, threads=threads)
+        stream = (observer.run(feed) for feed in feeds)
+    for tensors in stream:
         for act, acc in accs.items():
             x = tensors[act.name]
             if act.transposed:
                 x = np.asarray(x).T
             acc.update(x)
-    del observer
     result.passes += 1
     return {t.site.name: merge([accs[a] for a in acts[t.site.name]]) for t in group if acts[t.site.name]}
 
@@ -314,13 +329,11 @@ def _quantize(t: Target, stats: SiteStats | None, level: int, rtn: RoundToNeares
         result.reports[site.name] = SiteReport(site.name, t.quantizer.name, level, 0, 0, 0, None, None, None,
                                                _note(site, model))
         return
-    error, kind = calibration_error(w, q.dequantize(np.float64), stats)
+    error, kind = quantized_error(w, q, stats)
     if t.quantizer.name == rtn.name:
         error_rtn = error
     else:
-        error_rtn, _ = calibration_error(w, rtn.quantize(w, t.config, scale_dtype).dequantize(np.float64), stats)
-    from ox_quant.algorithms.base import stats_bytes
-
+        error_rtn, _ = quantized_error(w, rtn.quantize(w, t.config, scale_dtype), stats)
     result.reports[site.name] = SiteReport(site.name, t.quantizer.name, level, stats.samples, stats.count,
                                            stats_bytes(stats.k, stats.hessian is not None), error_rtn, error, kind)
     result.stats[site.name] = replace(stats, hessian=None)

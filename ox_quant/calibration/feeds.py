@@ -146,9 +146,8 @@ def _embedding_rows(model: ir.Model, input_name: str) -> int | None:
     return None
 
 
-def text_feeds(path: Path, model: ir.Model, specs: Sequence[InputSpec], encode: TokenEncoder,
-               samples: int, seq_len: int) -> FeedSource:
-    """Consecutive ``seq_len``-token windows of the text file ``path`` (module docstring)."""
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a calibration file (one-line errors: not UTF-8, unreadable, empty)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -157,6 +156,13 @@ def text_feeds(path: Path, model: ir.Model, specs: Sequence[InputSpec], encode: 
         raise OxQuantError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
     if not text.strip():
         raise OxQuantError(f"calibration text {path} is empty")
+    return text
+
+
+def text_feeds(path: Path, model: ir.Model, specs: Sequence[InputSpec], encode: TokenEncoder,
+               samples: int, seq_len: int) -> FeedSource:
+    """Consecutive ``seq_len``-token windows of the text file ``path`` (module docstring)."""
+    text = read_text(path)
     by_name = {s.name: s for s in specs}
     ints = [s for s in specs if s.dtype.kind in "iu"]
     token = by_name.get("input_ids") or (ints[0] if len(ints) == 1 else None)
@@ -223,6 +229,7 @@ def calibration_feeds(
         if seq_len is not None:
             raise OxQuantError("--calibration-seq-len applies to text calibration, not .npz feeds")
         return npz_feeds([path], specs, f"{path.name}: 1 .npz feed")
+    read_text(path)
     if encode is None:
         raise OxQuantError(f"calibration file {path} is text (not .npz): give --tokenizer FILE|MODEL to tokenize it")
     return text_feeds(path, model, specs, encode, samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN)

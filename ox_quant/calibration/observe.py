@@ -102,6 +102,43 @@ def _prune(graph: onnx.GraphProto, targets: set[str]) -> None:
     del graph.output[:]
 
 
+def session_for(
+    proto: onnx.ModelProto,
+    folder: Path | None,
+    initializers: Mapping[str, np.ndarray],
+    provider: str = "cpu",
+    threads: int | None = None,
+    custom_ops: bool = False,
+) -> tuple[Any, list[Any]]:
+    """An ONNX Runtime session over ``proto`` (weights as external data in ``folder``, read once,
+    not repacked), with ``initializers`` overriding those weights without a copy; also the
+    OrtValues the session reads for its whole life (keep them with it)."""
+    if provider not in PROVIDERS:
+        raise OxQuantError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    if provider == "cuda" and not cuda_available():
+        raise OxQuantError("the CUDA execution provider is not available")
+    ort = load_onnxruntime()
+    options = make_session_options(exact=True, threads=threads)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    kept: list[Any] = []
+    for name, array in initializers.items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+        options.add_initializer(name, value)
+        kept.append(value)
+    if custom_ops:
+        from ox_quant.runtime.custom_ops import register_library
+
+        register_library(options, provider)
+    providers = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider == "cuda" else [])
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises several unrelated types
+        raise OxQuantError(f"ONNX Runtime cannot run the model for calibration: {one_line(str(exc))}") from exc
+    return session, kept
+
+
 class Observer:
     """One ONNX Runtime session over ``model`` that returns the tensors named in ``tensors``.
 
@@ -146,43 +183,21 @@ class Observer:
             if name not in existing:
                 graph.output.append(onnx.ValueInfoProto(name=name))  # ONNX Runtime infers the type
         self._computed = tuple(computed)
-        self._overrides: list[Any] = []
         kept_inits = {t.name for t in graph.initializer}
-        options = make_session_options(exact=True, threads=threads)
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        folder = _data_folder(model)
-        if folder is not None:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        ort = load_onnxruntime()
         all_inits = {v.name for g in model.graphs() for v in g.initializers.values()}
-        for name, array in (initializers or {}).items():
+        for name in initializers or {}:
             if name not in all_inits:
                 raise OxQuantError(f"cannot replace initializer {name!r}: the model has none of that name")
-            if name not in kept_inits:
-                continue  # pruned away: not read by what is observed
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-            options.add_initializer(name, value)
-            self._overrides.append(value)  # ONNX Runtime reads them for the session's whole life
-        if any(node.domain == CUSTOM_DOMAIN for g in model.graphs() for node in g):
-            from ox_quant.runtime.custom_ops import register_library
-
-            register_library(options, provider)
-        if provider not in PROVIDERS:
-            raise OxQuantError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
-        if provider == "cuda" and not cuda_available():
-            raise OxQuantError("the CUDA execution provider is not available")
-        providers = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider == "cuda" else [])
+        overrides = {k: v for k, v in (initializers or {}).items() if k in kept_inits}  # others pruned away
         self._session: Any = None
+        self._overrides: list[Any] = []
         self.input_names: tuple[str, ...] = self._from_feed
         """Inputs the (pruned) session reads: a feed needs these, others are ignored."""
         if not computed:
             return  # every requested tensor is a graph input: nothing to run
-        data = proto.SerializeToString()
+        custom = any(node.domain == CUSTOM_DOMAIN for g in model.graphs() for node in g)
+        self._session, self._overrides = session_for(proto, _data_folder(model), overrides, provider, threads, custom)
         del proto
-        try:
-            self._session = ort.InferenceSession(data, sess_options=options, providers=providers)
-        except Exception as exc:  # ORT raises several unrelated types
-            raise OxQuantError(f"ONNX Runtime cannot run the model for calibration: {one_line(str(exc))}") from exc
         session_inputs = tuple(i.name for i in self._session.get_inputs())
         self.input_names = session_inputs + tuple(n for n in self._from_feed if n not in session_inputs)
 

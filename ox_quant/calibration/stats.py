@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ox_quant.algorithms.base import SiteStats, stats_bytes
+from ox_quant.core.quantize import QuantizedWeight, expand_groups, group_sizes
 from ox_quant.errors import OxQuantError
 
 ROWS_PER_STEP = 4096
@@ -127,3 +128,32 @@ def merge(accumulators: list[Accumulator]) -> SiteStats:
         total.count += acc.count
         total.samples = max(total.samples, acc.samples)
     return total.result()
+
+
+COLUMNS_ELEMENTS = 1 << 20
+"""Weights whose error is computed at once (float64 temporaries of a few times this)."""
+
+
+def quantized_error(weight: np.ndarray, quantized: QuantizedWeight, stats: SiteStats) -> tuple[float, str]:
+    """:func:`calibration_error` of ``quantized`` against ``weight[K, N]``, computed over slices
+    of whole column groups so that memory stays at a few slices, not the weight."""
+    k, n = weight.shape
+    _, gn = group_sizes(quantized.granularity, k, n)
+    step = max(1, COLUMNS_ELEMENTS // max(1, k * gn)) * gn
+    h = stats.hessian
+    imp = np.asarray(stats.input_sq_mean, dtype=np.float64)
+    num = den = 0.0
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        g0, g1 = c0 // gn, -(-c1 // gn)
+        scales = expand_groups(quantized.scales[:, g0:g1].astype(np.float64), quantized.granularity, k, c1 - c0)
+        zps = expand_groups(quantized.zero_points[:, g0:g1].astype(np.float64), quantized.granularity, k, c1 - c0)
+        w = np.asarray(weight[:, c0:c1], dtype=np.float64)
+        d = (np.asarray(quantized.codes[:, c0:c1], dtype=np.float64) - zps) * scales - w
+        if h is not None:
+            num += float(np.einsum("kn,kn->", d, h @ d))
+            den += float(np.einsum("kn,kn->", w, h @ w))
+        else:
+            num += float(imp @ (d * d).sum(axis=1))
+            den += float(imp @ (w * w).sum(axis=1))
+    return (num / den if den > 0 else 0.0), ("output" if h is not None else "diagonal")

@@ -378,7 +378,8 @@ def convert(
                              activations=act_options)
 
     def calibration_progress(line: str) -> None:
-        click.echo(line, err=True)
+        if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result
+            click.echo(line, err=True)
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:
