@@ -68,6 +68,8 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
         console.print("no weights quantized")
     if report.policy:
         console.print(f"default policy: {report.policy}")
+    print_calibration(console, report)
+    print_activations(console, report)
     if report.skipped:
         console.print(f"{len(report.skipped)} left as they are (--json lists each):")
         for group in group_skips(report.skipped):
@@ -82,6 +84,88 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
         + f", {elapsed:.1f} s"
     )
     console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
+
+
+def token_encoder(value: str):
+    """The encoder ``--tokenizer`` names: a ``tokenizer.json`` file, or a registered model's tokenizer."""
+    from pathlib import Path
+
+    from ox_quant.calibration.feeds import tokenizer_file
+
+    if Path(value).is_file():
+        return tokenizer_file(value)
+    import importlib
+
+    from ox_quant_models import REGISTRY
+
+    if value not in REGISTRY:
+        raise OxQuantError(f"--tokenizer {value!r} is neither a file nor a registered model "
+                           f"({', '.join(sorted(REGISTRY))})")
+    module = importlib.import_module(REGISTRY[value].split(":")[0])
+    make = getattr(module, "tokenizer", None)
+    if make is None:
+        raise OxQuantError(f"registered model {value!r} has no tokenizer: give --tokenizer FILE")
+    tok = make()
+
+    def encode(text: str) -> list[int]:
+        try:
+            return list(tok.encode(text, add_special_tokens=False).ids)
+        except TypeError:  # a tokenizer without that argument
+            return list(tok.encode(text).ids)
+
+    return encode
+
+
+def calibration_source(path: str, tokenizer: str | None, samples: int | None, seq_len: int | None):
+    """``--calibration`` and its companions as ``ConvertOptions.calibration_data`` (feeds made, and
+    checked, from the model convert loads; the tokenizer is resolved first)."""
+    from ox_quant.calibration.feeds import calibration_feeds
+
+    encode = token_encoder(tokenizer) if tokenizer is not None else None
+
+    def make(model):
+        return calibration_feeds(path, model, samples=samples, seq_len=seq_len, encode=encode)
+
+    return make
+
+
+def print_activations(console, report: ConvertReport) -> None:
+    """Activations quantized, how, what ONNX Runtime fused them into, and what stayed float."""
+    if not report.activation_mode:
+        return
+    from ox_quant.pipeline.convert import group_skips
+
+    feeds = f", {report.calibration_feeds} calibration feed(s)" if report.calibration_feeds else ""
+    console.print(f"activations: {len(report.activations)} tensor(s) quantized, {report.activation_mode}{feeds}")
+    for entry in report.activations[:8]:
+        detail = f" scale {entry.scale:.4g} zero point {entry.zero_point}" if entry.scale is not None else ""
+        console.print(f"  {entry.tensor} -> {entry.ops}: {entry.how}{detail}")
+    if len(report.activations) > 8:
+        console.print(f"  ... {len(report.activations) - 8} more (--json lists each)")
+    for smoothed in report.smoothed[:4]:
+        console.print(f"  SmoothQuant {smoothed.tensor}: s in [{smoothed.min_scale:.3g}, {smoothed.max_scale:.3g}], "
+                      f"{smoothed.how}")
+    kernels = ", ".join(f"{op} x{n}" for op, n in report.kernels) or "none (the pattern is not fused: runs as float ops)"
+    console.print(f"  ONNX Runtime CPU integer kernels in the optimized graph: {kernels}")
+    for group in group_skips(list(report.activation_skips)):
+        console.print(f"  {group.count:>4}  {group.reason}: {', '.join(group.names)}")
+
+
+def print_calibration(console, report: ConvertReport) -> None:
+    """One line on the calibration stage and the mean calibration error, RTN vs the algorithms."""
+    info = report.calibration
+    if not info:
+        return
+    rows = [q.calibration for q in report.quantized if q.calibration is not None and q.calibration.error is not None]
+    line = (f"calibration: {info['source']}; {info['schedule']}, {info['passes']} pass(es), "
+            f"{float(info['seconds']):.1f} s")  # type: ignore[arg-type]
+    if rows:
+        rtn = sum(r.error_rtn or 0.0 for r in rows) / len(rows)
+        err = sum(r.error or 0.0 for r in rows) / len(rows)
+        algos = ", ".join(sorted({r.algorithm for r in rows}))
+        kinds = "/".join(sorted({r.error_kind or "" for r in rows}))
+        line += f"; mean {kinds} error over {len(rows)} weights: rtn {rtn:.3e} -> {algos} {err:.3e}"
+    console.print(line)
 
 
 def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
@@ -141,6 +225,28 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
 )
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
+@click.option("--calibration", "calibration", type=click.Path(), default=None, metavar="PATH",
+              help="Calibration data: an .npz of one feed (as verify --inputs), a directory of .npz feeds, or a UTF-8 "
+              "text file (with --tokenizer) cut into token windows. Gathers per-weight activation statistics "
+              "for the algorithm and reports each weight's calibration error (RTN vs --algorithm) in --json.")
+@click.option("--tokenizer", default=None, metavar="FILE|MODEL",
+              help="Tokenizer for a text --calibration: a tokenizer.json file or a registered model's name.")
+@click.option("--calibration-samples", type=int, default=None, metavar="N",
+              help="Feeds used (text: windows; default 32; .npz directory: the first N files, default all).")
+@click.option("--calibration-seq-len", type=int, default=None, metavar="L",
+              help="Tokens per text window (default 256).")
+@click.option("--activations", "activations", type=click.Choice(["int8", "uint8", "dynamic"]), default=None,
+              help="Also quantize the activation inputs of the quantized MatMul/Gemm/Conv: uint8/int8 static "
+              "(ranges from --calibration), dynamic (DynamicQuantizeLinear at run time). Weights default to "
+              "int8 per channel (asymmetric) as QDQ, so that ONNX Runtime fuses them into its integer kernels.")
+@click.option("--calibrate", "calibrate", default="minmax", show_default=True, metavar="minmax|percentile:P|entropy|mse",
+              help="How static activation ranges are chosen from the calibration histograms.")
+@click.option("--activation-granularity", type=click.Choice(["tensor", "channel", "token"]), default="tensor",
+              show_default=True, help="One activation scale per tensor, per input channel (min-max; no fused "
+              "ONNX Runtime kernel), or per token (dynamic, symmetric int8; no fused kernel).")
+@click.option("--smooth-alpha", type=float, default=None, metavar="A",
+              help="SmoothQuant before quantizing: s = max|X|^A / max|W|^(1-A) per input channel, folded into "
+              "the op before (needs --calibration).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
 @click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
@@ -162,6 +268,14 @@ def convert(
     symmetric_rule: str,
     accuracy_level: int | None,
     algorithm: str,
+    calibration: str | None,
+    tokenizer: str | None,
+    calibration_samples: int | None,
+    calibration_seq_len: int | None,
+    activations: str | None,
+    calibrate: str,
+    activation_granularity: str,
+    smooth_alpha: float | None,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
     include_op: tuple[str, ...],
@@ -201,6 +315,35 @@ def convert(
     )
     from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
 
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+    act_options = None
+    if activations is not None:
+        from ox_quant.core.calibrate import parse_calibrator
+        from ox_quant.pipeline.activations import ActivationOptions
+
+        act_options = ActivationOptions(mode=activations, calibrator=parse_calibrator(calibrate),
+                                        granularity=activation_granularity, smooth_alpha=smooth_alpha)
+        if act_options.needs_feeds and calibration is None:
+            raise OxQuantError(f"--activations {activations}"
+                               + (" --smooth-alpha" if smooth_alpha is not None else "")
+                               + " needs calibration data: --calibration PATH (.npz, a folder of .npz, or a text "
+                               "with --tokenizer)")
+        # W8A8 unless asked otherwise: int8 per-channel QDQ weights (what ONNX Runtime fuses)
+        if not given("bits"):
+            bits = 8
+        if not given("granularity") and not given("block_size"):
+            granularity = "channel"
+        if not given("fmt"):
+            fmt = "qdq"
+    else:
+        for name, flag in (("calibrate", "--calibrate"), ("activation_granularity", "--activation-granularity"),
+                           ("smooth_alpha", "--smooth-alpha")):
+            if given(name):
+                raise OxQuantError(f"{flag} applies to activation quantization: add --activations int8|uint8|dynamic")
     config = QuantConfig(
         bits=bits,
         granularity=resolve_granularity(granularity, block_size),
@@ -227,7 +370,18 @@ def convert(
         explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits), ("gemm", gemm_bits))
                            if v is not None),
     )
-    options = ConvertOptions(config=config, selection=selection, policy=policy)
+    calibration_data = None
+    if calibration is not None:
+        calibration_data = calibration_source(calibration, tokenizer, calibration_samples, calibration_seq_len)
+    elif tokenizer is not None or calibration_samples is not None or calibration_seq_len is not None:
+        raise OxQuantError("--tokenizer, --calibration-samples and --calibration-seq-len need --calibration PATH")
+    options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data,
+                             activations=act_options)
+
+    def calibration_progress(line: str) -> None:
+        if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result
+            click.echo(line, err=True)
+
     copied: list[str] = []
     if Path(input_path).is_dir():  # an LLM folder: the model quantized, the other files copied
         from ox_quant.pipeline.folder import convert_folder
@@ -235,7 +389,7 @@ def convert(
         if output is None:
             raise OxQuantError(f"{input_path} is a folder: give the output folder with -o DIR")
         started = time.perf_counter()
-        report, copied = convert_folder(input_path, output, options)
+        report, copied = convert_folder(input_path, output, options, calibration_progress=calibration_progress)
         if as_json:
             click.echo(json.dumps({**report.as_dict(), "folder": output, "copied": copied}))
         else:
@@ -262,9 +416,9 @@ def convert(
             def progress(name: str, done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, description=name)
 
-            report = run_convert(input_path, output, options, progress)
+            report = run_convert(input_path, output, options, progress, calibration_progress)
     else:
-        report = run_convert(input_path, output, options)
+        report = run_convert(input_path, output, options, calibration_progress=calibration_progress)
     elapsed = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps(report.as_dict()))

@@ -155,7 +155,7 @@ def quantize_reference(weight: np.ndarray, config: QuantConfig, scale_dtype: DTy
 # Fast
 
 
-def _grouped_view(w: np.ndarray, gk: int, gn: int) -> np.ndarray:
+def grouped_view(w: np.ndarray, gk: int, gn: int) -> np.ndarray:
     """Zero-pad ``w[K, N]`` to whole groups and view it as ``[R, gk, C, gn]``.
 
     Zero padding changes no group's result (asymmetric ranges include 0; see
@@ -186,7 +186,7 @@ def choose_qparams(
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
     gk, gn = group_sizes(config.granularity, k, n)
-    grouped = _grouped_view(w, gk, gn)
+    grouped = grouped_view(w, gk, gn)
     f32 = np.float32
     if config.symmetric:
         scales_f, _ = symmetric_fast(grouped, config.bits, config.symmetric_rule, np.dtype(scale_dtype))
@@ -202,6 +202,17 @@ def choose_qparams(
     return QParams(scales_f.astype(scale_dtype), zps)
 
 
+def grouped_codes(grouped: np.ndarray, scales_f: np.ndarray, zps: np.ndarray, config: QuantConfig) -> np.ndarray:
+    """float32 codes ``[R, gk, C, gn]`` of a float32 grouped view under float32 scales and uint8
+    zero points ``[R, C]``: the arithmetic of :func:`quantize_with` (which chunks the asymmetric
+    case; a caller of this one bounds its own view)."""
+    if config.symmetric:
+        if config.symmetric_rule is SymmetricRule.SIGNED:
+            return signed_codes(grouped, scales_f, config.mid, config.qmax)
+        return nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
+    return _asymmetric_codes(grouped, scales_f, zps, config.qmax).astype(np.float32)
+
+
 def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> np.ndarray:
     """Codes ``uint8[K, N]`` of ``weight[K, N]`` under given scales and zero points:
     ``clip(round(w / scale) (+ zp), ...)`` as in the module docstring; a zero scale gives ``zp``.
@@ -210,11 +221,10 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
     gk, gn = group_sizes(config.granularity, k, n)
-    grouped = _grouped_view(w, gk, gn)
-    f32 = np.float32
-    scales_f = qparams.scales.astype(f32)  # exact: the stored scales came from float32
-    zps = qparams.zero_points
+    grouped = grouped_view(w, gk, gn)
+    scales_f = qparams.scales.astype(np.float32)  # exact: the stored scales came from float32
     rows, cols = scales_f.shape
+    zps = qparams.zero_points
     if config.symmetric:
         if config.symmetric_rule is SymmetricRule.SIGNED:
             q = signed_codes(grouped, scales_f, config.mid, config.qmax)
@@ -259,7 +269,7 @@ def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = n
         w = np.asarray(weight, dtype=np.float32)
         k, n = w.shape
         gk, gn = group_sizes(config.granularity, k, n)
-        grouped = _grouped_view(w, gk, gn)
+        grouped = grouped_view(w, gk, gn)
         scales_f, q_codes = symmetric_fast(grouped, config.bits, config.symmetric_rule, np.dtype(scale_dtype))
         rows, cols = scales_f.shape
         codes = np.ascontiguousarray(q_codes.reshape(rows * gk, cols * gn)[:k, :n])

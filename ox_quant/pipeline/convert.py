@@ -15,8 +15,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import InputScaler, Needs, SiteStats
 from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.calibration.driver import Calibration, SiteReport, Target, calibrate
+from ox_quant.calibration.feeds import FeedSource
 from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.base import QuantFormat
@@ -42,9 +44,13 @@ from ox_quant.ir.modelio import (
 )
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
+from ox_quant.pipeline.activations import ActivationEntry, ActivationOptions, SmoothedInput
+from ox_quant.pipeline.activations import prepare as prepare_activations
+from ox_quant.pipeline.activations import write as write_activations
+from ox_quant.pipeline.input_scaling import ScaledInput, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
-from ox_quant.pipeline.selection import Selection
+from ox_quant.pipeline.selection import Selection, first_matching_rule
 from ox_quant.runtime.loadable import check_runnable
 from ox_quant.runtime.session import max_ir_version
 
@@ -56,13 +62,21 @@ class ConvertOptions:
     ``calibration``: per-site statistics (``SiteStats``, keyed by the weight's initializer
     name) that a calibration stage gathered; each site's entry is handed to the quantizer of
     its config's ``algorithm`` (round-to-nearest ignores it). None: no calibration.
+    ``calibration_data``: feeds (``ox_quant.calibration.feeds``), or a function making them
+    from the loaded model (so they are checked against its inputs); when given, the calibration
+    stage (``ox_quant.calibration.driver.calibrate``) runs on the planned weights after
+    planning, quantizes them (sequentially, level by level, when an algorithm asks for it) and
+    the writers store its results; its statistics replace ``calibration``.
     """
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
     calibration: Mapping[str, SiteStats] | None = None
+    calibration_data: FeedSource | Callable[[ir.Model], FeedSource] | None = None
     policy: Policy = field(default_factory=Policy)
     """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
+    activations: ActivationOptions | None = None
+    """Quantize the activations of QDQ-weight MatMul/Gemm/Conv too (``ox_quant.pipeline.activations``); None: weights only."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,9 @@ class QuantizedEntry:
     stored_shape: tuple[int, ...] = ()
     config_reason: str = "--bits"
     """Why this config: ``--bits``, the default policy, a flag, a recipe rule, raised bits."""
+    algorithm: str = DEFAULT_ALGORITHM
+    calibration: SiteReport | None = None
+    """What the calibration stage did for this weight (samples, calibration error RTN vs algorithm)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -104,6 +121,8 @@ class QuantizedEntry:
             "config_reason": self.config_reason,
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
+            "algorithm": self.algorithm,
+            "calibration": self.calibration.as_dict() if self.calibration is not None else None,
         }
 
 
@@ -163,6 +182,21 @@ class ConvertReport:
     version_changes: tuple[VersionChange, ...] = ()
     policy: str = ""
     """One line: the config each kind of weight got by default (``Policy.describe``)."""
+    scaled_inputs: tuple[ScaledInput, ...] = ()
+    """Activations whose readers took input scales before quantizing (AWQ), and how."""
+    unscaled: tuple[tuple[str, str], ...] = ()
+    """(weight, why) for weights whose algorithm asked for input scales that could not be applied."""
+    calibration: dict[str, object] | None = None
+    """The calibration stage's summary (``Calibration.as_dict``), None without one."""
+    activations: tuple[ActivationEntry, ...] = ()
+    """Activations quantized (``--activations``)."""
+    activation_skips: tuple[Skip, ...] = ()
+    smoothed: tuple[SmoothedInput, ...] = ()
+    """Activations SmoothQuant rescaled, and where ``1/s`` went."""
+    activation_mode: str = ""
+    calibration_feeds: int = 0
+    kernels: tuple[tuple[str, int], ...] = ()
+    """Integer kernels ONNX Runtime's CPU optimizer made of the written model (activation mode only)."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -186,6 +220,18 @@ class ConvertReport:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "policy": self.policy,
+            "input_scales": [{"tensor": i.tensor, "weights": list(i.weights), "fold": i.how} for i in self.scaled_inputs],
+            "input_scales_not_applied": [{"name": n, "reason": r} for n, r in self.unscaled],
+            "calibration": self.calibration,
+            "activations": {
+                "mode": self.activation_mode,
+                "quantized": [a.as_dict() for a in self.activations],
+                "skipped": [{"name": s.name, "reason": s.reason} for s in self.activation_skips],
+                "smoothed": [{"tensor": m.tensor, "weights": list(m.weights), "fold": m.how,
+                              "scale_range": [m.min_scale, m.max_scale]} for m in self.smoothed],
+                "calibration_feeds": self.calibration_feeds,
+                "ort_kernels": dict(self.kernels),
+            } if self.activation_mode else None,
         }
 
 
@@ -302,6 +348,15 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     return config, choose_qdq_only(config, blocker)
 
 
+
+
+ACTIVATION_MIN_OPSET = 13  # per-axis QuantizeLinear
+
+
+def _activations_wanted(site: WeightSite, selection: Selection) -> bool:
+    """False when the first recipe rule matching ``site`` says ``activations: false``."""
+    matched = first_matching_rule(site, selection.rules)
+    return matched is None or bool(matched[1].overrides.get("activations", True))
 
 
 def formats_written(choice_format: str) -> tuple[QuantFormat, ...]:
@@ -442,10 +497,12 @@ def convert(
     output_path: str | os.PathLike | None = None,
     options: ConvertOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    calibration_progress: Callable[[str], None] | None = None,
 ) -> ConvertReport:
     """Quantize the eligible weights of ``input_path`` and write the result.
 
-    ``progress(weight_name, done, total)`` is called as each weight is quantized.
+    ``progress(weight_name, done, total)`` is called as each weight is quantized;
+    ``calibration_progress(line)`` as calibration passes start and end.
     Raises ``OxQuantError`` for bad input, impossible configurations or unwritable output.
     """
     options = options or ConvertOptions()
@@ -455,6 +512,8 @@ def convert(
     src = Path(input_path)
     model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
+    if output_path is None and options.activations is not None:
+        out = out.with_name(out.name.replace(".onnx", f".a{options.activations.mode}.onnx"))
     _check_paths(src, out, model)
     input_is_external = bool(external_files(model) - {src.resolve()})  # not its own embedded weights
 
@@ -479,7 +538,38 @@ def convert(
         if fmt.domain:
             model.opset_imports[fmt.domain] = fmt.opset
 
+    stage: Calibration | None = None
+    feeds: FeedSource | None = None
+    if options.calibration_data is not None:
+        targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
+        data = options.calibration_data
+        feeds = data if isinstance(data, FeedSource) else data(model)
+        # with --activations, data-free weight algorithms need no per-weight stage (the feeds calibrate activations)
+        if options.activations is None or any(t.quantizer.needs is not Needs.NONE for t in targets):
+            stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
+    try:
+        return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage,
+                      feeds)
+    finally:
+        if stage is not None:
+            stage.close()  # its scratch folder, once the writers have read it
+
+
+def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
+           formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
+           input_is_external: bool, stage: Calibration | None, feeds: FeedSource | None = None) -> ConvertReport:
+    """Rewrite every planned site (with the calibration stage's results, if any) and save."""
     used_names = _all_names(model)
+    calibration: Mapping[str, SiteStats] = options.calibration or (stage.stats if stage is not None else {})
+    scaled: list[ScaledInput] = []
+    unscaled: dict[str, str] = {}
+    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
+        calibration, scaled, unscaled = scale_inputs([(site, config) for site, config, _, _ in plan], calibration,
+                                                     used_names)
+    prepared = None
+    if options.activations is not None:
+        wanted = [(site, choice.format, _activations_wanted(site, options.selection)) for site, _, choice, _ in plan]
+        prepared = prepare_activations(model, wanted, options.activations, used_names, feeds)
     total = len(plan)
     done = [0]
 
@@ -490,9 +580,12 @@ def convert(
 
     entries = []
     for site, config, choice, why in plan:
-        stats = options.calibration.get(site.name) if options.calibration else None
+        stats = calibration.get(site.name)
+        quantizer = get_quantizer(config.algorithm)
+        if stage is not None:
+            quantizer = stage.quantizer_for(site.name, quantizer)
         nbytes = writer_for(choice.format)(
-            site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
+            site, config, used_names, on_done, quantizer=quantizer, stats=stats
         )
         entries.append(
             QuantizedEntry(
@@ -508,9 +601,16 @@ def convert(
                 stored_bytes=nbytes,
                 stored_shape=tuple(site.stored_shape),
                 config_reason=why,
+                algorithm=config.algorithm,
+                calibration=stage.reports.get(site.name) if stage is not None else None,
             )
         )
 
+    activations = None
+    if prepared is not None and options.activations is not None:
+        activations = write_activations(model, prepared, options.activations, used_names)
+        if _default_opset(model) < ACTIVATION_MIN_OPSET:
+            _ensure_opset(model, ACTIVATION_MIN_OPSET)
     needed_ir = max([model.ir_version] + [f.min_ir_version for f in formats])
     old_ir = model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
@@ -522,6 +622,11 @@ def convert(
     if external:  # the saver re-writes initializers, not attribute tensors read in place
         load_attribute_tensors(model, src.resolve())
     data_path = save_model_atomically(model, out, external)
+    kernels: tuple[tuple[str, int], ...] = ()
+    if activations is not None:
+        from ox_quant.runtime.fusion import integer_kernels, optimized_op_types
+
+        kernels = tuple(integer_kernels(optimized_op_types(out)).items())
     return ConvertReport(
         input=src,
         output=out,
@@ -532,4 +637,13 @@ def convert(
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
+        scaled_inputs=tuple(scaled),
+        unscaled=tuple(unscaled.items()),
+        calibration=stage.as_dict() if stage is not None else None,
+        activations=tuple(activations.entries) if activations else (),
+        activation_skips=tuple(activations.skipped) if activations else (),
+        smoothed=tuple(activations.smoothed) if activations else (),
+        activation_mode=options.activations.describe() if options.activations else "",
+        calibration_feeds=activations.feeds_seen if activations else 0,
+        kernels=kernels,
     )

@@ -24,6 +24,7 @@ def convert_folder(
     output_dir: str | os.PathLike,
     options: ConvertOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    calibration_progress: Callable[[str], None] | None = None,
 ) -> tuple[ConvertReport, list[str]]:
     """Quantize ``input_dir``'s model into ``output_dir`` (must not exist, or be an empty folder)
     and copy the other files. Returns the model's report and the names of the copied files."""
@@ -38,7 +39,7 @@ def convert_folder(
     skip = {folder.model.name} | {p.name for p in model_external_files(folder.model)}
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = convert(folder.model, scratch / folder.model.name, options, progress)
+        report = convert(folder.model, scratch / folder.model.name, options, progress, calibration_progress)
         copied = []
         for entry in sorted(src.iterdir()):
             if entry.name in skip or not entry.is_file():
