@@ -382,8 +382,10 @@ def convert(
         if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result
             click.echo(line, err=True)
 
+    if not _is_dir(input_path) and output is not None and _is_dir(output):
+        raise click.BadParameter(f"File '{output}' is a directory.", param_hint="'-o' / '--output'")  # exit 2
     copied: list[str] = []
-    if Path(input_path).is_dir():  # an LLM folder: the model quantized, the other files copied
+    if _is_dir(input_path):  # an LLM folder: the model quantized, the other files copied
         from ox_quant.pipeline.folder import convert_folder
 
         if output is None:
@@ -424,3 +426,11 @@ def convert(
         click.echo(json.dumps(report.as_dict()))
     else:
         print_summary(report, elapsed)
+
+
+def _is_dir(path: str) -> bool:
+    """``Path(path).is_dir()``, False where the name itself is unusable (too long, ...)."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
