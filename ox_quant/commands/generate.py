@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -24,7 +25,7 @@ def load_tokenizer(folder):
 
 
 @click.command("generate")
-@click.argument("model", metavar="DIR")
+@click.argument("model", metavar="DIR_OR_MODEL")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--greedy", is_flag=True, help="Always the most likely token (the default unless --temperature/--top-k are given).")
@@ -37,15 +38,18 @@ def load_tokenizer(folder):
 def generate_cmd(model: str, prompt: str, max_new_tokens: int, greedy: bool, temperature: float | None,
                  top_k: int | None, seed: int, provider: str, threads: int | None, show_ids: bool) -> None:
     """Continue PROMPT with the LLM folder DIR (from `ox-quant export NAME --kv-cache`, or
-    converted), decoding token by token with its key-value cache; text streams to stdout."""
+    converted; or its model.onnx), decoding token by token with its key-value cache; text streams to stdout."""
     from ox_quant.runtime.decode import CachedDecoder, Sampling
-    from ox_quant.runtime.llm_folder import read_folder
+    from ox_quant.runtime.llm_folder import is_llm_folder, read_folder
 
     if greedy and (temperature is not None or top_k is not None):
         raise OxQuantError("--greedy excludes --temperature and --top-k")
     sampling = Sampling() if greedy or (temperature is None and top_k is None) else Sampling(
         greedy=False, temperature=1.0 if temperature is None else temperature, top_k=top_k or 0, seed=seed)
-    folder = read_folder(model)
+    target = Path(model)
+    if target.is_file() and is_llm_folder(target.parent):  # DIR/model.onnx: the folder beside it
+        target = target.parent
+    folder = read_folder(target)
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if len(prompt_ids) >= folder.context_length:
