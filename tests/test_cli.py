@@ -184,3 +184,27 @@ def test_inspect_reads_custom_op_models(model, tmp_path, capsys, granularity, ex
     assert [(q["format"], q["bits"], q["granularity"], q["block_size"]) for q in info["quantized"]] == [
         ("custom", 3, *expected)] * 2
     assert info["bits_per_weight"] == pytest.approx(converted["bits_per_weight"])
+
+
+def test_external_data_by_default_from_the_threshold_and_single_file_on_request(tmp_path, capsys, monkeypatch):
+    """Weights of at least EXTERNAL_DATA_THRESHOLD go to OUTPUT.data (ONNX Runtime maps it rather than
+    holding the weights on its heap); --single-file keeps them inside, --external-data forces the file."""
+    rng = np.random.default_rng(5)
+    src = matmul_model(tmp_path / "m.onnx", random_weights(rng, 128, 64))
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    monkeypatch.setattr("ox_quant.pipeline.convert.EXTERNAL_DATA_THRESHOLD", 1024)
+    outputs = {}
+    for name, flags in (("default", ()), ("single", ("--single-file",))):
+        out = tmp_path / f"{name}.onnx"
+        code, stdout, err = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--json", *flags)
+        assert code == 0, err
+        report = json.loads(stdout)
+        data = out.with_name(out.name + ".data")
+        assert (report["external_data"] == str(data)) == (name == "default") == data.is_file()
+        outputs[name] = run(out, {"x": x})[0]
+    np.testing.assert_array_equal(outputs["default"], outputs["single"])
+    monkeypatch.undo()
+    out = tmp_path / "forced.onnx"
+    code, stdout, _ = cli(capsys, "convert", str(src), "-o", str(out), "--block-size", "32", "--external-data", "--json")
+    assert code == 0 and json.loads(stdout)["external_data"] == str(out.with_name("forced.onnx.data"))
+    np.testing.assert_array_equal(run(out, {"x": x})[0], outputs["single"])

@@ -253,6 +253,10 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
 @click.option("--exclude-op", multiple=True, metavar="OP", help="Leave weights of these ops alone (repeatable).")
 @click.option("--min-elements", type=int, default=0, show_default=True, help="Skip weights with fewer elements.")
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="JSON/YAML file of per-weight rules (bits, block size, format, skip) for mixed precision.")
+@click.option("--external-data/--single-file", "external_data", default=None,
+              help="Weights in OUTPUT.data beside the model, or inside the .onnx (default: external from 32 MiB of "
+              "weights, or when the input's are: ONNX Runtime memory-maps the file instead of copying the weights "
+              "onto its heap, about a third of the peak memory; one file holds at most 2 GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
 def convert(
     input_path: str,
@@ -282,6 +286,7 @@ def convert(
     exclude_op: tuple[str, ...],
     min_elements: int,
     recipe: str | None,
+    external_data: bool | None,
     as_json: bool,
 ) -> None:
     """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
@@ -376,7 +381,7 @@ def convert(
     elif tokenizer is not None or calibration_samples is not None or calibration_seq_len is not None:
         raise OxQuantError("--tokenizer, --calibration-samples and --calibration-seq-len need --calibration PATH")
     options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data,
-                             activations=act_options)
+                             activations=act_options, external_data=external_data)
 
     def calibration_progress(line: str) -> None:
         if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result

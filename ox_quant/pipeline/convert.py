@@ -37,6 +37,7 @@ from ox_quant.formats.writers import matmulnbits_blocker
 from ox_quant.ir.fold import fold_constant_weights
 from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
+    PROTOBUF_LIMIT,
     external_files,
     initializer_bytes,
     model_bytes,
@@ -77,6 +78,10 @@ class ConvertOptions:
     """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
     activations: ActivationOptions | None = None
     """Quantize the activations of QDQ-weight MatMul/Gemm/Conv too (``ox_quant.pipeline.activations``); None: weights only."""
+    external_data: bool | None = None
+    """Weights in ``<output>.data`` (True) or inside the .onnx (False); None: external when the input's
+    are or the weights reach ``EXTERNAL_DATA_THRESHOLD`` (ONNX Runtime maps such a file instead of
+    holding a copy on its heap)."""
 
 
 @dataclass(frozen=True)
@@ -618,7 +623,12 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         why = ("the installed onnxruntime loads IR up to " f"{max_ir_version()}" if model.ir_version < old_ir
                else "INT4/UINT4 initializers need IR 10")
         changes.append(VersionChange("IR version", old_ir, model.ir_version, why))
-    external = input_is_external or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    weight_bytes = initializer_bytes(model)
+    if options.external_data is False and weight_bytes >= PROTOBUF_LIMIT:
+        raise OxQuantError(f"--single-file: the weights ({weight_bytes / 2**30:.2f} GiB) exceed protobuf's 2 GiB "
+                           "limit for one .onnx file; drop --single-file to write them as external data")
+    external = (input_is_external or weight_bytes >= EXTERNAL_DATA_THRESHOLD) if options.external_data is None \
+        else options.external_data
     if external:  # the saver re-writes initializers, not attribute tensors read in place
         load_attribute_tensors(model, src.resolve())
     data_path = save_model_atomically(model, out, external)
