@@ -8,10 +8,12 @@ cache), one with a tied embedding (logits through ``Transpose(embed.weight)``) a
 with its own ``lm_head``. Each is converted by
 
 * ox-quant's default: ``ox-quant convert M --block-size 128``
-* ONNX Runtime: ``python -m onnxruntime.quantization.matmul_nbits_quantizer
-  --input_model M --output_model O --block_size 128 --bits 4`` (its other defaults)
+* ONNX Runtime's command line (``ort``): ``python -m onnxruntime.quantization.matmul_nbits_quantizer
+  --input_model M --output_model O --block_size 128 --bits 4`` (its other defaults: symmetric)
+* ONNX Runtime's class default (``ort-class``): ``MatMulNBitsQuantizer(model, bits=4)`` (block 128,
+  asymmetric: the same codes as ox-quant's default), saved with external data as its script saves
 
-and the three models are timed in the same process, with the same ONNX Runtime session
+and the four models are timed in the same process, with the same ONNX Runtime session
 options (default graph optimisations, ``--threads`` intra-op threads, 1 inter-op), the
 runs interleaved so that machine load falls on all of them alike:
 
@@ -93,15 +95,25 @@ def stats(seconds: list[float]) -> dict[str, float]:
             "min_ms": float(ms.min())}
 
 
+ORT_CLASS_DEFAULT = """
+import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+q = MatMulNBitsQuantizer(onnx.load(sys.argv[1]), bits=4)
+q.process()
+q.model.save_model_to_file(sys.argv[2], True)
+"""
+
+
 def bench_model(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     work = args.workdir / kind
     work.mkdir(parents=True, exist_ok=True)
     src = work / "float.onnx"
     build(src, args, tied=kind == "tied")
-    paths = {"float": src, "ox-quant": work / "oxq.onnx", "ort": work / "ort.onnx"}
+    paths = {"float": src, "ox-quant": work / "oxq.onnx", "ort": work / "ort.onnx", "ort-class": work / "ort_class.onnx"}
     run_tool([sys.executable, "-m", "ox_quant.cli", "convert", str(src), "-o", str(paths["ox-quant"]), "--block-size", "128"])
     run_tool([sys.executable, "-m", "onnxruntime.quantization.matmul_nbits_quantizer", "--input_model", str(src),
               "--output_model", str(paths["ort"]), "--block_size", "128", "--bits", "4"])
+    run_tool([sys.executable, "-c", ORT_CLASS_DEFAULT, str(src), str(paths["ort-class"])])
     sessions = {name: session(path, args.threads) for name, path in paths.items()}
     rng = np.random.default_rng(args.seed)
     token = {"input_ids": rng.integers(0, args.vocab, (1, 1), dtype=np.int64)}
@@ -126,15 +138,16 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\nlayers {args.layers}, hidden {args.hidden}, mlp {args.mlp}, vocab {args.vocab}; "
           f"ONNX Runtime CPU, {args.threads} thread(s); token: batch 1, 1 token, {args.repeat} runs; "
           f"prompt: {args.prompt} tokens, {max(3, args.repeat // 3)} runs; median (IQR; min) in ms; ratios of medians\n")
-    print("| model | output | MiB | token ms | vs float | vs ORT | prompt ms | vs float | vs ORT | logits SQNR dB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | output | MiB | token ms | vs float | vs ORT | vs ORT class | prompt ms | vs float | vs ORT "
+          "| vs ORT class | logits SQNR dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    peers = ("float", "ort", "ort-class")
     for r in rows:
         same = {x["variant"]: x for x in rows if x["model"] == r["model"]}
-        ratio = {k: {v: r[k]["median_ms"] / same[v][k]["median_ms"] for v in ("float", "ort")} for k in ("token", "prompt")}
+        ratio = {k: {v: r[k]["median_ms"] / same[v][k]["median_ms"] for v in peers} for k in ("token", "prompt")}
         sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.2f}"
-        print(f"| {r['model']} | {r['variant']} | {r['mib']:.1f} | {cell(r['token'])} | {ratio['token']['float']:.2f} | "
-              f"{ratio['token']['ort']:.2f} | {cell(r['prompt'])} | {ratio['prompt']['float']:.2f} | "
-              f"{ratio['prompt']['ort']:.2f} | {sqnr} |")
+        cols = " | ".join(f"{cell(r[k])} | " + " | ".join(f"{ratio[k][v]:.2f}" for v in peers) for k in ("token", "prompt"))
+        print(f"| {r['model']} | {r['variant']} | {r['mib']:.1f} | {cols} | {sqnr} |")
 
 
 def main() -> None:
