@@ -269,8 +269,8 @@ def test_calibration_flag_errors(tmp_path, chain, capsys):
                            "--tokenizer", "no-such-model")
     assert_one_line_error(code, err, "is neither a file nor a registered model")
     code, _, err = run_cli(capsys, "convert", str(src), *out, "--calibration", str(tmp_path / "f.npz"),
-                           "--tokenizer", "toy-mlp")
-    assert_one_line_error(code, err, "registered model 'toy-mlp' has no tokenizer")
+                           "--tokenizer", "crepe-tiny")
+    assert_one_line_error(code, err, "registered model 'crepe-tiny' has no tokenizer")
 
 
 def test_feeds_are_checked_against_the_model(tmp_path, chain):
