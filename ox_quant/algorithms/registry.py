@@ -7,10 +7,12 @@ entry in :data:`QUANTIZERS`.
 from __future__ import annotations
 
 from ox_quant.algorithms.base import Quantizer
+from ox_quant.algorithms.hqq import HalfQuadratic
+from ox_quant.algorithms.mse import MseSearch
 from ox_quant.algorithms.rtn import RoundToNearest
 from ox_quant.errors import OxQuantError
 
-QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (RoundToNearest(),)}
+QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (RoundToNearest(), MseSearch(), HalfQuadratic())}
 
 
 def get_quantizer(name: str) -> Quantizer:

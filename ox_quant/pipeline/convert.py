@@ -17,6 +17,8 @@ import onnx_ir as ir
 
 from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.calibration.driver import Calibration, SiteReport, Target, calibrate
+from ox_quant.calibration.feeds import FeedSource
 from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.base import QuantFormat
@@ -56,11 +58,17 @@ class ConvertOptions:
     ``calibration``: per-site statistics (``SiteStats``, keyed by the weight's initializer
     name) that a calibration stage gathered; each site's entry is handed to the quantizer of
     its config's ``algorithm`` (round-to-nearest ignores it). None: no calibration.
+    ``calibration_data``: feeds (``ox_quant.calibration.feeds``), or a function making them
+    from the loaded model (so they are checked against its inputs); when given, the calibration
+    stage (``ox_quant.calibration.driver.calibrate``) runs on the planned weights after
+    planning, quantizes them (sequentially, level by level, when an algorithm asks for it) and
+    the writers store its results; its statistics replace ``calibration``.
     """
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
     calibration: Mapping[str, SiteStats] | None = None
+    calibration_data: FeedSource | Callable[[ir.Model], FeedSource] | None = None
     policy: Policy = field(default_factory=Policy)
     """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
 
@@ -84,6 +92,9 @@ class QuantizedEntry:
     stored_shape: tuple[int, ...] = ()
     config_reason: str = "--bits"
     """Why this config: ``--bits``, the default policy, a flag, a recipe rule, raised bits."""
+    algorithm: str = DEFAULT_ALGORITHM
+    calibration: SiteReport | None = None
+    """What the calibration stage did for this weight (samples, calibration error RTN vs algorithm)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -104,6 +115,8 @@ class QuantizedEntry:
             "config_reason": self.config_reason,
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
+            "algorithm": self.algorithm,
+            "calibration": self.calibration.as_dict() if self.calibration is not None else None,
         }
 
 
@@ -163,6 +176,8 @@ class ConvertReport:
     version_changes: tuple[VersionChange, ...] = ()
     policy: str = ""
     """One line: the config each kind of weight got by default (``Policy.describe``)."""
+    calibration: dict[str, object] | None = None
+    """The calibration stage's summary (``Calibration.as_dict``), None without one."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -186,6 +201,7 @@ class ConvertReport:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "policy": self.policy,
+            "calibration": self.calibration,
         }
 
 
@@ -442,10 +458,12 @@ def convert(
     output_path: str | os.PathLike | None = None,
     options: ConvertOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    calibration_progress: Callable[[str], None] | None = None,
 ) -> ConvertReport:
     """Quantize the eligible weights of ``input_path`` and write the result.
 
-    ``progress(weight_name, done, total)`` is called as each weight is quantized.
+    ``progress(weight_name, done, total)`` is called as each weight is quantized;
+    ``calibration_progress(line)`` as calibration passes start and end.
     Raises ``OxQuantError`` for bad input, impossible configurations or unwritable output.
     """
     options = options or ConvertOptions()
@@ -479,6 +497,23 @@ def convert(
         if fmt.domain:
             model.opset_imports[fmt.domain] = fmt.opset
 
+    stage: Calibration | None = None
+    if options.calibration_data is not None:
+        targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
+        data = options.calibration_data
+        feeds = data if isinstance(data, FeedSource) else data(model)
+        stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
+    try:
+        return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage)
+    finally:
+        if stage is not None:
+            stage.close()  # its scratch folder, once the writers have read it
+
+
+def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
+           formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
+           input_is_external: bool, stage: Calibration | None) -> ConvertReport:
+    """Rewrite every planned site (with the calibration stage's results, if any) and save."""
     used_names = _all_names(model)
     total = len(plan)
     done = [0]
@@ -491,8 +526,11 @@ def convert(
     entries = []
     for site, config, choice, why in plan:
         stats = options.calibration.get(site.name) if options.calibration else None
+        quantizer = get_quantizer(config.algorithm)
+        if stage is not None:
+            stats, quantizer = stage.stats.get(site.name), stage.quantizer_for(site.name, quantizer)
         nbytes = writer_for(choice.format)(
-            site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
+            site, config, used_names, on_done, quantizer=quantizer, stats=stats
         )
         entries.append(
             QuantizedEntry(
@@ -508,6 +546,8 @@ def convert(
                 stored_bytes=nbytes,
                 stored_shape=tuple(site.stored_shape),
                 config_reason=why,
+                algorithm=config.algorithm,
+                calibration=stage.reports.get(site.name) if stage is not None else None,
             )
         )
 
@@ -532,4 +572,5 @@ def convert(
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
+        calibration=stage.as_dict() if stage is not None else None,
     )
