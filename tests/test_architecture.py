@@ -21,7 +21,7 @@ PACKAGE = REPO / "ox_quant"
 ZOO = REPO / "models"
 
 #: Bottom to top. A layer may import itself and the layers before it.
-LAYERS = ("errors", "core", "algorithms", "ir", "formats", "runtime", "pipeline", "export", "verification",
+LAYERS = ("errors", "core", "algorithms", "ir", "formats", "runtime", "calibration", "pipeline", "export", "verification",
           "evaluation", "study", "commands", "cli")
 #: Layers that may import the model zoo.
 ZOO_USERS = {"evaluation", "study", "commands", "cli"}
@@ -31,6 +31,7 @@ FORBIDDEN = {
     "algorithms": {"onnxruntime", "onnx", "onnx_ir", "torch", "onnxscript"},
     "ir": {"onnxruntime", "torch"},
     "formats": {"onnxruntime", "torch"},
+    "calibration": {"torch"},
 }
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import DTypeLike
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import Needs, SiteStats
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight, quantize, quantize_reference
 from ox_quant.errors import OxQuantError
@@ -225,6 +225,8 @@ class AWQ:
     tensor; ``quantize`` then gets the scaled weight and the statistics of the scaled input."""
 
     name = "awq"
+    needs = Needs.HESSIAN
+    sequential = False  # scales are searched on the float model, as AWQ does; they change no float output
 
     def input_scales(
         self, weights: Sequence[np.ndarray], configs: Sequence[QuantConfig], scale_dtypes: Sequence[DTypeLike],

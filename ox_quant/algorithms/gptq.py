@@ -33,7 +33,7 @@ from dataclasses import replace
 import numpy as np
 from numpy.typing import DTypeLike
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import Needs, SiteStats
 from ox_quant.core.config import Block, QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight, choose_qparams, quantize_with
 from ox_quant.errors import OxQuantError
@@ -256,7 +256,11 @@ def gptq_quantize(
 
 
 class GPTQ:
-    """GPTQ (module docstring) on the Hessian of the weight's calibration inputs."""
+    """GPTQ (module docstring) on the Hessian of the weight's calibration inputs, gathered on the
+    model with the weights upstream already quantized (``sequential``)."""
+
+    needs = Needs.HESSIAN
+    sequential = True
 
     def __init__(self, name: str = "gptq", damp: float = DEFAULT_DAMP, act_order: bool = False,
                  block: int = DEFAULT_BLOCK):

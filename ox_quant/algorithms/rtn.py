@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import Needs, SiteStats
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight, choose_qparams, quantize
 
@@ -14,6 +14,8 @@ class RoundToNearest:
     """Scales from each group's range, codes rounded to nearest; calibration statistics unused."""
 
     name = "rtn"
+    needs = Needs.NONE
+    sequential = False
 
     def choose_qparams(
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None = None
