@@ -50,6 +50,7 @@ def test_json_contract(model, tmp_path, capsys):
             "block_size": -1, "symmetric": True, "format": "qdq",
             "format_reason": report["quantized"][0]["format_reason"], "config_reason": "--bits",
             "stored_bytes": 256 * 128 + 128 * 4, "bits_per_weight": pytest.approx((256 * 128 + 512) * 8 / (256 * 128)),
+            "algorithm": "rtn", "calibration": None,
         }
     ]
     assert report["skipped"] == [{"name": "W1", "reason": "excluded by --exclude 'W1'"}]
@@ -57,6 +58,7 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["input_bytes"] == model.stat().st_size
     assert report["output_bytes"] == out_path.stat().st_size
     assert report["policy"].startswith("MatMul/Gemm at int8 channel sym; Conv float (--conv-bits)")
+    assert report["calibration"] is None
 
 
 @pytest.mark.parametrize(

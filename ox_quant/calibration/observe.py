@@ -172,14 +172,19 @@ class Observer:
         if provider == "cuda" and not cuda_available():
             raise OxQuantError("the CUDA execution provider is not available")
         providers = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider == "cuda" else [])
+        self._session: Any = None
+        self.input_names: tuple[str, ...] = self._from_feed
+        """Inputs the (pruned) session reads: a feed needs these, others are ignored."""
+        if not computed:
+            return  # every requested tensor is a graph input: nothing to run
         data = proto.SerializeToString()
         del proto
         try:
             self._session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises several unrelated types
             raise OxQuantError(f"ONNX Runtime cannot run the model for calibration: {one_line(str(exc))}") from exc
-        self.input_names: tuple[str, ...] = tuple(i.name for i in self._session.get_inputs())
-        """Inputs the (pruned) session reads: a feed needs these, others are ignored."""
+        session_inputs = tuple(i.name for i in self._session.get_inputs())
+        self.input_names = session_inputs + tuple(n for n in self._from_feed if n not in session_inputs)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The requested tensors for one feed (graph input name -> array)."""

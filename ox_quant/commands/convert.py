@@ -69,6 +69,7 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
         console.print("no weights quantized")
     if report.policy:
         console.print(f"default policy: {report.policy}")
+    print_calibration(console, report)
     if report.skipped:
         console.print(f"{len(report.skipped)} left as they are (--json lists each):")
         for group in group_skips(report.skipped):
@@ -83,6 +84,66 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
         + f", {elapsed:.1f} s"
     )
     console.print(f"wrote {report.output}" + (f" (+ {report.external_data.name})" if report.external_data else ""))
+
+
+def token_encoder(value: str):
+    """The encoder ``--tokenizer`` names: a ``tokenizer.json`` file, or a registered model's tokenizer."""
+    from pathlib import Path
+
+    from ox_quant.calibration.feeds import tokenizer_file
+
+    if Path(value).is_file():
+        return tokenizer_file(value)
+    import importlib
+
+    from ox_quant_models import REGISTRY
+
+    if value not in REGISTRY:
+        raise OxQuantError(f"--tokenizer {value!r} is neither a file nor a registered model "
+                           f"({', '.join(sorted(REGISTRY))})")
+    module = importlib.import_module(REGISTRY[value].split(":")[0])
+    make = getattr(module, "tokenizer", None)
+    if make is None:
+        raise OxQuantError(f"registered model {value!r} has no tokenizer: give --tokenizer FILE")
+    tok = make()
+
+    def encode(text: str) -> list[int]:
+        try:
+            return list(tok.encode(text, add_special_tokens=False).ids)
+        except TypeError:  # a tokenizer without that argument
+            return list(tok.encode(text).ids)
+
+    return encode
+
+
+def calibration_source(path: str, tokenizer: str | None, samples: int | None, seq_len: int | None):
+    """``--calibration`` and its companions as ``ConvertOptions.calibration_data`` (feeds made, and
+    checked, from the model convert loads; the tokenizer is resolved first)."""
+    from ox_quant.calibration.feeds import calibration_feeds
+
+    encode = token_encoder(tokenizer) if tokenizer is not None else None
+
+    def make(model):
+        return calibration_feeds(path, model, samples=samples, seq_len=seq_len, encode=encode)
+
+    return make
+
+
+def print_calibration(console, report: ConvertReport) -> None:
+    """One line on the calibration stage and the mean calibration error, RTN vs the algorithms."""
+    info = report.calibration
+    if not info:
+        return
+    rows = [q.calibration for q in report.quantized if q.calibration is not None and q.calibration.error is not None]
+    line = (f"calibration: {info['source']}; {info['schedule']}, {info['passes']} pass(es), "
+            f"{float(info['seconds']):.1f} s")  # type: ignore[arg-type]
+    if rows:
+        rtn = sum(r.error_rtn or 0.0 for r in rows) / len(rows)
+        err = sum(r.error or 0.0 for r in rows) / len(rows)
+        algos = ", ".join(sorted({r.algorithm for r in rows}))
+        kinds = "/".join(sorted({r.error_kind or "" for r in rows}))
+        line += f"; mean {kinds} error over {len(rows)} weights: rtn {rtn:.3e} -> {algos} {err:.3e}"
+    console.print(line)
 
 
 def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
@@ -140,6 +201,16 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
 )
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
 @click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
+@click.option("--calibration", "calibration", type=click.Path(), default=None, metavar="PATH",
+              help="Calibration data: an .npz of one feed (as verify --inputs), a directory of .npz feeds, or a UTF-8 "
+              "text file (with --tokenizer) cut into token windows. Gathers per-weight activation statistics "
+              "for the algorithm and reports each weight's calibration error (RTN vs --algorithm) in --json.")
+@click.option("--tokenizer", default=None, metavar="FILE|MODEL",
+              help="Tokenizer for a text --calibration: a tokenizer.json file or a registered model's name.")
+@click.option("--calibration-samples", type=int, default=None, metavar="N",
+              help="Feeds used (text: windows; default 32; .npz directory: the first N files, default all).")
+@click.option("--calibration-seq-len", type=int, default=None, metavar="L",
+              help="Tokens per text window (default 256).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
 @click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
@@ -160,6 +231,10 @@ def convert(
     symmetric_rule: str,
     accuracy_level: int | None,
     algorithm: str,
+    calibration: str | None,
+    tokenizer: str | None,
+    calibration_samples: int | None,
+    calibration_seq_len: int | None,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
     include_op: tuple[str, ...],
@@ -215,7 +290,15 @@ def convert(
                         else parse_width(embedding_bits, "--embedding-bits")),
         explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits)) if v is not None),
     )
-    options = ConvertOptions(config=config, selection=selection, policy=policy)
+    calibration_data = None
+    if calibration is not None:
+        calibration_data = calibration_source(calibration, tokenizer, calibration_samples, calibration_seq_len)
+    elif tokenizer is not None or calibration_samples is not None or calibration_seq_len is not None:
+        raise OxQuantError("--tokenizer, --calibration-samples and --calibration-seq-len need --calibration PATH")
+    options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data)
+
+    def calibration_progress(line: str) -> None:
+        click.echo(line, err=True)
     started = time.perf_counter()
     show_progress = sys.stderr.isatty()
     if show_progress:
@@ -236,9 +319,9 @@ def convert(
             def progress(name: str, done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, description=name)
 
-            report = run_convert(input_path, output, options, progress)
+            report = run_convert(input_path, output, options, progress, calibration_progress)
     else:
-        report = run_convert(input_path, output, options)
+        report = run_convert(input_path, output, options, calibration_progress=calibration_progress)
     elapsed = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps(report.as_dict()))

@@ -17,6 +17,8 @@ import onnx_ir as ir
 
 from ox_quant.algorithms.base import InputScaler, SiteStats
 from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.calibration.driver import Calibration, SiteReport, Target, calibrate
+from ox_quant.calibration.feeds import FeedSource
 from ox_quant.core.config import DEFAULT_ALGORITHM, Format, PerChannel, QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.base import QuantFormat
@@ -42,7 +44,7 @@ from ox_quant.ir.modelio import (
 )
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
-from ox_quant.pipeline.input_scaling import ScaledInput, scale_inputs
+from ox_quant.pipeline.input_scaling import ScaledInput, float_input_stats, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
 from ox_quant.pipeline.selection import Selection
@@ -57,11 +59,17 @@ class ConvertOptions:
     ``calibration``: per-site statistics (``SiteStats``, keyed by the weight's initializer
     name) that a calibration stage gathered; each site's entry is handed to the quantizer of
     its config's ``algorithm`` (round-to-nearest ignores it). None: no calibration.
+    ``calibration_data``: feeds (``ox_quant.calibration.feeds``), or a function making them
+    from the loaded model (so they are checked against its inputs); when given, the calibration
+    stage (``ox_quant.calibration.driver.calibrate``) runs on the planned weights after
+    planning, quantizes them (sequentially, level by level, when an algorithm asks for it) and
+    the writers store its results; its statistics replace ``calibration``.
     """
 
     config: QuantConfig = field(default_factory=QuantConfig)
     selection: Selection = field(default_factory=Selection)
     calibration: Mapping[str, SiteStats] | None = None
+    calibration_data: FeedSource | Callable[[ir.Model], FeedSource] | None = None
     policy: Policy = field(default_factory=Policy)
     """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
 
@@ -85,6 +93,9 @@ class QuantizedEntry:
     stored_shape: tuple[int, ...] = ()
     config_reason: str = "--bits"
     """Why this config: ``--bits``, the default policy, a flag, a recipe rule, raised bits."""
+    algorithm: str = DEFAULT_ALGORITHM
+    calibration: SiteReport | None = None
+    """What the calibration stage did for this weight (samples, calibration error RTN vs algorithm)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -105,6 +116,8 @@ class QuantizedEntry:
             "config_reason": self.config_reason,
             "stored_bytes": self.stored_bytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
+            "algorithm": self.algorithm,
+            "calibration": self.calibration.as_dict() if self.calibration is not None else None,
         }
 
 
@@ -168,6 +181,8 @@ class ConvertReport:
     """Activations whose readers took input scales before quantizing (AWQ), and how."""
     unscaled: tuple[tuple[str, str], ...] = ()
     """(weight, why) for weights whose algorithm asked for input scales that could not be applied."""
+    calibration: dict[str, object] | None = None
+    """The calibration stage's summary (``Calibration.as_dict``), None without one."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -193,6 +208,7 @@ class ConvertReport:
             "policy": self.policy,
             "input_scales": [{"tensor": i.tensor, "weights": list(i.weights), "fold": i.how} for i in self.scaled_inputs],
             "input_scales_not_applied": [{"name": n, "reason": r} for n, r in self.unscaled],
+            "calibration": self.calibration,
         }
 
 
@@ -449,10 +465,12 @@ def convert(
     output_path: str | os.PathLike | None = None,
     options: ConvertOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    calibration_progress: Callable[[str], None] | None = None,
 ) -> ConvertReport:
     """Quantize the eligible weights of ``input_path`` and write the result.
 
-    ``progress(weight_name, done, total)`` is called as each weight is quantized.
+    ``progress(weight_name, done, total)`` is called as each weight is quantized;
+    ``calibration_progress(line)`` as calibration passes start and end.
     Raises ``OxQuantError`` for bad input, impossible configurations or unwritable output.
     """
     options = options or ConvertOptions()
@@ -486,13 +504,39 @@ def convert(
         if fmt.domain:
             model.opset_imports[fmt.domain] = fmt.opset
 
-    used_names = _all_names(model)
-    calibration: Mapping[str, SiteStats] = options.calibration or {}
+    stage: Calibration | None = None
+    feeds: FeedSource | None = None
+    if options.calibration_data is not None:
+        targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
+        data = options.calibration_data
+        feeds = data if isinstance(data, FeedSource) else data(model)
+    calibration = options.calibration
     scaled: list[ScaledInput] = []
     unscaled: dict[str, str] = {}
     if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
-        calibration, scaled, unscaled = scale_inputs([(site, config) for site, config, _, _ in plan], calibration,
-                                                     used_names)
+        # before the calibration stage: it then gathers the statistics of the scaled inputs
+        planned = [(site, config) for site, config, _, _ in plan]
+        if options.calibration_data is not None:
+            before = float_input_stats(model, planned, feeds, calibration_progress)
+            _, scaled, unscaled = scale_inputs(planned, before, _all_names(model))
+        else:
+            calibration, scaled, unscaled = scale_inputs(planned, calibration or {}, _all_names(model))
+    if feeds is not None:
+        stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
+    try:
+        return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage,
+                      calibration, (tuple(scaled), tuple(unscaled.items())))
+    finally:
+        if stage is not None:
+            stage.close()  # its scratch folder, once the writers have read it
+
+
+def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
+           formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
+           input_is_external: bool, stage: Calibration | None, calibration: Mapping[str, SiteStats] | None,
+           scaling: tuple[tuple[ScaledInput, ...], tuple[tuple[str, str], ...]]) -> ConvertReport:
+    """Rewrite every planned site (with the calibration stage's results, if any) and save."""
+    used_names = _all_names(model)
     total = len(plan)
     done = [0]
 
@@ -503,9 +547,12 @@ def convert(
 
     entries = []
     for site, config, choice, why in plan:
-        stats = calibration.get(site.name)
+        stats = calibration.get(site.name) if calibration else None
+        quantizer = get_quantizer(config.algorithm)
+        if stage is not None:
+            stats, quantizer = stage.stats.get(site.name), stage.quantizer_for(site.name, quantizer)
         nbytes = writer_for(choice.format)(
-            site, config, used_names, on_done, quantizer=get_quantizer(config.algorithm), stats=stats
+            site, config, used_names, on_done, quantizer=quantizer, stats=stats
         )
         entries.append(
             QuantizedEntry(
@@ -521,6 +568,8 @@ def convert(
                 stored_bytes=nbytes,
                 stored_shape=tuple(site.stored_shape),
                 config_reason=why,
+                algorithm=config.algorithm,
+                calibration=stage.reports.get(site.name) if stage is not None else None,
             )
         )
 
@@ -545,6 +594,7 @@ def convert(
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
-        scaled_inputs=tuple(scaled),
-        unscaled=tuple(unscaled.items()),
+        scaled_inputs=scaling[0],
+        unscaled=scaling[1],
+        calibration=stage.as_dict() if stage is not None else None,
     )
