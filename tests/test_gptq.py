@@ -181,7 +181,7 @@ def test_cli_gptq_without_calibration_is_one_line(tmp_path, capsys):
     from tests.helpers import random_weights, run_cli
     from tests.verify_support import assert_one_line_error
 
-    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 64, 32))
+    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 128, 32))
     code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--algorithm", "gptq")
     assert_one_line_error(code, err, "--algorithm gptq needs calibration data (--calibration)")
     assert not (tmp_path / "o.onnx").exists()
