@@ -10,10 +10,12 @@ whole step (an algorithm such as GPTQ may also change the codes it rounds to).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QParams, QuantizedWeight
@@ -92,6 +94,18 @@ class SiteStats:
                    if a is not None)
 
 
+def scaled_stats(stats: SiteStats, s: np.ndarray) -> SiteStats:
+    """Statistics of ``x / s`` given those of ``x``."""
+    s = np.asarray(s, dtype=np.float64)
+    return SiteStats(
+        np.asarray(stats.input_sq_mean, dtype=np.float64) / s**2,
+        stats.count,
+        None if stats.input_abs_mean is None else np.asarray(stats.input_abs_mean, dtype=np.float64) / s,
+        None if stats.hessian is None else np.asarray(stats.hessian, dtype=np.float64) / np.outer(s, s),
+        stats.samples,
+    )
+
+
 class Quantizer(Protocol):
     """One quantization algorithm (registered in ``ox_quant.algorithms.registry``)."""
 
@@ -114,4 +128,24 @@ class Quantizer(Protocol):
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
     ) -> QuantizedWeight:
         """Codes, scales and zero points of ``weight[K, N]``."""
+        ...
+
+
+@runtime_checkable
+class InputScaler(Protocol):
+    """Optional extension of a quantizer: per-input-channel scales applied before quantizing.
+
+    ``convert`` groups the weights that read one activation tensor ``x[..., K]`` (all of them
+    must share one ``s``) and calls ``input_scales`` once per group with the current weights
+    ``W_j[K, N_j]``, their configs and scale dtypes, and the statistics of ``x``. A returned
+    ``s[K]`` (positive) is applied exactly in float by ``ox_quant.ir.input_scales``
+    (``W_j <- diag(s) W_j``, ``x <- x / s`` folded into the op producing ``x``, or an inserted
+    ``Mul``); each weight's ``quantize`` then gets its scaled weight and the statistics of
+    ``x / s``. None: leave the group as it is.
+    """
+
+    def input_scales(
+        self, weights: Sequence[np.ndarray], configs: Sequence[QuantConfig], scale_dtypes: Sequence[DTypeLike],
+        stats: SiteStats | None,
+    ) -> np.ndarray | None:
         ...

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import SiteStats
+from ox_quant.algorithms.base import InputScaler, SiteStats
 from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.calibration.driver import Calibration, SiteReport, Target, calibrate
 from ox_quant.calibration.feeds import FeedSource
@@ -44,6 +44,7 @@ from ox_quant.ir.modelio import (
 )
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
+from ox_quant.pipeline.input_scaling import ScaledInput, float_input_stats, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
 from ox_quant.pipeline.selection import Selection
@@ -176,6 +177,10 @@ class ConvertReport:
     version_changes: tuple[VersionChange, ...] = ()
     policy: str = ""
     """One line: the config each kind of weight got by default (``Policy.describe``)."""
+    scaled_inputs: tuple[ScaledInput, ...] = ()
+    """Activations whose readers took input scales before quantizing (AWQ), and how."""
+    unscaled: tuple[tuple[str, str], ...] = ()
+    """(weight, why) for weights whose algorithm asked for input scales that could not be applied."""
     calibration: dict[str, object] | None = None
     """The calibration stage's summary (``Calibration.as_dict``), None without one."""
 
@@ -201,6 +206,8 @@ class ConvertReport:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "policy": self.policy,
+            "input_scales": [{"tensor": i.tensor, "weights": list(i.weights), "fold": i.how} for i in self.scaled_inputs],
+            "input_scales_not_applied": [{"name": n, "reason": r} for n, r in self.unscaled],
             "calibration": self.calibration,
         }
 
@@ -498,13 +505,27 @@ def convert(
             model.opset_imports[fmt.domain] = fmt.opset
 
     stage: Calibration | None = None
+    feeds: FeedSource | None = None
     if options.calibration_data is not None:
         targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
         data = options.calibration_data
         feeds = data if isinstance(data, FeedSource) else data(model)
+    calibration = options.calibration
+    scaled: list[ScaledInput] = []
+    unscaled: dict[str, str] = {}
+    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
+        # before the calibration stage: it then gathers the statistics of the scaled inputs
+        planned = [(site, config) for site, config, _, _ in plan]
+        if options.calibration_data is not None:
+            before = float_input_stats(model, planned, feeds, calibration_progress)
+            _, scaled, unscaled = scale_inputs(planned, before, _all_names(model))
+        else:
+            calibration, scaled, unscaled = scale_inputs(planned, calibration or {}, _all_names(model))
+    if feeds is not None:
         stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
     try:
-        return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage)
+        return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage,
+                      calibration, (tuple(scaled), tuple(unscaled.items())))
     finally:
         if stage is not None:
             stage.close()  # its scratch folder, once the writers have read it
@@ -512,7 +533,8 @@ def convert(
 
 def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
            formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
-           input_is_external: bool, stage: Calibration | None) -> ConvertReport:
+           input_is_external: bool, stage: Calibration | None, calibration: Mapping[str, SiteStats] | None,
+           scaling: tuple[tuple[ScaledInput, ...], tuple[tuple[str, str], ...]]) -> ConvertReport:
     """Rewrite every planned site (with the calibration stage's results, if any) and save."""
     used_names = _all_names(model)
     total = len(plan)
@@ -525,7 +547,7 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
 
     entries = []
     for site, config, choice, why in plan:
-        stats = options.calibration.get(site.name) if options.calibration else None
+        stats = calibration.get(site.name) if calibration else None
         quantizer = get_quantizer(config.algorithm)
         if stage is not None:
             stats, quantizer = stage.stats.get(site.name), stage.quantizer_for(site.name, quantizer)
@@ -572,5 +594,7 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
+        scaled_inputs=scaling[0],
+        unscaled=scaling[1],
         calibration=stage.as_dict() if stage is not None else None,
     )
