@@ -92,6 +92,7 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
 
     Reports are written by ``ox_quant.study.report.write_report``.
     """
+    from ox_quant.study.algorithms import ours_row, peer_method_row
     from ox_quant.study.claims import evaluate_claims
     from ox_quant.study.peer import run_peer
     from ox_quant_models.tasks import study_facts
@@ -121,7 +122,17 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
                scale_bytes=0, eval_seconds=seconds)
     step += 1
 
-    rows, peer_rows = [], []
+    feeds, description = None, ""
+    if options.algorithms or options.peer_methods:
+        calib = facts.calibration_feeds(options.calibration_samples, options.calibration_seq_len)
+        if calib is not None:
+            source, description, feeds = calib
+            if source in details.get("texts", ()):
+                raise OxQuantError(f"the calibration text {source} is also scored: score another text "
+                                   f"(e.g. --text with a different file)")
+    algo_total = len(configs) * (len(options.algorithms) + len(options.peer_methods))
+    total += algo_total
+    rows, peer_rows, algorithm_rows = [], [], []
     for config in configs:
         label = config_label(config)
         progress(f"{label}: ox-quant", step, total)
@@ -130,6 +141,16 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
         if options.peer:
             progress(f"{label}: MatMulNBitsQuantizer", step, total)
             peer_rows.append(run_peer(config, src, work, options.keep_models, scorer, fp32.value))
+            step += 1
+        for algorithm in options.algorithms:
+            progress(f"{label}: ox-quant {algorithm}", step, total)
+            algorithm_rows.append(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds,
+                                           description))
+            step += 1
+        for method in options.peer_methods:
+            progress(f"{label}: MatMulNBitsQuantizer {method}", step, total)
+            algorithm_rows.append(peer_method_row(config, method, src, work, options.keep_models, scorer, fp32.value,
+                                                  feeds, description))
             step += 1
     progress("done", total, total)
     rows = mark_partial(rows)
@@ -141,5 +162,6 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
         model=options.model, metric=metric, options=options, fp32=fp32, rows=tuple(rows), peer_rows=tuple(peer_rows),
         claims=(), notes=tuple(dict.fromkeys(notes)), details={**details, "export_seconds": round(export_seconds, 2)},
         environment=environment(), seconds=time.perf_counter() - started,
+        algorithm_rows=tuple(algorithm_rows), calibration=description,
     )
     return StudyResult(**{**result.__dict__, "claims": tuple(evaluate_claims(result))})
