@@ -11,7 +11,7 @@ import pytest
 
 from ox_quant.core.config import QuantConfig, parse_granularity
 from ox_quant.errors import OxQuantError
-from ox_quant.study.algorithms import peer_method_row, peer_support, ours_row
+from ox_quant.study.algorithms import ours_row, peer_method_row, peer_support
 from ox_quant.study.child import ChildError, measured
 from ox_quant.study.metrics import StudyMetric
 from ox_quant.study.rows import StudyOptions, parse_only
