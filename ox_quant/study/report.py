@@ -192,8 +192,8 @@ def _algorithm_section(result: StudyResult) -> list[str]:
     lines = [f"Calibration (algorithms that read it, and ORT's gptq): {result.calibration or 'none'}; "
              "scored on a different source (see the metric). Each conversion ran in its own process: "
              "convert s = that process's wall time (interpreter start and imports included), peak RSS = its "
-             "peak resident memory (in brackets: above its memory just before the conversion began, after "
-             "the interpreter and imports). Layout, bits per weight and scale bytes as in the tables above.", ""]
+             "peak resident memory (in brackets: above its memory just before the conversion function was "
+             "called; the libraries that function imports, ONNX Runtime and onnx among them, count in it). Layout, bits per weight and scale bytes as in the tables above.", ""]
     header = ["configuration", "tool", "algorithm", m.name, _change_header(result), "bits per weight",
               "convert s", "peak RSS MiB (over its start)", "eval s", "status"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -209,17 +209,23 @@ def _algorithm_section(result: StudyResult) -> list[str]:
                                                     if r.start_rss_bytes else "")) if r.peak_rss_bytes else "-",
             f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-",
             status.replace("|", "/")]) + " |")
-    lines += ["", "Best of each tool per configuration (lowest loss vs fp32; ties: fewer bits per weight):", "",
-              "| configuration | best ox-quant | its " + _change_header(result) + " | best ONNX Runtime | its "
+    lines += ["", "Best of each tool per configuration, at equal or fewer bits per weight (lowest loss vs fp32 "
+              "among ONNX Runtime's rows whose measured bits per weight do not exceed the best ox-quant row's; "
+              "a row whose measured bits per weight exceed the configuration's is not comparable: e.g. a method "
+              "that wrote 4-bit codes when asked for 2):", "",
+              "| configuration | best ox-quant | its " + _change_header(result) + " | best ONNX Runtime (<= bpw) | its "
               + _change_header(result) + " | closer to fp32 |", "|---|---|---|---|---|---|"]
     configs = list(dict.fromkeys((r.bits, r.granularity, r.symmetric) for r in result.algorithm_rows))
+
+    def best_of(rows: list[Row]) -> Row | None:
+        cands = [r for r in rows if r.measured and r.loss is not None and math.isfinite(r.loss)]
+        return min(cands, key=lambda r: (r.loss or 0.0, r.bits_per_weight or 0.0)) if cands else None
+
     for bits, gran, sym in configs:
-        best: dict[str, Row | None] = {}
-        for tool in ("ox-quant", PEER):
-            cands = [r for r in result.algorithm_rows if (r.bits, r.granularity, r.symmetric) == (bits, gran, sym)
-                     and r.tool == tool and r.measured and r.loss is not None and math.isfinite(r.loss)]
-            best[tool] = min(cands, key=lambda r: (r.loss or 0.0, r.bits_per_weight or 0.0)) if cands else None
-        ours, peer = best["ox-quant"], best[PEER]
+        here = [r for r in result.algorithm_rows if (r.bits, r.granularity, r.symmetric) == (bits, gran, sym)]
+        ours = best_of([r for r in here if r.tool != PEER])
+        limit = (ours.bits_per_weight or 0.0) + 1e-9 if ours else math.inf
+        peer = best_of([r for r in here if r.tool == PEER and (r.bits_per_weight or 0.0) <= limit])
         if ours and peer and ours.loss is not None and peer.loss is not None:
             verdict = "ox-quant" if ours.loss < peer.loss else "ONNX Runtime" if peer.loss < ours.loss else "tie"
         else:
