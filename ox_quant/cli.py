@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
             root.addHandler(logging.NullHandler())
     try:
         cli.main(args=args, prog_name="ox-quant", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("ox-quant: interrupted", err=True)
+            sys.exit(130)
         click.echo("ox-quant: aborted", err=True)
         sys.exit(1)
     except click.exceptions.ClickException as exc:  # usage errors: click's own exit code (2)

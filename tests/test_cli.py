@@ -59,6 +59,7 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["output_bytes"] == out_path.stat().st_size
     assert report["policy"].startswith("MatMul at int8 channel sym; Gemm float (--gemm-bits); Conv float (--conv-bits)")
     assert report["calibration"] is None
+    assert report["activations"] is None
 
 
 @pytest.mark.parametrize(

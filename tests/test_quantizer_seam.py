@@ -54,14 +54,14 @@ def test_quantize_with_applies_given_parameters():
 
 
 def test_unknown_algorithm_is_a_clear_error(tmp_path):
-    with pytest.raises(OxQuantError, match=r"unknown quantization algorithm 'spqr': choose from .*rtn"):
-        registry.get_quantizer("spqr")
-    with pytest.raises(OxQuantError, match=r"recipe rule 2: unknown quantization algorithm 'quip'"):
-        apply_overrides(QuantConfig(), {"algorithm": "quip"}, "recipe rule 2")
+    with pytest.raises(OxQuantError, match=r"unknown quantization algorithm 'obq': choose from .*rtn"):
+        registry.get_quantizer("obq")
+    with pytest.raises(OxQuantError, match=r"recipe rule 2: unknown quantization algorithm 'spqr'"):
+        apply_overrides(QuantConfig(), {"algorithm": "spqr"}, "recipe rule 2")
     assert apply_overrides(QuantConfig(), {"algorithm": "rtn"}).algorithm == "rtn"
     src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 64, 32))
-    with pytest.raises(OxQuantError, match="unknown quantization algorithm 'spqr'"):
-        convert(src, tmp_path / "out.onnx", ConvertOptions(config=QuantConfig(algorithm="spqr")))
+    with pytest.raises(OxQuantError, match="unknown quantization algorithm 'quip'"):
+        convert(src, tmp_path / "out.onnx", ConvertOptions(config=QuantConfig(algorithm="quip")))
     assert not (tmp_path / "out.onnx").exists()
 
 

@@ -92,7 +92,7 @@ def test_numbers_match_a_direct_convert_and_evaluate(crepe_study, tmp_path):
     row = next(r for r in data["rows"] if r["label"] == "int4 block:64")
     src = out / "models" / "crepe-tiny.onnx"  # the study's own fp32 export (--keep-models)
     report = convert(src, tmp_path / "q.onnx", ConvertOptions(
-        config=QuantConfig(bits=4, granularity=Block(64), format=Format.QDQ), selection=Selection(include_ops=DEFAULT_OPS),
+        config=QuantConfig(bits=4, granularity=Block(64), symmetric=True, format=Format.QDQ), selection=Selection(include_ops=DEFAULT_OPS),
         policy=UNIFORM))  # the study's policy: every weight at the row's config
     fp32, quantized = evaluate(src), evaluate(tmp_path / "q.onnx")
     assert data["fp32"]["value"] == pytest.approx(fp32.metrics["cents_error_mean"], rel=1e-9)

@@ -68,6 +68,7 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
     if report.policy:
         console.print(f"default policy: {report.policy}")
     print_calibration(console, report)
+    print_activations(console, report)
     if report.skipped:
         console.print(f"{len(report.skipped)} left as they are (--json lists each):")
         for group in group_skips(report.skipped):
@@ -125,6 +126,28 @@ def calibration_source(path: str, tokenizer: str | None, samples: int | None, se
         return calibration_feeds(path, model, samples=samples, seq_len=seq_len, encode=encode)
 
     return make
+
+
+def print_activations(console, report: ConvertReport) -> None:
+    """Activations quantized, how, what ONNX Runtime fused them into, and what stayed float."""
+    if not report.activation_mode:
+        return
+    from ox_quant.pipeline.convert import group_skips
+
+    feeds = f", {report.calibration_feeds} calibration feed(s)" if report.calibration_feeds else ""
+    console.print(f"activations: {len(report.activations)} tensor(s) quantized, {report.activation_mode}{feeds}")
+    for entry in report.activations[:8]:
+        detail = f" scale {entry.scale:.4g} zero point {entry.zero_point}" if entry.scale is not None else ""
+        console.print(f"  {entry.tensor} -> {entry.ops}: {entry.how}{detail}")
+    if len(report.activations) > 8:
+        console.print(f"  ... {len(report.activations) - 8} more (--json lists each)")
+    for smoothed in report.smoothed[:4]:
+        console.print(f"  SmoothQuant {smoothed.tensor}: s in [{smoothed.min_scale:.3g}, {smoothed.max_scale:.3g}], "
+                      f"{smoothed.how}")
+    kernels = ", ".join(f"{op} x{n}" for op, n in report.kernels) or "none (the pattern is not fused: runs as float ops)"
+    console.print(f"  ONNX Runtime CPU integer kernels in the optimized graph: {kernels}")
+    for group in group_skips(list(report.activation_skips)):
+        console.print(f"  {group.count:>4}  {group.reason}: {', '.join(group.names)}")
 
 
 def print_calibration(console, report: ConvertReport) -> None:
@@ -213,6 +236,18 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
               help="Feeds used (text: windows; default 32; .npz directory: the first N files, default all).")
 @click.option("--calibration-seq-len", type=int, default=None, metavar="L",
               help="Tokens per text window (default 256).")
+@click.option("--activations", "activations", type=click.Choice(["int8", "uint8", "dynamic"]), default=None,
+              help="Also quantize the activation inputs of the quantized MatMul/Gemm/Conv: uint8/int8 static "
+              "(ranges from --calibration), dynamic (DynamicQuantizeLinear at run time). Weights default to "
+              "int8 per channel (asymmetric) as QDQ, so that ONNX Runtime fuses them into its integer kernels.")
+@click.option("--calibrate", "calibrate", default="minmax", show_default=True, metavar="minmax|percentile:P|entropy|mse",
+              help="How static activation ranges are chosen from the calibration histograms.")
+@click.option("--activation-granularity", type=click.Choice(["tensor", "channel", "token"]), default="tensor",
+              show_default=True, help="One activation scale per tensor, per input channel (min-max; no fused "
+              "ONNX Runtime kernel), or per token (dynamic, symmetric int8; no fused kernel).")
+@click.option("--smooth-alpha", type=float, default=None, metavar="A",
+              help="SmoothQuant before quantizing: s = max|X|^A / max|W|^(1-A) per input channel, folded into "
+              "the op before (needs --calibration).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip weights or nodes whose name matches (repeatable).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Quantize only weights or nodes whose name matches (repeatable).")
 @click.option("--include-op", multiple=True, metavar="OP", help="Quantize only weights of these ops: MatMul, Gemm, Gather, Conv (repeatable; default all).")
@@ -238,6 +273,10 @@ def convert(
     tokenizer: str | None,
     calibration_samples: int | None,
     calibration_seq_len: int | None,
+    activations: str | None,
+    calibrate: str,
+    activation_granularity: str,
+    smooth_alpha: float | None,
     exclude: tuple[str, ...],
     include: tuple[str, ...],
     include_op: tuple[str, ...],
@@ -277,6 +316,35 @@ def convert(
     )
     from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
 
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+    act_options = None
+    if activations is not None:
+        from ox_quant.core.calibrate import parse_calibrator
+        from ox_quant.pipeline.activations import ActivationOptions
+
+        act_options = ActivationOptions(mode=activations, calibrator=parse_calibrator(calibrate),
+                                        granularity=activation_granularity, smooth_alpha=smooth_alpha)
+        if act_options.needs_feeds and calibration is None:
+            raise OxQuantError(f"--activations {activations}"
+                               + (" --smooth-alpha" if smooth_alpha is not None else "")
+                               + " needs calibration data: --calibration PATH (.npz, a folder of .npz, or a text "
+                               "with --tokenizer)")
+        # W8A8 unless asked otherwise: int8 per-channel QDQ weights (what ONNX Runtime fuses)
+        if not given("bits"):
+            bits = 8
+        if not given("granularity") and not given("block_size"):
+            granularity = "channel"
+        if not given("fmt"):
+            fmt = "qdq"
+    else:
+        for name, flag in (("calibrate", "--calibrate"), ("activation_granularity", "--activation-granularity"),
+                           ("smooth_alpha", "--smooth-alpha")):
+            if given(name):
+                raise OxQuantError(f"{flag} applies to activation quantization: add --activations int8|uint8|dynamic")
     config = QuantConfig(
         bits=bits,
         granularity=resolve_granularity(granularity, block_size),
@@ -308,7 +376,8 @@ def convert(
         calibration_data = calibration_source(calibration, tokenizer, calibration_samples, calibration_seq_len)
     elif tokenizer is not None or calibration_samples is not None or calibration_seq_len is not None:
         raise OxQuantError("--tokenizer, --calibration-samples and --calibration-seq-len need --calibration PATH")
-    options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data)
+    options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data,
+                             activations=act_options)
 
     def calibration_progress(line: str) -> None:
         if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result

@@ -9,11 +9,15 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ox_quant.core.config import Format, SymmetricRule
 from ox_quant.errors import OxQuantError
+
+if TYPE_CHECKING:
+    from ox_quant.study.run import Scheduler
 
 
 @contextlib.contextmanager
@@ -32,6 +36,27 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 
 def _command_line() -> str:
     return "ox-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _scheduler(address: str | None, ray_cpus: int | None, row_cpus: float | None, max_retries: int | None,
+               row_timeout: float | None) -> Scheduler:
+    """The sequential scheduler, or the Ray one with the given settings (Ray-only flags need --ray)."""
+    from ox_quant.study.run import sequential
+
+    if address is None:
+        given = [name for name, v in (("--ray-cpus", ray_cpus), ("--row-cpus", row_cpus), ("--max-retries", max_retries),
+                                      ("--row-timeout", row_timeout)) if v is not None]
+        if given:
+            raise OxQuantError(f"{', '.join(given)} only apply with --ray")
+        return sequential
+    if ray_cpus is not None and address != "local":
+        raise OxQuantError(f"--ray-cpus only applies with --ray local, not --ray {address}")
+    from ox_quant.study.ray_scheduler import RayScheduler, import_ray
+
+    import_ray()  # one line now when Ray is missing, not after the fp32 export
+    return RayScheduler(address=address, row_cpus=1.0 if row_cpus is None else row_cpus,
+                        max_retries=2 if max_retries is None else max_retries,
+                        row_timeout=3600.0 if row_timeout is None else row_timeout, local_cpus=ray_cpus)
 
 
 @click.command("study")
@@ -74,11 +99,27 @@ def _command_line() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print study.json's content on stdout.")
 @click.option("--report-only", is_flag=True,
               help="Run nothing: write study.md and the plots again from --out's study.json (claims re-evaluated).")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows of --out's study.json with the same configuration, model hash and ox-quant "
+                   "version; measure the others.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[auto|local|ADDRESS]",
+              help="Measure rows as Ray tasks: local (a Ray instance of this process; the default of a bare --ray), "
+                   "auto (the cluster `ray start` runs here) or a cluster address. --out must be on a path every "
+                   "node sees (docs/ray.md). Needs pip install 'ox-quant[ray]'.")
+@click.option("--ray-cpus", type=click.IntRange(min=1), default=None,
+              help="--ray local: CPUs of the local Ray instance (default: all).")
+@click.option("--row-cpus", type=click.FloatRange(min=0.01), default=None,
+              help="--ray: CPUs each row reserves (default 1).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="--ray: times a row whose worker died is run again (default 2).")
+@click.option("--row-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="--ray: a row running longer is cancelled and marked failed (default 3600).")
 def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool, symmetric_rule: str,
               include_op: tuple[str, ...], peer: bool, algorithm_text: str, peer_method_text: str,
               calibration_samples: int, calibration_seq_len: int, only_text: str, keep_models: bool, out_dir: str | None,
               text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool,
-              report_only: bool) -> None:
+              report_only: bool, resume: bool, ray_address: str | None, ray_cpus: int | None, row_cpus: float | None,
+              max_retries: int | None, row_timeout: float | None) -> None:
     """Convert MODEL under every bit width x granularity, score each on its task, write the report.
 
     \b
@@ -132,6 +173,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
         only=parse_only(only_text),
     )
     out = Path(out_dir) if out_dir else Path(f"study-{model}")
+    scheduler = _scheduler(ray_address, ray_cpus, row_cpus, max_retries, row_timeout)
     if out.exists() and not out.is_dir():
         raise OxQuantError(f"--out {out} exists and is not a directory")
     if report_only:
@@ -156,7 +198,7 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(handle, completed=done, total=total, description=stage)
 
-        result = run_study(options, out, progress)
+        result = run_study(options, out, progress, scheduler=scheduler, resume=resume)
     command = _command_line()
     paths = write_report(result, out, command)
     if as_json:

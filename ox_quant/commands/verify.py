@@ -24,7 +24,7 @@ from ox_quant.errors import OxQuantError
 @click.option("--int-range", metavar="LO:HI", help="Range [LO, HI) of generated integer inputs.")
 @click.option("--min-sqnr", type=float, metavar="DB", help="Fail (exit 1) when an output's SQNR is lower.")
 @click.option("--min-cosine", type=float, help="Fail (exit 1) when an output's cosine similarity is lower.")
-@click.option("--per-layer", is_flag=True, help="Error caused by each quantized weight alone (ONNX REF).")
+@click.option("--per-layer", is_flag=True, help="Error caused by each quantized weight, and each quantized activation, alone (ONNX REF).")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Layers shown with --per-layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_cmd(
@@ -91,7 +91,7 @@ def verify_cmd(
             console.print(metrics_table("candidate on CUDA vs on CPU", report.provider_check))
         if report.layers is not None:
             table = Table(title=f"per-layer error, worst {min(top, len(report.layers.layers))} of "
-                                f"{len(report.layers.layers)} (each weight quantized alone)", title_justify="left")
+                                f"{len(report.layers.layers)} (each weight or activation quantized alone)", title_justify="left")
             for column in ("weight", "format", "bits", "shape", "weight SQNR dB", "output SQNR dB", "output cosine"):
                 table.add_column(column, justify="left" if column in ("weight", "format") else "right")
             for layer in report.layers.layers[:top]:

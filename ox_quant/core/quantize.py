@@ -204,23 +204,13 @@ def choose_qparams(
 
 def grouped_codes(grouped: np.ndarray, scales_f: np.ndarray, zps: np.ndarray, config: QuantConfig) -> np.ndarray:
     """float32 codes ``[R, gk, C, gn]`` of a float32 grouped view under float32 scales and uint8
-    zero points ``[R, C]`` (the arithmetic of :func:`quantize_with`, which this is the core of)."""
-    f32 = np.float32
+    zero points ``[R, C]``: the arithmetic of :func:`quantize_with` (which chunks the asymmetric
+    case; a caller of this one bounds its own view)."""
     if config.symmetric:
         if config.symmetric_rule is SymmetricRule.SIGNED:
             return signed_codes(grouped, scales_f, config.mid, config.qmax)
         return nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
-    safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
-    with np.errstate(over="ignore"):
-        inverse = f32(1) / safe
-    finite = np.isfinite(inverse)
-    x = grouped * np.where(finite, inverse, f32(0))
-    if not finite.all():  # 1 / scale overflows for subnormal scales: divide there
-        np.copyto(x, grouped / safe, where=np.broadcast_to(~finite, x.shape))
-    x += zps[:, None, :, None].astype(f32)
-    q = round_half_away_into_codes(x, config.qmax)
-    # zero-range groups: every code is the zero point
-    return np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
+    return _asymmetric_codes(grouped, scales_f, zps, config.qmax).astype(np.float32)
 
 
 def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> np.ndarray:
@@ -234,19 +224,41 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
     grouped = grouped_view(w, gk, gn)
     scales_f = qparams.scales.astype(np.float32)  # exact: the stored scales came from float32
     rows, cols = scales_f.shape
+    zps = qparams.zero_points
     if config.symmetric:
-        q = grouped_codes(grouped, scales_f, qparams.zero_points, config)
+        if config.symmetric_rule is SymmetricRule.SIGNED:
+            q = signed_codes(grouped, scales_f, config.mid, config.qmax)
+        else:
+            q = nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
         return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
     codes = np.empty((rows, gk, cols, gn), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // max(1, gk * cols * gn))  # row groups per chunk: bounded scratch
     for r0 in range(0, rows, step):
         part = slice(r0, r0 + step)
-        codes[part] = grouped_codes(grouped[part], scales_f[part], qparams.zero_points[part], config)
+        codes[part] = _asymmetric_codes(grouped[part], scales_f[part], zps[part], config.qmax)
     return np.ascontiguousarray(codes.reshape(rows * gk, cols * gn)[:k, :n])
 
 
 CHUNK_ELEMENTS = 1 << 22
 """Asymmetric codes are computed this many weights at a time (float32 scratch of 16 MiB each)."""
+
+
+def _asymmetric_codes(grouped: np.ndarray, scales_f: np.ndarray, zps: np.ndarray, qmax: int) -> np.ndarray:
+    """uint8 codes ``clip(roundf(w * (1 / scale) + zp), 0, qmax)`` of a ``[r, gk, C, gn]`` view
+    (``zp`` where the scale is 0); a subnormal scale, whose reciprocal overflows, divides instead."""
+    f32 = np.float32
+    safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
+    with np.errstate(over="ignore"):
+        inverse = f32(1) / safe
+    finite = np.isfinite(inverse)
+    x = grouped * np.where(finite, inverse, f32(0))
+    if not finite.all():
+        np.copyto(x, grouped / safe, where=np.broadcast_to(~finite, x.shape))
+    x += zps[:, None, :, None].astype(f32)
+    q = round_half_away_into_codes(x, qmax)
+    # zero-range groups: every code is the zero point
+    q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
+    return q.astype(np.uint8)
 
 
 def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32) -> QuantizedWeight:

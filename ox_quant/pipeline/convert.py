@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ox_quant.algorithms.base import InputScaler, SiteStats
+from ox_quant.algorithms.base import InputScaler, Needs, SiteStats
 from ox_quant.algorithms.registry import get_quantizer
 from ox_quant.calibration.driver import Calibration, SiteReport, Target, calibrate
 from ox_quant.calibration.feeds import FeedSource
@@ -44,10 +44,13 @@ from ox_quant.ir.modelio import (
 )
 from ox_quant.ir.sites import QUANTIZABLE_OPS, Skip, WeightSite, find_sites, name_matches
 from ox_quant.ir.wire import load_attribute_tensors
-from ox_quant.pipeline.input_scaling import ScaledInput, float_input_stats, scale_inputs
+from ox_quant.pipeline.activations import ActivationEntry, ActivationOptions, SmoothedInput
+from ox_quant.pipeline.activations import prepare as prepare_activations
+from ox_quant.pipeline.activations import write as write_activations
+from ox_quant.pipeline.input_scaling import ScaledInput, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
-from ox_quant.pipeline.selection import Selection
+from ox_quant.pipeline.selection import Selection, first_matching_rule
 from ox_quant.runtime.loadable import check_runnable
 from ox_quant.runtime.session import max_ir_version
 
@@ -72,6 +75,8 @@ class ConvertOptions:
     calibration_data: FeedSource | Callable[[ir.Model], FeedSource] | None = None
     policy: Policy = field(default_factory=Policy)
     """Bits of Conv and embedding weights (``ox_quant.pipeline.policy``); ``UNIFORM``: all at ``config``."""
+    activations: ActivationOptions | None = None
+    """Quantize the activations of QDQ-weight MatMul/Gemm/Conv too (``ox_quant.pipeline.activations``); None: weights only."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,15 @@ class ConvertReport:
     """(weight, why) for weights whose algorithm asked for input scales that could not be applied."""
     calibration: dict[str, object] | None = None
     """The calibration stage's summary (``Calibration.as_dict``), None without one."""
+    activations: tuple[ActivationEntry, ...] = ()
+    """Activations quantized (``--activations``)."""
+    activation_skips: tuple[Skip, ...] = ()
+    smoothed: tuple[SmoothedInput, ...] = ()
+    """Activations SmoothQuant rescaled, and where ``1/s`` went."""
+    activation_mode: str = ""
+    calibration_feeds: int = 0
+    kernels: tuple[tuple[str, int], ...] = ()
+    """Integer kernels ONNX Runtime's CPU optimizer made of the written model (activation mode only)."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -209,6 +223,15 @@ class ConvertReport:
             "input_scales": [{"tensor": i.tensor, "weights": list(i.weights), "fold": i.how} for i in self.scaled_inputs],
             "input_scales_not_applied": [{"name": n, "reason": r} for n, r in self.unscaled],
             "calibration": self.calibration,
+            "activations": {
+                "mode": self.activation_mode,
+                "quantized": [a.as_dict() for a in self.activations],
+                "skipped": [{"name": s.name, "reason": s.reason} for s in self.activation_skips],
+                "smoothed": [{"tensor": m.tensor, "weights": list(m.weights), "fold": m.how,
+                              "scale_range": [m.min_scale, m.max_scale]} for m in self.smoothed],
+                "calibration_feeds": self.calibration_feeds,
+                "ort_kernels": dict(self.kernels),
+            } if self.activation_mode else None,
         }
 
 
@@ -325,6 +348,15 @@ def plan_site(site: WeightSite, config: QuantConfig) -> tuple[QuantConfig, Forma
     return config, choose_qdq_only(config, blocker)
 
 
+
+
+ACTIVATION_MIN_OPSET = 13  # per-axis QuantizeLinear
+
+
+def _activations_wanted(site: WeightSite, selection: Selection) -> bool:
+    """False when the first recipe rule matching ``site`` says ``activations: false``."""
+    matched = first_matching_rule(site, selection.rules)
+    return matched is None or bool(matched[1].overrides.get("activations", True))
 
 
 def formats_written(choice_format: str) -> tuple[QuantFormat, ...]:
@@ -480,6 +512,8 @@ def convert(
     src = Path(input_path)
     model = load_model(src, runnable=True, runtime_check=check_runnable)
     out = Path(output_path) if output_path is not None else default_output_path(src, options.config)
+    if output_path is None and options.activations is not None:
+        out = out.with_name(out.name.replace(".onnx", f".a{options.activations.mode}.onnx"))
     _check_paths(src, out, model)
     input_is_external = bool(external_files(model) - {src.resolve()})  # not its own embedded weights
 
@@ -510,22 +544,12 @@ def convert(
         targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
         data = options.calibration_data
         feeds = data if isinstance(data, FeedSource) else data(model)
-    calibration = options.calibration
-    scaled: list[ScaledInput] = []
-    unscaled: dict[str, str] = {}
-    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
-        # before the calibration stage: it then gathers the statistics of the scaled inputs
-        planned = [(site, config) for site, config, _, _ in plan]
-        if options.calibration_data is not None:
-            before = float_input_stats(model, planned, feeds, calibration_progress)
-            _, scaled, unscaled = scale_inputs(planned, before, _all_names(model))
-        else:
-            calibration, scaled, unscaled = scale_inputs(planned, calibration or {}, _all_names(model))
-    if feeds is not None:
-        stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
+        # with --activations, data-free weight algorithms need no per-weight stage (the feeds calibrate activations)
+        if options.activations is None or any(t.quantizer.needs is not Needs.NONE for t in targets):
+            stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
     try:
         return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage,
-                      calibration, (tuple(scaled), tuple(unscaled.items())))
+                      feeds)
     finally:
         if stage is not None:
             stage.close()  # its scratch folder, once the writers have read it
@@ -533,10 +557,19 @@ def convert(
 
 def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
            formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
-           input_is_external: bool, stage: Calibration | None, calibration: Mapping[str, SiteStats] | None,
-           scaling: tuple[tuple[ScaledInput, ...], tuple[tuple[str, str], ...]]) -> ConvertReport:
+           input_is_external: bool, stage: Calibration | None, feeds: FeedSource | None = None) -> ConvertReport:
     """Rewrite every planned site (with the calibration stage's results, if any) and save."""
     used_names = _all_names(model)
+    calibration: Mapping[str, SiteStats] = options.calibration or (stage.stats if stage is not None else {})
+    scaled: list[ScaledInput] = []
+    unscaled: dict[str, str] = {}
+    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
+        calibration, scaled, unscaled = scale_inputs([(site, config) for site, config, _, _ in plan], calibration,
+                                                     used_names)
+    prepared = None
+    if options.activations is not None:
+        wanted = [(site, choice.format, _activations_wanted(site, options.selection)) for site, _, choice, _ in plan]
+        prepared = prepare_activations(model, wanted, options.activations, used_names, feeds)
     total = len(plan)
     done = [0]
 
@@ -547,10 +580,10 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
 
     entries = []
     for site, config, choice, why in plan:
-        stats = calibration.get(site.name) if calibration else None
+        stats = calibration.get(site.name)
         quantizer = get_quantizer(config.algorithm)
         if stage is not None:
-            stats, quantizer = stage.stats.get(site.name), stage.quantizer_for(site.name, quantizer)
+            quantizer = stage.quantizer_for(site.name, quantizer)
         nbytes = writer_for(choice.format)(
             site, config, used_names, on_done, quantizer=quantizer, stats=stats
         )
@@ -573,6 +606,11 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
             )
         )
 
+    activations = None
+    if prepared is not None and options.activations is not None:
+        activations = write_activations(model, prepared, options.activations, used_names)
+        if _default_opset(model) < ACTIVATION_MIN_OPSET:
+            _ensure_opset(model, ACTIVATION_MIN_OPSET)
     needed_ir = max([model.ir_version] + [f.min_ir_version for f in formats])
     old_ir = model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
@@ -584,6 +622,11 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
     if external:  # the saver re-writes initializers, not attribute tensors read in place
         load_attribute_tensors(model, src.resolve())
     data_path = save_model_atomically(model, out, external)
+    kernels: tuple[tuple[str, int], ...] = ()
+    if activations is not None:
+        from ox_quant.runtime.fusion import integer_kernels, optimized_op_types
+
+        kernels = tuple(integer_kernels(optimized_op_types(out)).items())
     return ConvertReport(
         input=src,
         output=out,
@@ -594,7 +637,13 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
-        scaled_inputs=scaling[0],
-        unscaled=scaling[1],
+        scaled_inputs=tuple(scaled),
+        unscaled=tuple(unscaled.items()),
         calibration=stage.as_dict() if stage is not None else None,
+        activations=tuple(activations.entries) if activations else (),
+        activation_skips=tuple(activations.skipped) if activations else (),
+        smoothed=tuple(activations.smoothed) if activations else (),
+        activation_mode=options.activations.describe() if options.activations else "",
+        calibration_feeds=activations.feeds_seen if activations else 0,
+        kernels=kernels,
     )

@@ -167,6 +167,8 @@ def config_for_site(
     i, rule = matched
     if rule.skip:
         return None
+    if rule.overrides and set(rule.overrides) <= {"activations"}:
+        return chosen  # a rule about activations only leaves the weight's config alone
     config = chosen[0] if not isinstance(chosen, Skip) else role_config(site, base, UNIFORM)[0]  # type: ignore[index]
     return apply_overrides(config, rule.overrides, f"recipe rule {i + 1}"), f"recipe rule {i + 1}"
 

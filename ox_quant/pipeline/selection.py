@@ -15,6 +15,7 @@ A recipe (JSON or YAML) maps name patterns to per-weight configs, for mixed prec
         format: qdq
         symmetric: false            # or symmetric_rule: min-error | signed | absmax
         algorithm: rtn              # the quantizer (ox_quant.algorithms.registry)
+        activations: false          # with --activations: leave this weight's input float
 
 The first rule that matches a weight wins; its fields override the command-line config.
 A weight no rule matches keeps the command-line config.
@@ -34,7 +35,7 @@ from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
 RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "symmetric_rule",
-             "accuracy_level", "algorithm"}
+             "accuracy_level", "algorithm", "activations"}
 
 
 @dataclass(frozen=True)

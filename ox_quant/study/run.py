@@ -7,6 +7,9 @@ configuration (``ox_quant.study.peer``). Every configuration yields a row: measu
 the reason it could not be (a format that cannot express it, a converter that refuses it).
 Claims (``ox_quant.study.claims``) and the written report (``ox_quant.study.report``) are
 built from the rows. The library never prints; progress goes through a callback.
+
+Each row (configuration x tool) is a ``RowJob`` measured by ``measure``; a scheduler decides
+where: ``sequential`` (default, this process) or ``ox_quant.study.ray_scheduler`` (Ray tasks).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.runtime.ort import load as load_onnxruntime
+from ox_quant.study.jobs import RowJob, StudyContext, job_key, model_hash, row_key
 from ox_quant.study.measure import Scorer, layout_of, measure_row, remove_model, scale_bytes
-from ox_quant.study.rows import OX_QUANT, Row, StudyOptions, StudyResult, config_label, mark_partial, no_progress
+from ox_quant.study.rows import OX_QUANT, PEER, Row, StudyOptions, StudyResult, config_label, mark_partial, no_progress
 
 #: ``progress(stage, done, total)``: ``stage`` says what runs now (e.g. "int4 block:128: convert").
 StudyProgress = Callable[[str, int, int], None]
@@ -87,41 +91,117 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: StudyProgress = no_progress) -> StudyResult:
+def measure(job: RowJob, ctx: StudyContext) -> Row:
+    """Measure one row (the one function both schedulers call): convert ``ctx.src`` with the
+    job's tool under its configuration, score the result with the model's task."""
+    from ox_quant.study.peer import run_peer
+    from ox_quant_models.tasks import study_facts
+
+    scorer = Scorer(ctx.options.model, study_facts(ctx.options.model).metric, ctx.task_options, ctx.options.provider)
+    if job.tool == OX_QUANT:
+        return run_ours(job.config, ctx.src, ctx.work, ctx.options, scorer, ctx.fp32_value)
+    return run_peer(job.config, ctx.src, ctx.work, ctx.options.keep_models, scorer, ctx.fp32_value)
+
+
+#: ``on_row(job, row)``: called in the study's process as each row finishes, in any order.
+RowDone = Callable[[RowJob, Row], None]
+
+
+class Scheduler(Protocol):
+    """Runs ``measure`` on every job and hands each row to ``on_row`` as it finishes;
+    ``on_stage(text)`` says what runs now."""
+
+    def __call__(self, jobs: list[RowJob], ctx: StudyContext, on_row: RowDone,
+                 on_stage: Callable[[str], None]) -> None: ...
+
+
+def sequential(jobs: list[RowJob], ctx: StudyContext, on_row: RowDone, on_stage: Callable[[str], None]) -> None:
+    """The default scheduler: every row in this process, in order."""
+    for job in jobs:
+        on_stage(_stage(job))
+        on_row(job, measure(job, ctx))
+
+
+def _stage(job: RowJob) -> str:
+    from ox_quant.study.peer import PEER_NAME
+
+    return f"{job.label}: {PEER_NAME if job.tool == PEER else OX_QUANT}"
+
+
+def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: StudyProgress = no_progress,
+              scheduler: Scheduler = sequential, resume: bool = False) -> StudyResult:
     """Run the study (see module doc) and write its models under ``out_dir``; returns the rows and claims.
 
-    Reports are written by ``ox_quant.study.report.write_report``.
+    The fp32 export and its score run here, once; ``scheduler`` measures the rows. Each finished
+    row is written into ``out_dir/study.json`` at once (``ox_quant.study.ledger``). ``resume``:
+    rows already there with the same key (configuration, model hash, ox-quant version;
+    ``ox_quant.study.jobs.row_key``) are kept, not measured again. Reports are written by
+    ``ox_quant.study.report.write_report``.
     """
+    from ox_quant import __version__
     from ox_quant.study.algorithms import ours_row, peer_method_row
     from ox_quant.study.claims import evaluate_claims
-    from ox_quant.study.peer import run_peer
+    from ox_quant.study.ledger import remove_stale_temps, stored_rows, write_partial
     from ox_quant_models.tasks import study_facts
 
     facts = study_facts(options.model)
     metric = facts.metric
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute: workers on other hosts open the same path
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     work = out / "models"
     work.mkdir(exist_ok=True)
     started = time.perf_counter()
-    configs = options.configs()
-    total = 2 + len(configs) * (2 if options.peer else 1)
-    step = 0
+    jobs = [RowJob(tool, config) for config in options.configs()
+            for tool in ((OX_QUANT, PEER) if options.peer else (OX_QUANT,))]
+    total = 2 + len(jobs)
+    stored, previous = stored_rows(out, options.model) if resume else ({}, None)
 
-    progress("export fp32", step, total)
+    progress("export fp32", 0, total)
     t0 = time.perf_counter()
     src = facts.export(work / f"{options.model}.onnx")
     export_seconds = time.perf_counter() - t0
-    step += 1
-    progress("score fp32", step, total)
-    scorer = Scorer(options.model, metric, {**dict(options.task_options), **facts.task_extras()},
-                    options.provider)
-    metrics, notes, details, seconds = scorer(src)
-    fp32 = Row(tool="fp32", label="fp32", bits=None, granularity=None, symmetric=None, status="ok",
-               value=metrics[metric.name], change=0.0, loss=0.0, metrics=metrics, bits_per_weight=32.0,
-               scale_bytes=0, eval_seconds=seconds)
-    step += 1
+    digest = model_hash(src)
+    progress("score fp32", 1, total)
+    task_options = {**dict(options.task_options), **facts.task_extras()}
+    fp32 = stored.get(row_key("fp32", "fp32", None, None, None, options, digest, __version__))
+    fp32_kept = fp32 is not None and previous is not None
+    if fp32 is not None and previous is not None:
+        notes, details = list(previous.notes), {k: v for k, v in previous.details.items()
+                                                 if k not in ("export_seconds", "model_hash", "rows_pending", "rows_reused")}
+    else:
+        metrics, notes, details, seconds = Scorer(options.model, metric, task_options, options.provider)(src)
+        fp32 = Row(tool="fp32", label="fp32", bits=None, granularity=None, symmetric=None, status="ok",
+                   value=metrics[metric.name], change=0.0, loss=0.0, metrics=metrics, bits_per_weight=32.0,
+                   scale_bytes=0, eval_seconds=seconds)
+    ctx = StudyContext(options=options, src=src, work=work, task_options=task_options, fp32_value=fp32.value,
+                       model_hash=digest, version=__version__)
+    keys = {job: job_key(job, ctx) for job in jobs}
+    done: dict[RowJob, Row] = {job: stored[k] for job, k in keys.items() if k in stored}
+    details = {**details, "export_seconds": round(export_seconds, 2), "model_hash": digest}
+    if done or fp32_kept:
+        details["rows_reused"] = len(done) + fp32_kept  # the fp32 row counts
 
+    def result(rows: list[Row], peer_rows: list[Row]) -> StudyResult:
+        return StudyResult(
+            model=options.model, metric=metric, options=options, fp32=fp32, rows=tuple(rows),
+            peer_rows=tuple(peer_rows), claims=(), notes=tuple(dict.fromkeys(notes)), details=details,
+            environment=environment(), seconds=time.perf_counter() - started)
+
+    def in_order() -> tuple[list[Row], list[Row]]:
+        ours = [done[j] for j in jobs if j in done and j.tool == OX_QUANT]
+        return ours, [done[j] for j in jobs if j in done and j.tool == PEER]
+
+    def on_row(job: RowJob, row: Row) -> None:
+        done[job] = row
+        write_partial(out, result(*in_order()), len(jobs) - len(done))
+        progress(f"{row.label}: {row.tool} {row.status}", 2 + len(done), total)
+
+    write_partial(out, result(*in_order()), len(jobs) - len(done))
+    progress("rows", 2 + len(done), total)
+    scheduler([j for j in jobs if j not in done], ctx, on_row, lambda stage: progress(stage, 2 + len(done), total))
+    rows, peer_rows = in_order()
+    algorithm_rows = []
     feeds, description = None, ""
     if options.algorithms or options.peer_methods:
         calib = facts.calibration_feeds(options.calibration_samples, options.calibration_seq_len)
@@ -130,38 +210,22 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
             if source in details.get("texts", ()):
                 raise OxQuantError(f"the calibration text {source} is also scored: score another text "
                                    f"(e.g. --text with a different file)")
-    algo_total = len(configs) * (len(options.algorithms) + len(options.peer_methods))
-    total += algo_total
-    rows, peer_rows, algorithm_rows = [], [], []
-    for config in configs:
-        label = config_label(config)
-        progress(f"{label}: ox-quant", step, total)
-        rows.append(run_ours(config, src, work, options, scorer, fp32.value))
-        step += 1
-        if options.peer:
-            progress(f"{label}: MatMulNBitsQuantizer", step, total)
-            peer_rows.append(run_peer(config, src, work, options.keep_models, scorer, fp32.value))
-            step += 1
-        for algorithm in options.algorithms:
-            progress(f"{label}: ox-quant {algorithm}", step, total)
-            algorithm_rows.append(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds,
-                                           description))
-            step += 1
-        for method in options.peer_methods:
-            progress(f"{label}: MatMulNBitsQuantizer {method}", step, total)
-            algorithm_rows.append(peer_method_row(config, method, src, work, options.keep_models, scorer, fp32.value,
-                                                  feeds, description))
-            step += 1
+        scorer = Scorer(options.model, metric, task_options, options.provider)
+        for config in options.configs():
+            label = config_label(config)
+            for algorithm in options.algorithms:
+                progress(f"{label}: ox-quant {algorithm}", total, total)
+                algorithm_rows.append(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds,
+                                               description))
+            for method in options.peer_methods:
+                progress(f"{label}: MatMulNBitsQuantizer {method}", total, total)
+                algorithm_rows.append(peer_method_row(config, method, src, work, options.keep_models, scorer,
+                                                      fp32.value, feeds, description))
     progress("done", total, total)
-    rows = mark_partial(rows)
     if not options.keep_models:
         remove_model(src)
         if not any(work.iterdir()):
             work.rmdir()
-    result = StudyResult(
-        model=options.model, metric=metric, options=options, fp32=fp32, rows=tuple(rows), peer_rows=tuple(peer_rows),
-        claims=(), notes=tuple(dict.fromkeys(notes)), details={**details, "export_seconds": round(export_seconds, 2)},
-        environment=environment(), seconds=time.perf_counter() - started,
-        algorithm_rows=tuple(algorithm_rows), calibration=description,
-    )
-    return StudyResult(**{**result.__dict__, "claims": tuple(evaluate_claims(result))})
+    final = result(mark_partial(rows), peer_rows)
+    final = StudyResult(**{**final.__dict__, "algorithm_rows": tuple(algorithm_rows), "calibration": description})
+    return StudyResult(**{**final.__dict__, "claims": tuple(evaluate_claims(final))})

@@ -17,6 +17,14 @@ the dequantized values (an ORT session initializer override; files are not touch
 its outputs are compared with the unmodified reference outputs. A layer's
 ``output_sqnr_db`` is therefore the error that this weight alone causes at the model's
 outputs; ``weight_sqnr_db`` is the SQNR of the weight itself. Layers are sorted worst first.
+
+Quantized activations are attributed the same way (``format`` ``activation``): for each
+``QuantizeLinear -> DequantizeLinear`` (static scale and zero point) or ``DynamicQuantizeLinear
+-> DequantizeLinear`` pair on a tensor the reference also has (by name), the reference runs with
+only that pair inserted (its float weights untouched), so ``output_sqnr_db`` is the error that
+quantizing this activation alone causes. ``weight_sqnr_db`` is NaN for them. Activations
+quantized by other forms (per-token or per-channel float ops) and tensors the reference lacks
+(a SmoothQuant ``Mul`` output) are listed as unmatched.
 """
 
 from __future__ import annotations
@@ -187,7 +195,11 @@ def _match(qw: QuantizedWeight, cand_graph, ref_graph, ref: _Tensors) -> tuple[s
                 if name != out or not node.output:
                     continue
                 # the reference node computing the same output reads the float weight at the same input
+                # (a Gemm whose bias was moved into an Add after it: the Add's output)
                 ref_node = ref_producer.get(node.output[0])
+                adds = [n for n in cand_graph.node if n.op_type == "Add" and node.output[0] in n.input]
+                if ref_node is None and node.op_type == "Gemm" and len(adds) == 1:
+                    ref_node = ref_producer.get(adds[0].output[0])
                 if ref_node is not None and index < len(ref_node.input):
                     ref_name = ref_node.input[index]
                     if ref_name in ref and ref.shape(ref_name) == qw.values.shape:
@@ -227,13 +239,15 @@ def attribute_errors(
     ref_tensors = _Tensors(ref_proto, ref_path.parent)
     cand_tensors = _Tensors(cand_proto, cand_path.parent)
     found, unmatched = quantized_weights(cand_proto, cand_tensors)
-    if not found and not unmatched:
+    if not found and not unmatched and not activation_pairs(cand_proto, cand_tensors):
         raise OxQuantError(
             f"{cand_path.name} has no quantized weights (DequantizeLinear on integer initializers, "
             "MatMulNBits, GatherBlockQuantized or ox_quant.MatMulNBits)"
         )
+    pairs = activation_pairs(cand_proto, cand_tensors)
     output_names = [o.name for o in ref_proto.graph.output]
-    layers = []
+    layers = activation_errors(ref_proto, ref_path, pairs, feeds, reference_outputs, output_names, unmatched,
+                               provider=provider)
     for qw in found:
         hit = _match(qw, cand_proto.graph, ref_proto.graph, ref_tensors)
         if isinstance(hit, str):
@@ -260,3 +274,111 @@ def attribute_errors(
         )
     layers.sort(key=lambda layer: (layer.output_sqnr_db, layer.weight))
     return LayerReport("isolation", tuple(layers), tuple(unmatched))
+
+
+@dataclass(frozen=True)
+class ActivationPair:
+    """A quantized activation of the candidate: tensor ``x`` and its Q/DQ parameters (``scale``
+    None: ``DynamicQuantizeLinear``)."""
+
+    tensor: str
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    axis: int | None
+
+
+def activation_pairs(proto, tensors: _Tensors) -> list[ActivationPair]:
+    """Q -> DQ and DynamicQuantizeLinear -> DQ pairs on non-constant tensors, in graph order."""
+    readers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    pairs = []
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] in tensors:
+            continue
+        if node.op_type == "DynamicQuantizeLinear":
+            if any(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], [])):
+                pairs.append(ActivationPair(node.input[0], None, None, None))
+        elif node.op_type == "QuantizeLinear" and len(node.input) > 1 and node.input[1] in tensors:
+            if not any(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], [])):
+                continue
+            zp = tensors.array(node.input[2]) if len(node.input) > 2 and node.input[2] in tensors else None
+            axis = _attr(node, "axis", None)
+            pairs.append(ActivationPair(node.input[0], tensors.array(node.input[1]), zp, axis))
+    return pairs
+
+
+def _with_pair(ref_proto, pair: ActivationPair):
+    """A copy of the reference graph with ``pair`` inserted after its tensor (weights by reference)."""
+    from onnx import helper, numpy_helper
+
+    new = type(ref_proto)()
+    new.CopyFrom(ref_proto)  # the graph only: external weights stay references
+    graph = new.graph
+    x = pair.tensor
+    q_out, dq_out = f"{x}__oxq_q", f"{x}__oxq_dq"
+    if pair.scale is None:
+        nodes = [helper.make_node("DynamicQuantizeLinear", [x], [q_out, q_out + "_s", q_out + "_zp"]),
+                 helper.make_node("DequantizeLinear", [q_out, q_out + "_s", q_out + "_zp"], [dq_out])]
+    else:
+        inputs = [f"{x}__oxq_scale"] + ([f"{x}__oxq_zp"] if pair.zero_point is not None else [])
+        graph.initializer.append(numpy_helper.from_array(np.asarray(pair.scale), inputs[0]))
+        if pair.zero_point is not None:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(pair.zero_point), inputs[1]))
+        nodes = [helper.make_node("QuantizeLinear", [x, *inputs], [q_out]),
+                 helper.make_node("DequantizeLinear", [q_out, *inputs], [dq_out])]
+        if pair.axis is not None:
+            for node in nodes:
+                node.attribute.append(helper.make_attribute("axis", int(pair.axis)))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == x:
+                node.input[i] = dq_out
+    position = 0
+    for i, node in enumerate(graph.node):
+        if x in node.output:
+            position = i + 1
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    opset = next((o for o in new.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset.version < 13:
+        opset.version = 13
+    return new
+
+
+def activation_errors(ref_proto, ref_path: Path, pairs: list[ActivationPair], feeds: Mapping[str, np.ndarray],
+                      reference_outputs: Sequence[np.ndarray], output_names: list[str], unmatched: list[Unmatched],
+                      *, provider: str = "cpu") -> list[LayerError]:
+    """The output error each quantized activation causes alone (module doc)."""
+    if not pairs:
+        return []
+    from ox_quant.runtime.ort import load as load_onnxruntime
+    from ox_quant.runtime.session import PROVIDERS, make_session_options
+
+    ort = load_onnxruntime()
+    produced = {out for node in ref_proto.graph.node for out in node.output} | {i.name for i in ref_proto.graph.input}
+    layers = []
+    for pair in pairs:
+        if pair.tensor not in produced:
+            unmatched.append(Unmatched(pair.tensor, "activation: the reference has no tensor of this name"))
+            continue
+        options = make_session_options(exact=True)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(ref_path.resolve().parent))
+        try:
+            session = ort.InferenceSession(_with_pair(ref_proto, pair).SerializeToString(), sess_options=options,
+                                           providers=[PROVIDERS[provider]])
+        except Exception as exc:  # ORT raises several unrelated types
+            unmatched.append(Unmatched(pair.tensor, f"activation: ONNX Runtime cannot run the reference with it "
+                                                    f"quantized ({type(exc).__name__})"))
+            continue
+        wanted = {i.name for i in session.get_inputs()}
+        got = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        metrics = [compare(n, r, c) for n, r, c in zip(output_names, reference_outputs, got, strict=True)]
+        bits = 8
+        layers.append(LayerError(weight=pair.tensor, candidate_weight=pair.tensor, format="activation", bits=bits,
+                                 shape=(), weight_sqnr_db=float("nan"),
+                                 output_sqnr_db=min(m.sqnr_db for m in metrics),
+                                 output_cosine=min(m.cosine for m in metrics)))
+    return layers

@@ -1,0 +1,136 @@
+"""Activation calibrators: the streaming histogram and each fast threshold held to its slow reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from ox_quant.core.calibrate import (
+    Calibrator,
+    RangeStats,
+    clipped_range,
+    entropy_threshold,
+    entropy_threshold_reference,
+    kl_divergence,
+    mse_error,
+    mse_threshold,
+    mse_threshold_reference,
+    parse_calibrator,
+    percentile_reference,
+    percentile_threshold,
+    threshold,
+)
+from ox_quant.errors import OxQuantError
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+
+
+@st.composite
+def batches(draw):
+    n = draw(st.integers(1, 5))
+    out = []
+    for _ in range(n):
+        size = draw(st.integers(1, 60))
+        scale = draw(st.sampled_from([1e-3, 1.0, 30.0, 1e3]))
+        out.append(draw(arrays(np.float32, size, elements=finite)) * np.float32(scale / 1e4))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=batches(), bins=st.sampled_from([8, 64, 256]))
+def test_streaming_histogram_equals_all_at_once(data, bins):
+    """Range doubling with pairwise bin merges gives exactly np.histogram over the final range."""
+    stats = RangeStats(bins)
+    for batch in data:
+        stats.update(batch)
+    everything = np.concatenate(data)
+    assert stats.min == float(everything.min()) and stats.max == float(everything.max())
+    assert stats.count == everything.size
+    assert stats.hist.sum() == everything.size
+    a = np.abs(everything.astype(np.float64))
+    if stats.range == 0:
+        assert stats.hist[0] == everything.size
+        return
+    width = stats.range / bins
+    ref = np.zeros(bins, dtype=np.int64)
+    for v in a:  # one value at a time: the obvious binning
+        ref[min(int(np.floor(v / width)), bins - 1)] += 1
+    np.testing.assert_array_equal(stats.hist, ref)
+    assert stats.range >= a.max()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=batches(), p=st.floats(50, 100))
+def test_percentile_within_one_bin_above_exact(data, p):
+    stats = RangeStats(256)
+    for batch in data:
+        stats.update(batch)
+    exact = percentile_reference(np.concatenate(data), p)
+    fast = percentile_threshold(stats.hist, stats.width, p) if stats.range else 0.0
+    assert exact - 1e-9 * max(1.0, exact) <= fast <= exact + stats.width * (1 + 1e-9) + 1e-12
+
+
+hists = arrays(np.int64, st.integers(16, 96), elements=st.integers(0, 50))
+
+
+@settings(max_examples=150, deadline=None)
+@given(hist=hists, levels=st.sampled_from([4, 8, 16]))
+def test_entropy_fast_equals_reference(hist, levels):
+    width = 0.5
+    fast = entropy_threshold(hist, width, levels)
+    ref = entropy_threshold_reference(hist, width, levels)
+    if fast != ref:  # a tie broken differently by summation order: same divergence
+        assert kl_divergence(hist, width, fast, levels) == pytest.approx(kl_divergence(hist, width, ref, levels), rel=1e-9)
+    assert levels * width <= fast <= len(hist) * width
+
+
+@settings(max_examples=150, deadline=None)
+@given(hist=hists, levels=st.sampled_from([4, 16, 128]))
+def test_mse_fast_equals_reference(hist, levels):
+    width = 0.25
+    fast = mse_threshold(hist, width, levels, chunk=7)
+    ref = mse_threshold_reference(hist, width, levels)
+    if fast != ref:
+        assert mse_error(hist, width, fast, levels) == pytest.approx(mse_error(hist, width, ref, levels), rel=1e-9)
+
+
+def test_entropy_and_mse_clip_a_far_outlier():
+    """A Gaussian with one outlier 100 sigma out: KL clips it to the Gaussian's range, MSE
+    trades it against 80000 rounding errors (clips, less), min-max keeps it."""
+    rng = np.random.default_rng(0)
+    stats = RangeStats()
+    for _ in range(4):
+        stats.update(rng.standard_normal(20000).astype(np.float32))
+    stats.update(np.array([100.0], dtype=np.float32))
+    assert threshold(stats, Calibrator("minmax")) == 100.0
+    assert 2.0 < threshold(stats, Calibrator("entropy")) < 20.0
+    t_mse = threshold(stats, Calibrator("mse"))
+    assert t_mse < 100.0
+    assert mse_error(stats.hist, stats.width, t_mse) < mse_error(stats.hist, stats.width, 100.0)
+    assert threshold(stats, Calibrator("percentile", 99.9)) < 4.0
+    lo, hi = clipped_range(stats, 3.0)
+    assert lo == -3.0 and hi == 3.0
+
+
+def test_entropy_ignores_the_relu_zero_spike():
+    """Half the values exactly 0 (after a ReLU), the rest |N(0, 1)|: the threshold stays in the
+    Gaussian's tail instead of collapsing to a few bins."""
+    rng = np.random.default_rng(1)
+    stats = RangeStats()
+    for _ in range(4):
+        x = np.abs(rng.standard_normal(20000)).astype(np.float32)
+        x[: x.size // 2] = 0.0
+        stats.update(x)
+    t = threshold(stats, Calibrator("entropy"))
+    assert 2.0 < t <= stats.max
+
+
+def test_parse_calibrator():
+    assert parse_calibrator("percentile:99.9") == Calibrator("percentile", 99.9)
+    assert str(parse_calibrator("entropy")) == "entropy"
+    for bad in ("kl", "percentile:x", "percentile:0", "minmax:3"):
+        with pytest.raises(OxQuantError):
+            parse_calibrator(bad)
