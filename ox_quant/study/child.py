@@ -3,7 +3,7 @@
 ``measured(function, *args)`` starts a fresh interpreter (``spawn``: nothing of the parent's
 memory is inherited), calls ``module:function(*args)`` there and returns
 ``(its result, wall seconds, (peak RSS, RSS before the call))``; the peak is the child's own
-``ru_maxrss`` (interpreter, imports and the work together, the same for every tool measured
+``VmHWM`` (interpreter, imports and the work together, the same for every tool measured
 this way); the RSS before the call (interpreter and the target's module imported) is its baseline.
 An exception in the child comes back as ``ChildError`` with its type and message.
 """
@@ -28,6 +28,15 @@ class ChildError(Exception):
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident bytes: Linux ``VmHWM`` (kept per address space, so it starts
+    afresh at exec; ``ru_maxrss`` would carry the parent's peak over the fork and exec of spawn)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux: KiB; macOS: bytes
 
