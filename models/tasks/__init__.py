@@ -36,6 +36,13 @@ class StudyFacts:
     """Caveats every report on this model carries."""
     excluded: tuple[tuple[int, str, bool, str], ...] = ()
     """``(bits, granularity, symmetric, reason)``: rows no claim may rest on."""
+    calibration: str | None = None
+    """``"module:function"``: ``function(samples, seq_len) -> (source, description, feeds)``, the
+    calibration feeds of the algorithm rows, from a source the task does not score (``source``
+    names it, e.g. a text file, so the study can check)."""
+
+    def calibration_feeds(self, samples: int, seq_len: int) -> tuple[str, str, list[dict[str, Any]]] | None:
+        return _resolve(self.calibration)(samples, seq_len) if self.calibration else None
 
     def export(self, out: Path) -> Path:
         return _resolve(self.export_fp32)(out)
@@ -88,7 +95,8 @@ TASKS: dict[str, Task] = {
     "minilm": Task("minilm", "sentence-embedding cosine vs fp32 and similarity-ranking agreement",
                    "ox_quant_models.tasks.embedding:evaluate",
                    study=StudyFacts(MINILM_METRIC, "ox_quant_models.minilm:export_fp32",
-                                    extras="ox_quant_models.tasks.embedding:study_extras")),
+                                    extras="ox_quant_models.tasks.embedding:study_extras",
+                                    calibration="ox_quant_models.tasks.calibration:minilm_feeds")),
     "smollm2": Task("smollm2", "perplexity on text (Austen novels by default)",
                     "ox_quant_models.tasks.perplexity:evaluate", ("text", "max_tokens", "context"),
                     study=StudyFacts(
@@ -97,7 +105,8 @@ TASKS: dict[str, Task] = {
                                "do not land exactly on Q4_1's float-minimum grid, docs/real-models.md); no claim in "
                                "this report rests on that configuration (it is excluded from the claims when "
                                "present).",),
-                        excluded=((4, "block:32", False, SMOLLM2_Q4_1),))),
+                        excluded=((4, "block:32", False, SMOLLM2_Q4_1),),
+                        calibration="ox_quant_models.tasks.calibration:smollm2_feeds")),
     "crepe-tiny": Task("crepe-tiny", "raw pitch accuracy (within 50 cents) on synthetic tones",
                        "ox_quant_models.tasks.pitch:evaluate",
                        study=StudyFacts(CREPE_METRIC, "ox_quant_models.crepe:export_fp32")),

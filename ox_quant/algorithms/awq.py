@@ -225,6 +225,8 @@ class AWQ:
     tensor; ``quantize`` then gets the scaled weight and the statistics of the scaled input."""
 
     name = "awq"
+    needs = Needs.HESSIAN
+    sequential = False  # scales are searched on the float model, as AWQ does; they change no float output
 
     needs = Needs.HESSIAN
     sequential = False  # one calibration pass over the float model (as merged; calib's driver may change it)

@@ -256,7 +256,11 @@ def gptq_quantize(
 
 
 class GPTQ:
-    """GPTQ (module docstring) on the Hessian of the weight's calibration inputs."""
+    """GPTQ (module docstring) on the Hessian of the weight's calibration inputs, gathered on the
+    model with the weights upstream already quantized (``sequential``)."""
+
+    needs = Needs.HESSIAN
+    sequential = True
 
     needs = Needs.HESSIAN
     sequential = False  # one calibration pass over the float model (as merged; calib's driver may change it)

@@ -224,7 +224,9 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
     "levels (same bytes as its quantizer); absmax = absmax/(2^(bits-1)-1), no clipping, one level unused.",
 )
 @click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0-4; 4 = int8 activations, fastest on CPU). Default: not written.")
-@click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm (rtn: round to nearest).")
+@click.option("--algorithm", default=DEFAULT_ALGORITHM, show_default=True, help="Quantization algorithm: rtn (round to nearest), gptq (error compensation on the Hessian, "
+              "act-order; needs --calibration), gptq-noact, awq (activation-aware input scales and "
+              "clipping; needs --calibration).")
 @click.option("--calibration", "calibration", type=click.Path(), default=None, metavar="PATH",
               help="Calibration data: an .npz of one feed (as verify --inputs), a directory of .npz feeds, or a UTF-8 "
               "text file (with --tokenizer) cut into token windows. Gathers per-weight activation statistics "

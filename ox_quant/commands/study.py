@@ -74,6 +74,21 @@ def _scheduler(address: str | None, ray_cpus: int | None, row_cpus: float | None
               help="Quantize weights of these ops only (repeatable; default MatMul, Gemm, Conv: embedding tables stay float).")
 @click.option("--peer/--no-peer", default=True, show_default=True,
               help="Also run ONNX Runtime's MatMulNBitsQuantizer on each configuration.")
+@click.option("--algorithm", "algorithm_text", default="", metavar="LIST",
+              help="ox-quant algorithms with a row each per configuration, comma-separated (rtn, mse, hqq, gptq, "
+                   "awq, ...: convert --help); those that need calibration get the model's calibration feeds, "
+                   "from a source its task does not score.")
+@click.option("--peer-method", "peer_method_text", default="", metavar="LIST",
+              help="MatMulNBitsQuantizer methods with a row each per configuration, comma-separated: default, rtn, "
+                   "hqq, k_quant, gptq, nvidia_awq, or 'all'. Each conversion (ours too) runs in its own process: "
+                   "wall time and peak RSS per row.")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration feeds for the algorithm rows (SmolLM2: token windows; MiniLM: batches of 4 sentences).")
+@click.option("--calibration-seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Tokens per calibration window (MiniLM: at most).")
+@click.option("--only", "only_text", default="", metavar="LIST",
+              help="Run only these of --bits x --granularity, comma-separated BITS:GRANULARITY "
+                   "(e.g. 4:block:128,4:block:32,3:block:128,2:block:32).")
 @click.option("--keep-models", is_flag=True, help="Keep the converted ONNX files (deleted by default).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: study-MODEL).")
@@ -100,7 +115,8 @@ def _scheduler(address: str | None, ray_cpus: int | None, row_cpus: float | None
 @click.option("--row-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="--ray: a row running longer is cancelled and marked failed (default 3600).")
 def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symmetric: bool, symmetric_rule: str,
-              include_op: tuple[str, ...], peer: bool, keep_models: bool, out_dir: str | None,
+              include_op: tuple[str, ...], peer: bool, algorithm_text: str, peer_method_text: str,
+              calibration_samples: int, calibration_seq_len: int, only_text: str, keep_models: bool, out_dir: str | None,
               text: str | None, max_tokens: int | None, context: int | None, provider: str, as_json: bool,
               report_only: bool, resume: bool, ray_address: str | None, ray_cpus: int | None, row_cpus: float | None,
               max_retries: int | None, row_timeout: float | None) -> None:
@@ -114,14 +130,24 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ox_quant.algorithms.registry import get_quantizer
     from ox_quant.commands._display import quiet_torch
     from ox_quant.pipeline.selection import resolve_ops
+    from ox_quant.study.algorithms import PEER_METHODS
     from ox_quant.study.report import result_dict, write_report
-    from ox_quant.study.rows import DEFAULT_OPS, StudyOptions, parse_bits_list, parse_granularity_list
+    from ox_quant.study.rows import DEFAULT_OPS, StudyOptions, parse_bits_list, parse_granularity_list, parse_only
     from ox_quant.study.run import run_study
     from ox_quant_models.tasks import TASKS, study_facts
 
     study_facts(model)  # unknown model: one line naming the models a study runs on
+    algorithms = tuple(a.strip() for a in algorithm_text.split(",") if a.strip())
+    for name in algorithms:
+        get_quantizer(name)  # unknown: one line naming the choices
+    methods = PEER_METHODS if peer_method_text.strip() == "all" else \
+        tuple(m.strip() for m in peer_method_text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in PEER_METHODS]
+    if unknown:
+        raise OxQuantError(f"--peer-method {', '.join(unknown)}: choose from {', '.join(PEER_METHODS)} or all")
     task_options = tuple((k, v) for k, v in (("text", text), ("max_tokens", max_tokens), ("context", context))
                          if v is not None)
     unsupported = sorted({k for k, _ in task_options} - set(TASKS[model].options))
@@ -140,6 +166,11 @@ def study_cmd(model: str, bits_text: str, granularity_text: str, fmt: str, symme
         keep_models=keep_models,
         task_options=task_options,
         provider=provider,
+        algorithms=algorithms,
+        peer_methods=methods,
+        calibration_samples=calibration_samples,
+        calibration_seq_len=calibration_seq_len,
+        only=parse_only(only_text),
     )
     out = Path(out_dir) if out_dir else Path(f"study-{model}")
     scheduler = _scheduler(ray_address, ray_cpus, row_cpus, max_retries, row_timeout)

@@ -8,13 +8,17 @@ statistics become those of ``x / s`` (what their ``quantize`` then sees).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from ox_quant.algorithms.base import InputScaler, SiteStats, scaled_stats
 from ox_quant.algorithms.registry import get_quantizer
+from ox_quant.calibration.observe import Observer
+from ox_quant.calibration.sites import activations
+from ox_quant.calibration.stats import Accumulator, merge
 from ox_quant.core.config import QuantConfig
 from ox_quant.errors import OxQuantError
 from ox_quant.formats.writers import SCALE_DTYPES
@@ -29,6 +33,32 @@ class ScaledInput:
     tensor: str
     weights: tuple[str, ...]
     how: str
+
+
+def float_input_stats(
+    model: ir.Model,
+    planned: Sequence[tuple[WeightSite, QuantConfig]],
+    feeds: Iterable[Mapping[str, np.ndarray]] | None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, SiteStats]:
+    """One pass over ``feeds`` on the float model: the statistics (Hessian included) of the
+    inputs of the planned weights whose algorithm scales inputs, keyed by weight name."""
+    wanting = [site for site, config in planned if isinstance(get_quantizer(config.algorithm), InputScaler)]
+    acts = {site.name: activations(site, model) for site in wanting}
+    width = {a: site.k for site in wanting for a in acts[site.name] if not a.transposed}
+    if not width or feeds is None:
+        return {}
+    if progress is not None:
+        progress(f"input scales: one pass over the float model for {len(width)} input(s) of {len(wanting)} weight(s)")
+    accs = {a: Accumulator(k, hessian=True) for a, k in width.items()}
+    observer = Observer(model, sorted({a.name for a in accs}))
+    for feed in feeds:
+        tensors = observer.run(feed)
+        for a, acc in accs.items():
+            acc.update(tensors[a.name])
+    del observer
+    return {site.name: merge([accs[a] for a in acts[site.name]]) for site in wanting
+            if acts[site.name] and all(a in accs for a in acts[site.name])}
 
 
 def scale_inputs(

@@ -16,6 +16,7 @@ from ox_quant_models.tasks import TASKS
 
 PLOT = "metric_vs_bpw.png"
 PLOT_ZOOM = "metric_vs_bpw_4bit_and_up.png"
+PLOT_ALGORITHMS = "algorithms_metric_vs_bpw.png"
 
 
 def _num(value: float | None, digits: int = 6) -> str:
@@ -38,10 +39,15 @@ def result_dict(result: StudyResult, command: str | None = None) -> dict[str, An
         "options": {"bits": list(opts.bits), "granularities": [str(g) for g in opts.granularities],
                     "symmetric": opts.symmetric, "symmetric_rule": opts.symmetric_rule.value, "format": opts.format.value, "include_ops": list(opts.include_ops),
                     "peer": opts.peer, "task_options": {k: str(v) if isinstance(v, Path) else v for k, v in opts.task_options},
-                    "provider": opts.provider},
+                    "provider": opts.provider, "algorithms": list(opts.algorithms),
+                    "peer_methods": list(opts.peer_methods), "calibration_samples": opts.calibration_samples,
+                    "calibration_seq_len": opts.calibration_seq_len,
+                    "only": [list(p) for p in opts.only]},
         "fp32": result.fp32.as_dict(),
         "rows": [r.as_dict() for r in result.rows],
         "peer_rows": [r.as_dict() for r in result.peer_rows],
+        "algorithm_rows": [r.as_dict() for r in result.algorithm_rows],
+        "calibration": result.calibration,
         "claims": [c.as_dict() for c in result.claims],
         "notes": all_notes(result),
         "task_notes": list(result.notes),
@@ -78,14 +84,20 @@ def load_result(path: str | os.PathLike) -> StudyResult:
                            symmetric=o["symmetric"], format=Format(o["format"]),
                            symmetric_rule=SymmetricRule(o.get("symmetric_rule", "absmax")),  # absent: absmax, the rule then
                            include_ops=tuple(o["include_ops"]),
-                           peer=o["peer"], task_options=tuple(o["task_options"].items()), provider=o["provider"])
+                           peer=o["peer"], task_options=tuple(o["task_options"].items()), provider=o["provider"],
+                           algorithms=tuple(o.get("algorithms", ())), peer_methods=tuple(o.get("peer_methods", ())),
+                           calibration_samples=o.get("calibration_samples", 8),
+                           calibration_seq_len=o.get("calibration_seq_len", 256),
+                           only=tuple((int(b), str(g)) for b, g in o.get("only", ())))
     task_notes = data.get("task_notes")
     if task_notes is None:  # written before task notes were kept apart
         task_notes = [n for n in data["notes"] if not n.startswith(_STUDY_NOTE_STARTS)]
     result = StudyResult(model=data["model"], metric=metric, options=options, fp32=row(data["fp32"]),
                          rows=tuple(row(r) for r in data["rows"]), peer_rows=tuple(row(r) for r in data["peer_rows"]),
                          claims=(), notes=tuple(task_notes), details=data["details"], environment=data["environment"],
-                         seconds=data["seconds"])
+                         seconds=data["seconds"],
+                         algorithm_rows=tuple(row(r) for r in data.get("algorithm_rows", ())),
+                         calibration=data.get("calibration", ""))
     return StudyResult(**{**result.__dict__, "claims": tuple(evaluate_claims(result))})
 
 
@@ -164,11 +176,104 @@ def markdown(result: StudyResult, command: str | None = None) -> str:
                   "`absmax` keeps zero exact with `absmax / (2^(bits-1) - 1)` (one level unused; at 2 bits, ternary). "
                   "See docs/conventions.md.", ""]
         lines += _table(result, list(result.peer_rows))
+    if result.algorithm_rows:
+        lines += ["", "## Algorithms: ox-quant and ONNX Runtime's MatMulNBitsQuantizer methods", ""]
+        lines += _algorithm_section(result)
     lines += ["", "## Plots", "", f"![{m.name} vs bits per weight]({PLOT})", "",
               f"![{m.name} vs bits per weight, 4 bits and up]({PLOT_ZOOM})", ""]
     env = ", ".join(f"{k} {v}" for k, v in result.environment.items())
     lines += ["## Environment", "", env, ""]
     return "\n".join(lines)
+
+
+def _algorithm_section(result: StudyResult) -> list[str]:
+    """The algorithm rows' table and a best-per-configuration summary."""
+    m = result.metric
+    lines = [f"Calibration (algorithms that read it, and ORT's gptq): {result.calibration or 'none'}; "
+             "scored on a different source (see the metric). Each conversion ran in its own process: "
+             "convert s = that process's wall time (interpreter start and imports included), peak RSS = its "
+             "peak resident memory (in brackets: above its memory just before the conversion function was "
+             "called; the libraries that function imports, ONNX Runtime and onnx among them, count in it). Layout, bits per weight and scale bytes as in the tables above.", ""]
+    header = ["configuration", "tool", "algorithm", m.name, _change_header(result), "bits per weight",
+              "convert s", "peak RSS MiB (over its start)", "eval s", "status"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in result.algorithm_rows:
+        status = r.reason if r.reason.startswith(r.status) else f"{r.status}: {r.reason}" if r.reason else r.status
+        lines.append("| " + " | ".join([
+            f"int{r.bits} {r.granularity}" + ("" if r.symmetric else " asym"), r.tool, r.algorithm,
+            _num(r.value) if r.measured else "-",
+            m.format_change(r.change) if r.change is not None else "-",
+            f"{r.bits_per_weight:.3f}" if r.bits_per_weight is not None else "-",
+            f"{r.convert_seconds:.1f}" if r.convert_seconds is not None else "-",
+            (f"{r.peak_rss_bytes / 2**20:.0f}" + (f" (+{(r.peak_rss_bytes - r.start_rss_bytes) / 2**20:.0f})"
+                                                    if r.start_rss_bytes else "")) if r.peak_rss_bytes else "-",
+            f"{r.eval_seconds:.1f}" if r.eval_seconds is not None else "-",
+            status.replace("|", "/")]) + " |")
+    lines += ["", "Best of each tool per configuration, at equal or fewer bits per weight (lowest loss vs fp32 "
+              "among ONNX Runtime's rows whose measured bits per weight do not exceed the best ox-quant row's; "
+              "a row whose measured bits per weight exceed the configuration's is not comparable: e.g. a method "
+              "that wrote 4-bit codes when asked for 2):", "",
+              "| configuration | best ox-quant | its " + _change_header(result) + " | best ONNX Runtime (<= bpw) | its "
+              + _change_header(result) + " | closer to fp32 |", "|---|---|---|---|---|---|"]
+    configs = list(dict.fromkeys((r.bits, r.granularity, r.symmetric) for r in result.algorithm_rows))
+
+    def best_of(rows: list[Row]) -> Row | None:
+        cands = [r for r in rows if r.measured and r.loss is not None and math.isfinite(r.loss)]
+        return min(cands, key=lambda r: (r.loss or 0.0, r.bits_per_weight or 0.0)) if cands else None
+
+    for bits, gran, sym in configs:
+        here = [r for r in result.algorithm_rows if (r.bits, r.granularity, r.symmetric) == (bits, gran, sym)]
+        ours = best_of([r for r in here if r.tool != PEER])
+        limit = (ours.bits_per_weight or 0.0) + 1e-9 if ours else math.inf
+        peer = best_of([r for r in here if r.tool == PEER and (r.bits_per_weight or 0.0) <= limit])
+        if ours and peer and ours.loss is not None and peer.loss is not None:
+            verdict = "ox-quant" if ours.loss < peer.loss else "ONNX Runtime" if peer.loss < ours.loss else "tie"
+        else:
+            verdict = "ox-quant only" if ours else "ONNX Runtime only" if peer else "-"
+        cells = [f"int{bits} {gran}" + ("" if sym else " asym")]
+        for b in (ours, peer):
+            cells += [f"{b.algorithm} ({b.bits_per_weight or 0.0:.3f} bpw)" if b else "-",
+                      m.format_change(b.change) if b and b.change is not None else "-"]
+        lines.append("| " + " | ".join(cells + [verdict]) + " |")
+    lines += ["", f"![algorithms: {m.name} vs bits per weight]({PLOT_ALGORITHMS})"]
+    return lines
+
+
+def plot_algorithms(result: StudyResult, path: Path) -> None:
+    """Metric vs bits per weight of the algorithm rows, one marker per (tool, algorithm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result.metric
+    if result.fp32.value is None:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    groups: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    for r in result.algorithm_rows:
+        if r.measured and r.value is not None and math.isfinite(r.value):
+            groups.setdefault((r.tool, r.algorithm), []).append(
+                (r.bits_per_weight or 0.0, r.value, f"{r.bits}/{r.granularity}"))
+    cmap = plt.get_cmap("tab10")
+    for i, ((tool, algorithm), points) in enumerate(sorted(groups.items())):
+        peer = tool == PEER
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="s" if peer else "o",
+                   color=cmap(i % 10), label=f"{'ORT ' if peer else 'ox-quant '}{algorithm}",
+                   facecolors="none" if peer else None)
+    ax.axhline(result.fp32.value, color="grey", linestyle=":", label="fp32")
+    if not m.higher_is_better:
+        values = [p[1] for pts in groups.values() for p in pts]
+        if values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zero points)")
+    ax.set_ylabel(f"{m.name} ({m.direction})")
+    ax.set_title(f"{result.model}: algorithms, {m.name} vs bits per weight")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
 
 
 def plot(result: StudyResult, path: Path, min_bits: int = 0) -> None:
@@ -239,4 +344,8 @@ def write_report(result: StudyResult, out_dir: str | os.PathLike, command: str |
     _atomic_write(md, markdown(result, command))
     plot(result, out / PLOT)
     plot(result, out / PLOT_ZOOM, min_bits=4)
-    return [md, js, out / PLOT, out / PLOT_ZOOM]
+    paths = [md, js, out / PLOT, out / PLOT_ZOOM]
+    if result.algorithm_rows:
+        plot_algorithms(result, out / PLOT_ALGORITHMS)
+        paths.append(out / PLOT_ALGORITHMS)
+    return paths

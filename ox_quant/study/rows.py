@@ -35,6 +35,17 @@ def parse_bits_list(text: str) -> tuple[int, ...]:
     return bits
 
 
+def parse_only(text: str) -> tuple[tuple[int, str], ...]:
+    """``"4:block:128,3:block:32"`` -> ``((4, "block:128"), (3, "block:32"))``."""
+    pairs = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        bits, _, gran = item.partition(":")
+        if not bits.isdigit() or not gran:
+            raise OxQuantError(f"--only {item!r}: expected BITS:GRANULARITY, e.g. 4:block:128")
+        pairs.append((int(bits), str(parse_granularity(gran))))
+    return tuple(pairs)
+
+
 def parse_granularity_list(text: str) -> tuple[Granularity, ...]:
     """``"tensor,channel,block:128"`` -> granularities, in order."""
     items = tuple(parse_granularity(g) for g in text.split(",") if g.strip())
@@ -59,11 +70,19 @@ class StudyOptions:
     task_options: tuple[tuple[str, Any], ...] = ()
     """Keyword options passed to the task's ``evaluate`` (smollm2: max_tokens, context, text)."""
     provider: str = "cpu"
+    algorithms: tuple[str, ...] = ()
+    """ox-quant algorithms with a row each per configuration (``ox_quant.algorithms.registry``)."""
+    peer_methods: tuple[str, ...] = ()
+    """``MatMulNBitsQuantizer`` methods with a row each per configuration (``study.algorithms``)."""
+    calibration_samples: int = 8
+    calibration_seq_len: int = 256
+    only: tuple[tuple[int, str], ...] = ()
+    """``(bits, granularity)`` pairs: when given, the configurations are these of bits x granularities."""
 
     def configs(self) -> list[QuantConfig]:
         return [QuantConfig(bits=b, granularity=g, symmetric=self.symmetric, symmetric_rule=self.symmetric_rule,
                             format=self.format)
-                for b in self.bits for g in self.granularities]
+                for b in self.bits for g in self.granularities if not self.only or (b, str(g)) in self.only]
 
 
 def config_label(config: QuantConfig) -> str:
@@ -101,6 +120,12 @@ class Row:
     eval_seconds: float | None = None
     skipped: tuple[tuple[str, int], ...] = ()
     """Why weights were left in float: (reason, count)."""
+    algorithm: str = ""
+    """Algorithm rows: the ox-quant algorithm or the ONNX Runtime method ("" on granularity rows)."""
+    peak_rss_bytes: int | None = None
+    """Algorithm rows: peak resident memory of the converting process (``study.child``)."""
+    start_rss_bytes: int | None = None
+    """Algorithm rows: that process's resident memory just before the conversion began."""
 
     @property
     def measured(self) -> bool:
@@ -140,6 +165,10 @@ class StudyResult:
     details: dict[str, Any]
     environment: dict[str, str]
     seconds: float
+    algorithm_rows: tuple[Row, ...] = ()
+    """ox-quant's algorithms and ONNX Runtime's methods per configuration (``study.algorithms``)."""
+    calibration: str = ""
+    """Where the algorithm rows' calibration feeds came from ("" without them)."""
 
 
 def mark_partial(rows: list[Row]) -> list[Row]:

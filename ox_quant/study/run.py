@@ -139,6 +139,7 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     ``ox_quant.study.report.write_report``.
     """
     from ox_quant import __version__
+    from ox_quant.study.algorithms import ours_row, peer_method_row
     from ox_quant.study.claims import evaluate_claims
     from ox_quant.study.ledger import remove_stale_temps, stored_rows, write_partial
     from ox_quant_models.tasks import study_facts
@@ -199,11 +200,32 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
     write_partial(out, result(*in_order()), len(jobs) - len(done))
     progress("rows", 2 + len(done), total)
     scheduler([j for j in jobs if j not in done], ctx, on_row, lambda stage: progress(stage, 2 + len(done), total))
-    progress("done", total, total)
     rows, peer_rows = in_order()
+    algorithm_rows = []
+    feeds, description = None, ""
+    if options.algorithms or options.peer_methods:
+        calib = facts.calibration_feeds(options.calibration_samples, options.calibration_seq_len)
+        if calib is not None:
+            source, description, feeds = calib
+            if source in details.get("texts", ()):
+                raise OxQuantError(f"the calibration text {source} is also scored: score another text "
+                                   f"(e.g. --text with a different file)")
+        scorer = Scorer(options.model, metric, task_options, options.provider)
+        for config in options.configs():
+            label = config_label(config)
+            for algorithm in options.algorithms:
+                progress(f"{label}: ox-quant {algorithm}", total, total)
+                algorithm_rows.append(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds,
+                                               description))
+            for method in options.peer_methods:
+                progress(f"{label}: MatMulNBitsQuantizer {method}", total, total)
+                algorithm_rows.append(peer_method_row(config, method, src, work, options.keep_models, scorer,
+                                                      fp32.value, feeds, description))
+    progress("done", total, total)
     if not options.keep_models:
         remove_model(src)
         if not any(work.iterdir()):
             work.rmdir()
     final = result(mark_partial(rows), peer_rows)
+    final = StudyResult(**{**final.__dict__, "algorithm_rows": tuple(algorithm_rows), "calibration": description})
     return StudyResult(**{**final.__dict__, "claims": tuple(evaluate_claims(final))})
