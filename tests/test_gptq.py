@@ -103,12 +103,16 @@ def test_gptq_reduces_the_calibration_output_error(granularity, bits, symmetric)
     assert ordered < plain
 
 
-def test_registered_and_needs_calibration(tmp_path):
+def test_registered_and_without_statistics_rounds_to_nearest(tmp_path):
+    """A weight with no statistics (embedding, Conv, unobservable input) is rounded to nearest;
+    convert refuses GPTQ with no calibration at all (tests below)."""
     assert isinstance(get_quantizer("gptq"), GPTQ) and get_quantizer("gptq").act_order
     assert not get_quantizer("gptq-noact").act_order  # type: ignore[attr-defined]
-    with pytest.raises(OxQuantError, match=r"--algorithm gptq needs calibration data \(--calibration\)"):
-        get_quantizer("gptq").quantize(np.ones((4, 4), np.float32), QuantConfig(granularity=PerChannel()),
-                                       np.dtype(np.float32), None)
+    w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    config = QuantConfig(granularity=PerChannel())
+    for stats in (None, SiteStats(np.ones(16), 3)):
+        got = get_quantizer("gptq").quantize(w, config, np.dtype(np.float32), stats)
+        np.testing.assert_array_equal(got.codes, quantize(w, config).codes)
     with pytest.raises(OxQuantError, match=r"Hessian is \[3, 3\] but the weight has K=4"):
         gptq_quantize(np.ones((4, 2)), np.eye(3), QuantConfig(granularity=PerChannel()))
 
@@ -181,7 +185,11 @@ def test_cli_gptq_without_calibration_is_one_line(tmp_path, capsys):
     from tests.helpers import random_weights, run_cli
     from tests.verify_support import assert_one_line_error
 
-    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 128, 32))
+    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 128, 128, 32))
     code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--algorithm", "gptq")
     assert_one_line_error(code, err, "--algorithm gptq needs calibration data (--calibration)")
     assert not (tmp_path / "o.onnx").exists()
+    recipe = tmp_path / "r.yaml"  # one layer by recipe: refused alike
+    recipe.write_text("rules:\n  - match: W1\n    algorithm: gptq\n")
+    code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe))
+    assert_one_line_error(code, err, "--algorithm gptq needs calibration data (--calibration)")

@@ -51,9 +51,11 @@ def _peak_rss_run(cmd: list[str]) -> tuple[float, int, str]:
     wrapped = ["/usr/bin/time", "-f", "%M"] + cmd if Path("/usr/bin/time").exists() else cmd
     proc = subprocess.run(wrapped, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed: {proc.stderr.strip().splitlines()[-1:]}")
     lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 0:
+        said = [line for line in lines if not line.strip().isdigit()][-1:]
+        hint = " (ONNX Runtime's GPTQ asserts that every node has a unique name)" if "AssertionError" in said[0:1] else ""
+        raise SystemExit(f"{' '.join(cmd[:4])} failed: {said}{hint}")
     rss = int(lines[-1]) * 1024 if wrapped is not cmd and lines and lines[-1].isdigit() else 0
     return wall, rss, "\n".join(lines[-3:-1])
 
