@@ -253,7 +253,8 @@ def test_nonfinite_gemm_weight_position_is_as_stored(tmp_path, capsys):
     proto.ir_version = 10
     path = tmp_path / "gemm.onnx"
     onnx.save(proto, str(path))
-    assert_rejected(capsys, tmp_path, ["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--block-size", "32"],
+    assert_rejected(capsys, tmp_path, ["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--block-size", "32",
+                                       "--gemm-bits", "bits"],
                     "weight 'W' contains 1 NaN/Inf value (first at [7, 40])")
 
 

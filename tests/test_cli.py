@@ -57,7 +57,7 @@ def test_json_contract(model, tmp_path, capsys):
     assert report["bits_per_weight"] == pytest.approx(8 + 128 * 32 / (256 * 128), rel=1e-4)
     assert report["input_bytes"] == model.stat().st_size
     assert report["output_bytes"] == out_path.stat().st_size
-    assert report["policy"].startswith("MatMul/Gemm at int8 channel sym; Conv float (--conv-bits)")
+    assert report["policy"].startswith("MatMul at int8 channel sym; Gemm float (--gemm-bits); Conv float (--conv-bits)")
     assert report["calibration"] is None
 
 
@@ -100,7 +100,7 @@ def test_external_data_input_and_output(tmp_path, capsys):
     from ox_quant.core.quantize import quantize
 
     (y,) = run(out, {"x": x})
-    ref = x.astype(np.float64) @ quantize(weights["W0"], QuantConfig(granularity=Block(32))).dequantize()
+    ref = x.astype(np.float64) @ quantize(weights["W0"], QuantConfig(symmetric=True, granularity=Block(32))).dequantize()
     assert relative_error(y, ref) <= 1e-5
 
 

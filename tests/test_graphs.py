@@ -119,7 +119,7 @@ def test_embedding_falls_back_to_dequantize_gather(tmp_path, granularity):
 def test_tied_embedding_is_quantized_once_and_stored_once(tmp_path, tied):
     v, d = 64, 96
     src, table = embedding_model(tmp_path / "e.onnx", v, d, tied=tied)
-    config = QuantConfig(bits=4, granularity=Block(32))
+    config = QuantConfig(symmetric=True, bits=4, granularity=Block(32))
     report = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config))
     (entry,) = report.quantized
     assert entry.op == ("Gather+MatMul" if tied == "transpose" else "Gather+Gemm")
@@ -270,7 +270,7 @@ def test_bf16_model_uses_qdq_with_bf16_scales(tmp_path):
                                 w.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes(), raw=True)
     src = save(tmp_path / "b.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])],
                [fin("x", 2, 64, dtype=TensorProto.BFLOAT16)], [fin("y", 2, 32, dtype=TensorProto.BFLOAT16)], [w_bf16])
-    config = QuantConfig(granularity=Block(32))
+    config = QuantConfig(symmetric=True, granularity=Block(32))
     (entry,) = convert(src, tmp_path / "q.onnx", ConvertOptions(policy=UNIFORM, config=config)).quantized
     assert entry.format == "qdq" and "bfloat16" in entry.format_reason
     model = onnx.load(str(tmp_path / "q.onnx"))

@@ -149,7 +149,7 @@ def test_signed_rule_matches_ort_on_fp16_heavy_tailed_weights(tmp_path, bits):
     w = (np.random.default_rng(1).standard_t(3.0, (K, N)) * 0.05).astype(np.float32)
     src = matmul_model(tmp_path / "m16.onnx", {"W0": w}, dtype=np.float16)
     ort_quantize(src, tmp_path / "ort.onnx", bits, 32, symmetric=True)
-    convert(src, tmp_path / "ours.onnx", ConvertOptions(config=QuantConfig(
+    convert(src, tmp_path / "ours.onnx", ConvertOptions(config=QuantConfig(symmetric=True, 
         bits=bits, granularity=Block(32), symmetric_rule=SymmetricRule.SIGNED, format=Format.MATMULNBITS)))
     theirs, ours = nbits_arrays(tmp_path / "ort.onnx"), nbits_arrays(tmp_path / "ours.onnx")
     assert theirs[1].dtype == ours[1].dtype == np.float16
@@ -175,7 +175,7 @@ def test_default_rule_loses_less_than_ort_symmetric_in_every_block(model, tmp_pa
 
     theirs = block_errors(tmp_path / "ort.onnx")
     for rule in (SymmetricRule.MIN_ERROR, SymmetricRule.MIN_ERROR_CLIP):
-        convert(src, tmp_path / "ours.onnx", ConvertOptions(config=QuantConfig(
+        convert(src, tmp_path / "ours.onnx", ConvertOptions(config=QuantConfig(symmetric=True, 
             bits=bits, granularity=Block(block_size), format=Format.MATMULNBITS, symmetric_rule=rule)))
         ours = block_errors(tmp_path / "ours.onnx")
         assert (ours <= theirs * (1 + 1e-12)).all(), rule

@@ -95,7 +95,7 @@ def test_default_policy_gives_each_role_its_config(model, tmp_path):
     skipped = {s.name: s.reason for s in report.skipped}
     assert skipped["conv.W"] == "Conv weights left float by the default policy (--conv-bits 8 quantizes it)"
     assert skipped["emb"] == skipped["tied"] == "embedding table left float by the default policy (--embedding-bits 8 quantizes it)"
-    assert report.policy == ("MatMul/Gemm at int4 block:32 sym; Conv float (--conv-bits); "
+    assert report.policy == ("MatMul at int4 block:32 asym; Gemm float (--gemm-bits); Conv float (--conv-bits); "
                              "embeddings (Gather, tied tables) float (--embedding-bits)")
     runs_close(tmp_path / "q.onnx", model)
 
@@ -130,7 +130,7 @@ def test_flags_override_the_policy_and_summary_says_why(model, tmp_path, capsys)
     runs_close(out, model)
     code, stdout, _ = cli(capsys, "convert", str(model), "-o", str(out), "--block-size", "32", "--conv-bits", "8")
     assert code == 0
-    assert ("default policy: MatMul/Gemm at int4 block:32 asym; Conv int8 per output channel (--conv-bits); "
+    assert ("default policy: MatMul at int4 block:32 asym; Gemm float (--gemm-bits); Conv int8 per output channel (--conv-bits); "
             "embeddings (Gather, tied tables) float (--embedding-bits)") in stdout
     assert "int8 channel x1 (Conv): --conv-bits" in stdout
     assert "2  embedding table left float by the default policy (--embedding-bits 8 quantizes it): emb, tied" in stdout
@@ -208,3 +208,50 @@ def test_embedding_blocks_fit_the_table(model, tmp_path):
     assert got["up"][:2] == (4, "channel")
     assert got["emb"] == got["tied"] == (8, "block", 64)
     runs_close(tmp_path / "q.onnx", model)
+
+
+@pytest.fixture(scope="module")
+def gemm_model(tmp_path_factory) -> Path:
+    """x[2, 64] -> Gemm(W1, transB=1) -> Relu -> MatMul(W2) -> y: a Gemm and a MatMul weight."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], transB=1, name="fc"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="head"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in {"W1": w(128, 64), "b1": w(128), "W2": w(128, 32)}.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    path = tmp_path_factory.mktemp("gemm") / "g.onnx"
+    import onnx
+
+    onnx.save(m, str(path))
+    return path
+
+
+def test_gemm_weights_stay_float_by_default_and_gemm_bits_quantizes_them(gemm_model, tmp_path, capsys):
+    """ONNX Runtime's quantizer leaves Gemm weights float (CREPE's Gemm head loses pitch accuracy
+    when quantized, docs/defaults.md); --gemm-bits bits gives them the MatMul config."""
+    feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    (ref,) = run(gemm_model, feeds)
+    report = convert(gemm_model, tmp_path / "d.onnx", ConvertOptions(config=QuantConfig(granularity=Block(32))))
+    assert sorted(entries(report)) == ["W2"]
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert skipped["W1"] == "Gemm weight left float by the default policy (--gemm-bits bits quantizes it)"
+    code, out, _ = cli(capsys, "convert", str(gemm_model), "-o", str(tmp_path / "g.onnx"), "--block-size", "32",
+                       "--gemm-bits", "bits", "--json")
+    assert code == 0
+    got = {q["name"]: q for q in json.loads(out)["quantized"]}
+    assert sorted(got) == ["W1", "W2"]
+    assert got["W1"]["bits"] == 4 and got["W1"]["granularity"] == got["W2"]["granularity"]
+    assert got["W1"]["config_reason"] == "--bits"
+    (out8,) = run(tmp_path / "g.onnx", feeds)
+    assert relative_error(out8, ref.astype(np.float64)) < 0.3
+    code, out, _ = cli(capsys, "convert", str(gemm_model), "-o", str(tmp_path / "g8.onnx"), "--gemm-bits", "8",
+                       "--block-size", "32", "--json")
+    assert code == 0
+    assert {q["name"]: (q["bits"], q["config_reason"]) for q in json.loads(out)["quantized"]} == {
+        "W1": (8, "--gemm-bits"), "W2": (4, "--bits")}
+    code, _, err = cli(capsys, "convert", str(gemm_model), "-o", str(tmp_path / "bad.onnx"), "--gemm-bits", "nine")
+    assert code == 1 and "--gemm-bits 'nine'" in err and not (tmp_path / "bad.onnx").exists()

@@ -82,7 +82,7 @@ def group_squared_errors(w: np.ndarray, config: QuantConfig) -> np.ndarray:
 
 
 def assert_min_error_never_loses(w: np.ndarray, bits: int, granularity) -> None:
-    errors = {rule: group_squared_errors(w, QuantConfig(bits=bits, granularity=granularity, symmetric_rule=rule))
+    errors = {rule: group_squared_errors(w, QuantConfig(symmetric=True, bits=bits, granularity=granularity, symmetric_rule=rule))
               for rule in SymmetricRule}
 
     def no_worse(a, b):  # the same (scale, codes) candidate; only the order of summation differs
@@ -121,7 +121,7 @@ def test_min_error_gains_on_gaussian_weights():
     w = np.random.default_rng(3).standard_normal((1024, 256)).astype(np.float32)
 
     def sqnr(rule, bits):
-        q = quantize(w, QuantConfig(bits=bits, granularity=Block(128), symmetric_rule=rule))
+        q = quantize(w, QuantConfig(symmetric=True, bits=bits, granularity=Block(128), symmetric_rule=rule))
         return 10 * np.log10((w.astype(np.float64) ** 2).sum() / ((q.dequantize() - w) ** 2).sum())
 
     assert sqnr(SymmetricRule.MIN_ERROR_CLIP, 4) >= sqnr(SymmetricRule.MIN_ERROR, 4) + 0.3
@@ -132,7 +132,7 @@ def test_min_error_gains_on_gaussian_weights():
 
 def test_signed_rule_uses_the_extra_level_for_the_largest_weight():
     w = np.array([[0.5], [-1.0], [3.0], [-2.9]], dtype=np.float32)
-    q = quantize(w, QuantConfig(bits=4, granularity=PerTensor(), symmetric_rule=SymmetricRule.SIGNED))
+    q = quantize(w, QuantConfig(symmetric=True, bits=4, granularity=PerTensor(), symmetric_rule=SymmetricRule.SIGNED))
     assert q.scales.item() == pytest.approx(-3.0 / 8)  # w_ext = 3.0 on code 0
     assert q.codes[2, 0] == 0
     assert q.codes[3, 0] == 15  # -2.9 / -0.375 = 7.73: saturates at code 15, one step short

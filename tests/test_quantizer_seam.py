@@ -45,7 +45,7 @@ def test_rtn_composition_matches_the_reference(k, n, bits, symmetric, granularit
 def test_quantize_with_applies_given_parameters():
     """Codes follow the parameters handed in, not ones recomputed from the weight."""
     w = np.array([[0.5], [-1.0], [2.0]], dtype=np.float32)
-    config = QuantConfig(bits=4, granularity=PerChannel())
+    config = QuantConfig(symmetric=True, bits=4, granularity=PerChannel())
     qparams = choose_qparams(w, config)
     halved = type(qparams)(qparams.scales * 2, qparams.zero_points)
     codes = quantize_with(w, halved, config).astype(int) - config.mid

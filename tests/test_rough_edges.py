@@ -80,7 +80,7 @@ def test_inspect_counts_constant_node_weights(tmp_path, capsys):
     assert "2 float tensors left as float (1 initializers, 1 in Constant nodes)" in out
     # quantized, the Constant-node weight is folded and quantized too: its scales are not float weights
     q = tmp_path / "q.onnx"
-    assert cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(q), "--bits", "8", "--block-size", "-1", "--format", "qdq")[0] == 0
+    assert cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(q), "--bits", "8", "--block-size", "-1", "--format", "qdq")[0] == 0
     info = json.loads(cli(capsys, "inspect", str(q), "--json")[1])
     assert len(info["quantized"]) == 2 and info["float_weights"] == 0
     run(q, {"x": RNG.standard_normal((2, 32)).astype(np.float32)})
@@ -115,7 +115,7 @@ def test_inspect_reads_onnx_runtime_weight_only_outputs(tmp_path, capsys, algo):
                                             ("matmulnbits", [256, 64], 4, "block", 128, False)]
     assert info["float_weights"] == 0 and info["opsets"]["com.microsoft"] == 1
     out_path = tmp_path / "again.onnx"  # nothing left to quantize: a copy that declares its imports
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(path), "-o", str(out_path), "--json")
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(path), "-o", str(out_path), "--json")
     assert code == 0, err
     assert json.loads(out)["quantized"] == []
     assert {o.domain: o.version for o in onnx.load(str(out_path)).opset_import}["com.microsoft"] == 1
@@ -139,13 +139,13 @@ def test_skips_are_grouped_in_the_summary_and_listed_in_json(tmp_path, capsys):
     inits.append(numpy_helper.from_array(np.array([0, 3], np.int64), "pick"))
     src = save(tmp_path / "s.onnx", nodes, [vi("x", 4, 32)], outputs, inits)
     out_path = tmp_path / "q.onnx"
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32")
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32")
     assert code == 0, err
     assert "11 left as they are" in out
     assert "6  used as input 2 of Gemm: b0, b1, b2, ... (+3)" in out
     assert "5  weight dtype INT64 is not a float type: idx0, idx1, idx2, ... (+2)" in out
     assert "b4" not in out and "idx3" not in out
-    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")
+    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")
     report = json.loads(out)
     assert sorted(s["name"] for s in report["skipped"]) == sorted([f"b{i}" for i in range(6)] + [f"idx{i}" for i in range(4)] + ["pick"])
     assert report["skipped_summary"] == [
@@ -159,13 +159,13 @@ def test_skips_are_grouped_in_the_summary_and_listed_in_json(tmp_path, capsys):
 def test_convert_shows_the_stored_shape_like_inspect(tmp_path, capsys):
     src = mixed_model(tmp_path / "m.onnx")
     out_path = tmp_path / "q.onnx"
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32")
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32")
     assert code == 0, err
     header = next(line for line in out.splitlines() if "weight" in line and "shape" in line)
     assert "[K, N]" in header
     conv_row = next(line for line in out.splitlines() if line.strip("│ ").startswith("cw"))
     assert "16x3x3x3" in conv_row and "27x16" in conv_row
-    report = json.loads(cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")[1])
+    report = json.loads(cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")[1])
     shapes = {q["name"]: (q["stored_shape"], q["shape"]) for q in report["quantized"]}
     assert shapes == {"emb": ([50, 64], [64, 50]), "up": ([64, 128], [64, 128]), "cw": ([16, 3, 3, 3], [27, 16])}
     inspected = json.loads(cli(capsys, "inspect", str(out_path), "--json")[1])
@@ -178,7 +178,7 @@ def test_convert_shows_the_stored_shape_like_inspect(tmp_path, capsys):
 def test_opset_upgrade_is_reported(tmp_path, capsys):
     src = matmul_model(tmp_path / "m13.onnx", random_weights(RNG, 64, 32), opset=13, ir_version=8)
     out_path = tmp_path / "q.onnx"
-    args = ["convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--bits", "8", "--block-size", "-1", "--format", "qdq"]
+    args = ["convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--bits", "8", "--block-size", "-1", "--format", "qdq"]
     code, out, err = cli(capsys, *args)
     assert code == 0, err
     assert "note: ai.onnx opset raised 13 -> 21: 1 weight(s) are written as DequantizeLinear" in out
@@ -189,7 +189,7 @@ def test_opset_upgrade_is_reported(tmp_path, capsys):
     assert {o.domain: o.version for o in onnx.load(str(out_path)).opset_import}[""] == 21
     run(out_path, {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)})
     # MatMulNBits needs no upgrade: nothing changed, nothing said
-    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")
+    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", "--json")
     assert code == 0 and json.loads(out)["version_changes"] == []
 
 
@@ -197,7 +197,7 @@ def test_opset_upgrade_is_reported(tmp_path, capsys):
 def test_explicit_format_writes_only_itself_and_skips_the_rest(tmp_path, capsys):
     src = mixed_model(tmp_path / "m.onnx")
     out_path = tmp_path / "q.onnx"
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--format", "matmulnbits",
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--format", "matmulnbits",
                          "--block-size", "32", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -212,7 +212,7 @@ def test_explicit_custom_format_carries_on_like_matmulnbits(tmp_path, capsys):
 
     src = mixed_model(tmp_path / "m.onnx")
     out_path = tmp_path / "q.onnx"
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--format", "custom", "--bits", "3",
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--format", "custom", "--bits", "3",
                          "--block-size", "32", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -232,7 +232,7 @@ def test_explicit_custom_format_carries_on_like_matmulnbits(tmp_path, capsys):
 def test_explicit_format_that_holds_no_weight_exits_1(tmp_path, capsys, args, message):
     src = mixed_model(tmp_path / "m.onnx")
     out_path = tmp_path / "q.onnx"
-    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", *args)
+    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--block-size", "32", *args)
     one_line_error(code, err, message)
     assert not out_path.exists()
 
@@ -244,13 +244,13 @@ def test_selection_that_matches_nothing_exits_1(tmp_path, capsys):
                [numpy_helper.from_array(weight(32, 64), "W0"), numpy_helper.from_array(weight(32, 16), "W1")])
     out_path = tmp_path / "q.onnx"
     before = src.read_bytes()
-    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--include-op", "MatMul")
+    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--include-op", "MatMul")
     one_line_error(code, err, "no weight matched the selection (ops MatMul)")
     assert "read by Gemm (2)" in err and "nothing written" in err
-    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--include", "^nomatch$")
+    code, _, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--include", "^nomatch$")
     one_line_error(code, err, "no weight matched the selection (--include '^nomatch$')")
     assert not out_path.exists() and src.read_bytes() == before
-    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", str(src), "-o", str(out_path), "--include-op", "Gemm", "--block-size", "32")
+    code, out, err = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", str(src), "-o", str(out_path), "--include-op", "Gemm", "--block-size", "32")
     assert code == 0 and "2 weights quantized" in out, err
     run(out_path, {"x": RNG.standard_normal((2, 64)).astype(np.float32)})
 
@@ -278,7 +278,7 @@ def test_demo_leaves_nothing_behind_unless_asked(tmp_path, capsys, monkeypatch):
 
 # --------------------------------------------------------------- 9h: --format help
 def test_format_help_names_every_fallback(capsys):
-    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--help")
+    code, out, _ = cli(capsys, "convert", "--conv-bits", "bits", "--embedding-bits", "bits", "--gemm-bits", "bits", "--help")
     text = " ".join(out.split())
     assert code == 0
     for fragment in ("GatherBlockQuantized for embeddings", "else QDQ", "else ox-quant's custom op",

@@ -59,7 +59,7 @@ def test_written_model_decodes_to_the_reference(model, tmp_path, rule, case):
         if not library_available():
             pytest.skip("custom-op library not built (ox-quant build-ops)")
     path, w, x = model
-    config = QuantConfig(bits=bits, granularity=granularity, format=fmt, symmetric_rule=rule)
+    config = QuantConfig(symmetric=True, bits=bits, granularity=granularity, format=fmt, symmetric_rule=rule)
     report = convert(path, tmp_path / "q.onnx", ConvertOptions(config=config))
     assert [(q.format, q.symmetric) for q in report.quantized] == [(fmt.value, True)]
     expected = x.astype(np.float64) @ quantize_reference(w, config).dequantize()
@@ -79,7 +79,7 @@ def test_signed_scales_are_written_as_negative_numbers(model, tmp_path, fmt):
     path, _, _ = model
     for rule, negative in [(SymmetricRule.SIGNED, True), (SymmetricRule.MIN_ERROR, True),
                            (SymmetricRule.MIN_ERROR_CLIP, True), (SymmetricRule.ABSMAX, False)]:
-        config = QuantConfig(bits=4, granularity=Block(32), format=fmt, symmetric_rule=rule)
+        config = QuantConfig(symmetric=True, bits=4, granularity=Block(32), format=fmt, symmetric_rule=rule)
         convert(path, tmp_path / f"{rule}.onnx", ConvertOptions(config=config))
         assert bool((stored_scales(tmp_path / f"{rule}.onnx") < 0).any()) is negative, rule
 
@@ -97,7 +97,7 @@ def test_gather_block_quantized_decodes_to_the_reference(tmp_path, rule, bits):
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     onnx.save(m, str(tmp_path / "e.onnx"))
-    config = QuantConfig(bits=bits, granularity=Block(32), symmetric_rule=rule)
+    config = QuantConfig(symmetric=True, bits=bits, granularity=Block(32), symmetric_rule=rule)
     (entry,) = convert(tmp_path / "e.onnx", tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM)).quantized
     assert entry.format == "gather_block_quantized"
     ids = np.array([[0, 5, 63], [7, 7, 1]], dtype=np.int64)
@@ -120,7 +120,7 @@ def test_conv_weights_follow_the_rule(tmp_path):
     (y_float,) = run(tmp_path / "c.onnx", {"x": x})
     errors = {}
     for rule in RULES:
-        config = QuantConfig(bits=4, granularity=PerChannel(), symmetric_rule=rule)
+        config = QuantConfig(symmetric=True, bits=4, granularity=PerChannel(), symmetric_rule=rule)
         convert(tmp_path / "c.onnx", tmp_path / "q.onnx", ConvertOptions(config=config, policy=UNIFORM))
         w_kn = w.reshape(16, -1).T  # K = Cin*kh*kw, N = Cout
         deq = quantize_reference(w_kn, config).dequantize().T.reshape(w.shape).astype(np.float32)
@@ -151,17 +151,17 @@ def test_cli_flag_and_recipe_key_select_the_rule(model, tmp_path, capsys):
     for rule in RULES:
         code, _ = convert_cli("--symmetric-rule", rule.value)
         assert code == 0
-        expected = quantize_reference(w, QuantConfig(granularity=Block(32), symmetric_rule=rule)).scales
+        expected = quantize_reference(w, QuantConfig(symmetric=True, granularity=Block(32), symmetric_rule=rule)).scales
         np.testing.assert_array_equal(scales(), expected.T.ravel())
     code, _ = convert_cli()
     assert code == 0
-    np.testing.assert_array_equal(scales(), quantize_reference(w, QuantConfig(granularity=Block(32))).scales.T.ravel())
+    np.testing.assert_array_equal(scales(), quantize_reference(w, QuantConfig(symmetric=True, granularity=Block(32))).scales.T.ravel())
 
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps([{"match": ".", "symmetric_rule": "absmax"}]))
     code, _ = convert_cli("--recipe", str(recipe))
     assert code == 0
-    absmax = quantize_reference(w, QuantConfig(granularity=Block(32), symmetric_rule=SymmetricRule.ABSMAX)).scales
+    absmax = quantize_reference(w, QuantConfig(symmetric=True, granularity=Block(32), symmetric_rule=SymmetricRule.ABSMAX)).scales
     np.testing.assert_array_equal(scales(), absmax.T.ravel())
 
     (tmp_path / "q.onnx").unlink()

@@ -3,13 +3,14 @@
 For each model and each of int4 (block 128) and int8 it writes, from the same fp32 ONNX:
 
 - ``ox-quant default``: ``ox-quant convert MODEL --bits B`` (the CLI's defaults, read from the
-  command: MatMul/Gemm at B bits, blocks of 128, asymmetric; Conv and embedding tables float);
+  command: MatMul at B bits, blocks of 128, asymmetric; Gemm, Conv and embedding tables float);
 - ``ORT default``: ``MatMulNBitsQuantizer(model, bits=B)`` with the class's other defaults
   (block_size 128, is_symmetric False, QOperator, MatMul weights only) -- the reference;
 - ``ORT CLI default``: its command-line script's defaults (symmetric; its block 32 replaced
   by 128 so that every row has the same block size);
 - ``ox-quant --symmetric``: the symmetric alternative (``--symmetric-rule`` default);
-- ``ox-quant, MatMul only``: ``--include-op MatMul``, the weights ORT quantizes;
+- ``ox-quant + Gemm``: ``--gemm-bits bits``, Gemm weights quantized like MatMul ones (ORT's
+  quantizer leaves them float);
 - ``ox-quant + int8 Conv/embeddings``: ``--conv-bits 8 --embedding-bits 8``, and at int4 only
   ``ox-quant + int4 Conv/embeddings``: ``--conv-bits 4 --embedding-bits 4`` (what every weight
   got before the policy): the measurements behind the policy;
@@ -189,7 +190,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          _task_score("ox_quant_models.tasks.filetype"), "agreement", True, "label agreement with fp32, 64 repository files"),
 )}
 
-TOOLS = ("ox-quant default", "ORT default", "ORT CLI default", "ox-quant --symmetric", "ox-quant, MatMul only",
+TOOLS = ("ox-quant default", "ORT default", "ORT CLI default", "ox-quant --symmetric", "ox-quant + Gemm",
          "ox-quant + int8 Conv/embeddings", "ox-quant + int4 Conv/embeddings")
 EXTRA_WIDTH = {TOOLS[5]: 8, TOOLS[6]: 4}
 PEERS = {"ORT default": False, "ORT CLI default": True}  # tool -> is_symmetric
@@ -208,17 +209,17 @@ def ox_quant(src: Path, out: Path, bits: int, variant: str) -> int:
     """Convert with ox-quant as the CLI does; returns the number of weights quantized."""
     from ox_quant.core.config import SymmetricRule
     from ox_quant.pipeline.convert import ConvertOptions, convert
-    from ox_quant.pipeline.policy import Policy
-    from ox_quant.pipeline.selection import Selection
+    from ox_quant.pipeline.policy import SAME, Policy
 
     defaults = cli_defaults()
     symmetric = True if variant == "ox-quant --symmetric" else bool(defaults["symmetric"])
     config = QuantConfig(bits=bits, granularity=Block(128), symmetric=symmetric,
                          symmetric_rule=SymmetricRule(defaults["symmetric_rule"]))
-    selection = Selection(include_ops=("MatMul",)) if variant == "ox-quant, MatMul only" else Selection()
     width = EXTRA_WIDTH.get(variant)
     policy = Policy(conv_bits=width, embedding_bits=width) if width else Policy()
-    return len(convert(src, out, ConvertOptions(config=config, selection=selection, policy=policy)).quantized)
+    if variant == "ox-quant + Gemm":
+        policy = Policy(gemm_bits=SAME)
+    return len(convert(src, out, ConvertOptions(config=config, policy=policy)).quantized)
 
 
 def ort_default(src: Path, out: Path, bits: int, symmetric: bool | None = None) -> int:
@@ -236,7 +237,7 @@ def ort_default(src: Path, out: Path, bits: int, symmetric: bool | None = None) 
 
 
 def measure(case: Case, src: Path, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    from ox_quant.verification import verify
+    from ox_quant.verification.verify import verify
 
     report = verify(src, path, inputs=feeds)
     first = report.outputs[0]
@@ -327,15 +328,15 @@ def render(results: list[dict[str, Any]], command: str, env: dict[str, str]) -> 
         "",
         f"```\n{command}\n```",
         "",
-        "- **ox-quant default**: `ox-quant convert MODEL --bits B` (MatMul/Gemm at B bits, blocks of 128 along K,",
-        "  asymmetric; Conv weights and embedding tables, tied ones included, left float).",
+        "- **ox-quant default**: `ox-quant convert MODEL --bits B` (MatMul at B bits, blocks of 128 along K,",
+        "  asymmetric; Gemm and Conv weights and embedding tables, tied ones included, left float).",
         "- **ORT default** (the reference): `MatMulNBitsQuantizer(model, bits=B)` of onnxruntime "
         f"{env.get('onnxruntime', '?')}, every other argument at the *class* default: block_size 128, "
         "is_symmetric False, QOperator (MatMulNBits), MatMul weights only.",
         "- **ORT CLI default**: the defaults of its command-line script "
         "(`python -m onnxruntime.quantization.matmul_nbits_quantizer`): symmetric, block 32, here with block 128.",
         "- **ox-quant --symmetric**: the symmetric alternative (no zero points; `--symmetric-rule` at its default).",
-        "- **ox-quant, MatMul only**: `--include-op MatMul`, the weights ORT quantizes (same coverage).",
+        "- **ox-quant + Gemm**: `--gemm-bits bits`, Gemm weights quantized like MatMul ones (ORT leaves them float).",
         "- **ox-quant + int8 Conv/embeddings**: `--conv-bits 8 --embedding-bits 8` (Conv per output channel,",
         "  tables in blocks of 128); **+ int4 Conv/embeddings**: `--conv-bits 4 --embedding-bits 4`, what every",
         "  weight got before the policy (all followed `--bits`). These rows are the measurement behind the policy.",
@@ -348,15 +349,17 @@ def render(results: list[dict[str, Any]], command: str, env: dict[str, str]) -> 
         "",
     ]
     lines += ["## Policy", "",
-              "`ox-quant convert` quantizes MatMul and Gemm weights at `--bits` (asymmetric, blocks of 128 along K)",
-              "and leaves Conv weights and embedding tables float unless `--conv-bits` / `--embedding-bits` ask",
+              "`ox-quant convert` quantizes MatMul weights at `--bits` (asymmetric, blocks of 128 along K) and",
+              "leaves Gemm and Conv weights and embedding tables float unless `--gemm-bits` / `--conv-bits` /",
+              "`--embedding-bits` ask",
               "(`ox_quant/pipeline/policy.py`). The rows below are why: 4-bit Conv and tables break models, and int8 ones,",
               "though close on the task metrics, lower the output SQNR below ORT's default, which leaves them float.",
               "The symmetric rule (`--symmetric`) falls below ORT's asymmetric default on some rows, so the default",
               "is asymmetric, the same codes as ORT's quantizer (tests/test_peer_ort_quantizer.py). Gemm weights",
-              "follow `--bits` although ORT's quantizer leaves them float (it takes MatMul only): where a model's",
-              "Gemm is quantized (CREPE's classifier) ox-quant's file is smaller and its output not bit-exact, and",
-              "the row says no; `--include-op MatMul` quantizes exactly what ORT does.", ""]
+              "stay float, as ORT's quantizer (MatMul only) leaves them: quantized (`ox-quant + Gemm` rows), CREPE's",
+              "Gemm classifier makes the file smaller but the pitch less accurate than ORT's output. A model whose",
+              "weights all sit in Gemm nodes (a GPT-2 exported with Gemm) is therefore left float by default, as by",
+              "ORT, and the summary names `--gemm-bits bits`.", ""]
     lines += summary(results)
     for r in results:
         rows = r["rows"]

@@ -13,6 +13,7 @@ import click
 from ox_quant.core.config import (
     DEFAULT_ALGORITHM,
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_SYMMETRIC,
     PER_CHANNEL_BLOCK_SIZE,
     Format,
     QuantConfig,
@@ -23,9 +24,6 @@ from ox_quant.errors import OxQuantError
 
 if TYPE_CHECKING:
     from ox_quant.pipeline.convert import ConvertReport, QuantizedEntry
-
-#: The command line's default (asymmetric, as ONNX Runtime's MatMulNBitsQuantizer; docs/defaults.md).
-DEFAULT_SYMMETRIC = False
 
 def format_bytes(n: int) -> str:
     size = float(n)
@@ -162,7 +160,9 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
 @click.command("convert")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: beside INPUT, named after the config).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul and Gemm weights, 2 to 8.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per code of MatMul weights, 2 to 8.")
+@click.option("--gemm-bits", metavar="float|bits|2-8", default=None,
+              help="Gemm weights: float (default, as ONNX Runtime's quantizer), bits (follow --bits, with the MatMul config) or a width.")
 @click.option("--conv-bits", metavar="float|bits|2-8", default=None,
               help="Conv weights, per output channel: float (default), bits (follow --bits) or a width; 8 is safe, 4 breaks CNNs.")
 @click.option("--embedding-bits", metavar="float|bits|2-8", default=None,
@@ -224,6 +224,7 @@ def convert(
     input_path: str,
     output: str | None,
     bits: int,
+    gemm_bits: str | None,
     conv_bits: str | None,
     embedding_bits: str | None,
     block_size: int | None,
@@ -249,8 +250,10 @@ def convert(
 
     \b
     Default policy (chosen by measurement, docs/defaults.md):
-      MatMul, Gemm: --bits (4), blocks of --block-size (128) along K,
+      MatMul:       --bits (4), blocks of --block-size (128) along K,
                     asymmetric (--symmetric: no zero points, --symmetric-rule)
+      Gemm:         float, as ONNX Runtime's quantizer; --gemm-bits bits
+                    quantizes them like MatMul weights
       Conv:         float; --conv-bits 8 quantizes them per output channel
       embeddings:   float; --embedding-bits 8 quantizes them in blocks of
                     --block-size (Gather tables, tables tied to a MatMul)
@@ -265,7 +268,13 @@ def convert(
     """
     from ox_quant.pipeline.convert import ConvertOptions
     from ox_quant.pipeline.convert import convert as run_convert
-    from ox_quant.pipeline.policy import DEFAULT_CONV_BITS, DEFAULT_EMBEDDING_BITS, Policy, parse_width
+    from ox_quant.pipeline.policy import (
+        DEFAULT_CONV_BITS,
+        DEFAULT_EMBEDDING_BITS,
+        DEFAULT_GEMM_BITS,
+        Policy,
+        parse_width,
+    )
     from ox_quant.pipeline.selection import Selection, load_recipe, resolve_ops
 
     config = QuantConfig(
@@ -290,7 +299,9 @@ def convert(
         conv_bits=DEFAULT_CONV_BITS if conv_bits is None else parse_width(conv_bits, "--conv-bits"),
         embedding_bits=(DEFAULT_EMBEDDING_BITS if embedding_bits is None
                         else parse_width(embedding_bits, "--embedding-bits")),
-        explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits)) if v is not None),
+        gemm_bits=DEFAULT_GEMM_BITS if gemm_bits is None else parse_width(gemm_bits, "--gemm-bits"),
+        explicit=frozenset(k for k, v in (("conv", conv_bits), ("embedding", embedding_bits), ("gemm", gemm_bits))
+                           if v is not None),
     )
     calibration_data = None
     if calibration is not None:

@@ -29,7 +29,7 @@ def demo_cmd(out_dir: str | None, bits: int, block_size: int, as_json: bool) -> 
 
 
 def _run_demo(folder: Path, kept: bool, bits: int, block_size: int, as_json: bool) -> None:
-    from ox_quant.commands.convert import DEFAULT_SYMMETRIC, format_bytes, resolve_granularity
+    from ox_quant.commands.convert import format_bytes, resolve_granularity
     from ox_quant.core.config import QuantConfig
     from ox_quant.ir.examples import llm_shaped_model
     from ox_quant.pipeline.convert import ConvertOptions, convert
@@ -38,7 +38,7 @@ def _run_demo(folder: Path, kept: bool, bits: int, block_size: int, as_json: boo
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "example.onnx"
     llm_shaped_model(model)
-    config = QuantConfig(bits=bits, granularity=resolve_granularity(None, block_size), symmetric=DEFAULT_SYMMETRIC)
+    config = QuantConfig(bits=bits, granularity=resolve_granularity(None, block_size))
     report = convert(model, None, ConvertOptions(config=config))
     checked = verify(model, report.output, per_layer=True)
     metrics = checked.outputs[0]

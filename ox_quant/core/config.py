@@ -253,6 +253,11 @@ class SymmetricRule(str, enum.Enum):
         return self.value
 
 
+DEFAULT_SYMMETRIC = False
+"""Asymmetric by default (a zero point per group): ONNX Runtime's ``MatMulNBitsQuantizer`` default,
+the same codes; the symmetric rules fall below it on some models (docs/defaults.md)."""
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How to quantize one weight.
@@ -267,7 +272,7 @@ class QuantConfig:
 
     bits: int = 4
     granularity: Granularity = Block(DEFAULT_BLOCK_SIZE)
-    symmetric: bool = True
+    symmetric: bool = DEFAULT_SYMMETRIC
     format: Format = Format.AUTO
     accuracy_level: int | None = None
     algorithm: str = DEFAULT_ALGORITHM

@@ -35,7 +35,13 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ox_quant.core.config import Granularity, QuantConfig, SymmetricRule
-from ox_quant.core.symmetric import nearest_codes, signed_codes, symmetric_fast, symmetric_group_reference
+from ox_quant.core.symmetric import (
+    nearest_codes,
+    round_half_away_into_codes,
+    signed_codes,
+    symmetric_fast,
+    symmetric_group_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ def expand_groups(per_group: np.ndarray, granularity: Granularity, k: int, n: in
 
 def round_half_away(x: np.ndarray | np.floating) -> np.ndarray:
     """``roundf``: to the nearest integer, halves away from zero, computed exactly in float64
-    (``floor(|x| + 0.5)`` in float32 would round 0.49999997 up)."""
+    (``floor(|x| + 0.5)`` in float32 would round 0.49999997 up). For scalars and per-group
+    arrays; weight-sized arrays use :func:`~ox_quant.core.symmetric.round_half_away_into_codes`."""
     x64 = np.asarray(x, dtype=np.float64)
     return np.copysign(np.floor(np.abs(x64) + 0.5), x64)
 
@@ -214,18 +221,34 @@ def quantize_with(weight: np.ndarray, qparams: QParams, config: QuantConfig) -> 
         else:
             q = nearest_codes(grouped, scales_f, -config.mid, config.mid - 1, config.mid)
         return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
+    codes = np.empty((rows, gk, cols, gn), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(1, gk * cols * gn))  # row groups per chunk: bounded scratch
+    for r0 in range(0, rows, step):
+        part = slice(r0, r0 + step)
+        codes[part] = _asymmetric_codes(grouped[part], scales_f[part], zps[part], config.qmax)
+    return np.ascontiguousarray(codes.reshape(rows * gk, cols * gn)[:k, :n])
+
+
+CHUNK_ELEMENTS = 1 << 22
+"""Asymmetric codes are computed this many weights at a time (float32 scratch of 16 MiB each)."""
+
+
+def _asymmetric_codes(grouped: np.ndarray, scales_f: np.ndarray, zps: np.ndarray, qmax: int) -> np.ndarray:
+    """uint8 codes ``clip(roundf(w * (1 / scale) + zp), 0, qmax)`` of a ``[r, gk, C, gn]`` view
+    (``zp`` where the scale is 0); a subnormal scale, whose reciprocal overflows, divides instead."""
+    f32 = np.float32
     safe = np.where(scales_f > 0, scales_f, f32(1))[:, None, :, None]
     with np.errstate(over="ignore"):
         inverse = f32(1) / safe
     finite = np.isfinite(inverse)
     x = grouped * np.where(finite, inverse, f32(0))
-    if not finite.all():  # 1 / scale overflows for subnormal scales: divide there
+    if not finite.all():
         np.copyto(x, grouped / safe, where=np.broadcast_to(~finite, x.shape))
-    q = round_half_away(x + zps[:, None, :, None].astype(f32))
-    np.clip(q, 0, config.qmax, out=q)
+    x += zps[:, None, :, None].astype(f32)
+    q = round_half_away_into_codes(x, qmax)
     # zero-range groups: every code is the zero point
     q = np.where((scales_f > 0)[:, None, :, None], q, zps[:, None, :, None].astype(f32))
-    return np.ascontiguousarray(q.astype(np.uint8).reshape(rows * gk, cols * gn)[:k, :n])
+    return q.astype(np.uint8)
 
 
 def quantize(weight: np.ndarray, config: QuantConfig, scale_dtype: DTypeLike = np.float32) -> QuantizedWeight:

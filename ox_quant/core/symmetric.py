@@ -147,6 +147,18 @@ def symmetric_group_reference(
 # Fast: all groups of a zero-padded ``[R, gk, C, gn]`` view
 
 
+def round_half_away_into_codes(x: np.ndarray, qmax: int) -> np.ndarray:
+    """``clip(roundf(x), 0, qmax)`` for float32 ``x`` (consumed as scratch): halves away from
+    zero, as C's ``roundf``; exact in float32 (``floor`` then the fraction, never ``x + 0.5``,
+    which rounds 0.49999997 up). Negative ``x`` clip to 0 whichever way they round."""
+    np.maximum(x, f32(0), out=x)
+    q = np.floor(x)
+    x -= q
+    q += x >= f32(0.5)
+    np.clip(q, 0, qmax, out=q)
+    return q
+
+
 def nearest_codes(grouped: np.ndarray, scales: np.ndarray, lo: int, hi: int, mid: int) -> np.ndarray:
     """float32 codes ``clip(round(w / scale), lo, hi) + mid`` (``mid`` where the scale is 0)."""
     s = scales[:, None, :, None]
@@ -171,12 +183,7 @@ def signed_codes(grouped: np.ndarray, scales: np.ndarray, mid: int, qmax: int) -
     if not finite.all():  # 1/scale overflows for tiny scales: divide there
         np.copyto(x, grouped / safe, where=~finite)
     x += f32(mid)
-    # round half away from zero; x < 0 clips to 0 either way
-    np.maximum(x, f32(0), out=x)
-    q = np.floor(x)
-    x -= q
-    q += x >= f32(0.5)
-    np.clip(q, 0, qmax, out=q)
+    q = round_half_away_into_codes(x, qmax)
     if zero.any():
         np.copyto(q, f32(mid), where=zero)
     return q

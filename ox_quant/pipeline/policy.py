@@ -1,20 +1,22 @@
 """The default policy: which config each kind of weight gets, and why.
 
 ``--bits``, ``--block-size``/``--granularity`` and ``--symmetric`` set the config of
-MatMul and Gemm weights. Conv weights and embedding tables (read by a Gather, tables tied
+MatMul weights. Gemm and Conv weights and embedding tables (read by a Gather, tables tied
 to the output MatMul included) stay float unless asked for, as ONNX Runtime's quantizer
-leaves them: measured (docs/defaults.md), 4 bits break them and int8 still costs accuracy
-on some models (PP-OCR's detector), so they are opt-in:
+leaves them: measured (docs/defaults.md), 4 bits break Conv and tables, int8 still costs
+accuracy on some models (PP-OCR's detector), and a quantized Gemm head costs CREPE pitch
+accuracy that ONNX Runtime's output keeps, so they are opt-in:
 
 =========================================  ===========================  ===================
 weight (its role)                          default                      flag
 =========================================  ===========================  ===================
-MatMul, Gemm (``matmul``)                  ``--bits`` ``--block-size``  --
+MatMul (``matmul``)                        ``--bits`` ``--block-size``  --
+Gemm (``gemm``)                            float                        ``--gemm-bits B``
 Conv (``conv``)                            float                        ``--conv-bits B``
 Gather table, tied table (``embedding``)   float                        ``--embedding-bits B``
 =========================================  ===========================  ===================
 
-Conv weights are quantized per output channel; tables in blocks of ``--block-size``
+Gemm weights take the MatMul config at their width; Conv weights are quantized per output channel; tables in blocks of ``--block-size``
 along the embedding dim (narrower tables: the widest power of two from 16 that fits).
 A recipe rule that matches a weight applies on top of its role's config (a rule with
 ``bits: 8`` quantizes a Conv the policy leaves float). A weight whose bits no format can
@@ -35,13 +37,14 @@ from ox_quant.formats.choice import FormatChoice
 from ox_quant.ir.sites import Skip, WeightSite
 from ox_quant.pipeline.selection import Rule, apply_overrides, first_matching_rule
 
-Role = Literal["matmul", "conv", "embedding"]
+Role = Literal["matmul", "gemm", "conv", "embedding"]
 
 FLOAT = "float"
 """A role's width meaning: leave these weights float."""
 SAME = "bits"
 """A role's width meaning: follow ``--bits`` (and the command-line granularity for tables)."""
 DEFAULT_CONV_BITS: Width = FLOAT
+DEFAULT_GEMM_BITS: Width = FLOAT
 DEFAULT_EMBEDDING_BITS: Width = FLOAT
 DEFAULT_EMBEDDING_BLOCK = 128
 #: Widths some standard format holds for every op (DequantizeLinear: 4 and 8).
@@ -53,7 +56,7 @@ Planner = Callable[[WeightSite, QuantConfig], "tuple[QuantConfig, FormatChoice] 
 
 
 def parse_width(text: str, flag: str) -> Width:
-    """``--conv-bits``/``--embedding-bits`` value: ``float``, ``bits`` or an integer 2..8."""
+    """``--conv-bits``/``--gemm-bits``/``--embedding-bits`` value: ``float``, ``bits`` or an integer 2..8."""
     value = text.strip().lower()
     if value in (FLOAT, SAME):
         return value
@@ -72,16 +75,18 @@ def parse_width(text: str, flag: str) -> Width:
 class Policy:
     """Widths of the weights that do not simply follow ``--bits``.
 
-    ``conv_bits`` / ``embedding_bits``: an integer, ``FLOAT`` (leave them) or ``SAME``
-    (follow ``--bits``). ``explicit``: roles the user set (only changes the reason shown).
+    ``conv_bits`` / ``gemm_bits`` / ``embedding_bits``: an integer, ``FLOAT`` (leave them) or
+    ``SAME`` (follow ``--bits``). ``explicit``: roles the user set (only changes the reason shown).
     """
 
     conv_bits: Width = DEFAULT_CONV_BITS
     embedding_bits: Width = DEFAULT_EMBEDDING_BITS
+    gemm_bits: Width = DEFAULT_GEMM_BITS
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        for flag, width in (("--conv-bits", self.conv_bits), ("--embedding-bits", self.embedding_bits)):
+        for flag, width in (("--conv-bits", self.conv_bits), ("--embedding-bits", self.embedding_bits),
+                            ("--gemm-bits", self.gemm_bits)):
             parse_width(str(width), flag)
 
     def describe(self, base: QuantConfig) -> str:
@@ -93,21 +98,24 @@ class Policy:
 
         conv = width(self.conv_bits) + ("" if self.conv_bits == FLOAT else " per output channel")
         emb = width(self.embedding_bits) + ("" if self.embedding_bits == FLOAT else f" {embedding_granularity(base)}")
-        return (f"MatMul/Gemm at int{base.bits} {base.granularity} {kind}; Conv {conv} (--conv-bits); "
-                f"embeddings (Gather, tied tables) {emb} (--embedding-bits)")
+        return (f"MatMul at int{base.bits} {base.granularity} {kind}; Gemm {width(self.gemm_bits)} (--gemm-bits); "
+                f"Conv {conv} (--conv-bits); embeddings (Gather, tied tables) {emb} (--embedding-bits)")
 
 
-UNIFORM = Policy(conv_bits=SAME, embedding_bits=SAME)
+UNIFORM = Policy(conv_bits=SAME, embedding_bits=SAME, gemm_bits=SAME)
 """Every weight at the command-line config (what the granularity studies use)."""
 
 
 def role_of(site: WeightSite) -> Role:
-    """``conv`` (Conv weights), ``embedding`` (read by a Gather, tied tables included), else ``matmul``."""
+    """``conv`` (Conv weights), ``embedding`` (read by a Gather, tied tables included), ``gemm``
+    (read by Gemm nodes only), else ``matmul``."""
     kinds = site.kinds
     if "conv" in kinds:
         return "conv"
     if "gather" in kinds:
         return "embedding"
+    if kinds == {"gemm"}:
+        return "gemm"
     return "matmul"
 
 
@@ -124,22 +132,25 @@ def embedding_granularity(base: QuantConfig, width: int | None = None) -> Block 
 
 
 def _role_width(role: Role, policy: Policy) -> Width:
-    return policy.conv_bits if role == "conv" else policy.embedding_bits if role == "embedding" else SAME
+    return {"conv": policy.conv_bits, "embedding": policy.embedding_bits, "gemm": policy.gemm_bits}.get(role, SAME)
 
 
 def role_config(site: WeightSite, base: QuantConfig, policy: Policy) -> tuple[QuantConfig, str] | Skip:
     """The config the policy gives ``site`` before any recipe rule, and why; a Skip when it stays float."""
     role = role_of(site)
     width = _role_width(role, policy)
-    flag = {"conv": "--conv-bits", "embedding": "--embedding-bits"}.get(role, "--bits")
+    flag = {"conv": "--conv-bits", "embedding": "--embedding-bits", "gemm": "--gemm-bits"}.get(role, "--bits")
     if width == FLOAT:
-        what = "Conv weights" if role == "conv" else "embedding table"
-        return Skip(site.name, f"{what} {POLICY_SKIP} ({flag} 8 quantizes it)")
+        what = {"conv": "Conv weights", "gemm": "Gemm weight"}.get(role, "embedding table")
+        hint = "bits" if role == "gemm" else "8"
+        return Skip(site.name, f"{what} {POLICY_SKIP} ({flag} {hint} quantizes it)")
     if width == SAME:
         return base, "--bits"
     why = flag if role in policy.explicit else f"default policy ({flag})"
     if role == "conv":
         return replace(base, bits=int(width), granularity=PerChannel()), why
+    if role == "gemm":
+        return replace(base, bits=int(width)), why
     return replace(base, bits=int(width), granularity=embedding_granularity(base, site.k)), why
 
 
