@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.gptq import GPTQ, gptq_quantize, gptq_reference, lower_inverse, upper_inverse_cholesky
 from ox_quant.algorithms.registry import get_quantizer
-from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig, SymmetricRule
 from ox_quant.core.quantize import quantize
 from ox_quant.errors import OxQuantError
 from ox_quant.pipeline.convert import ConvertOptions, convert
@@ -44,16 +44,17 @@ def output_error(x: np.ndarray, w: np.ndarray, q) -> float:
 @given(
     st.integers(1, 40), st.integers(1, 9), st.integers(2, 8), st.booleans(), st.sampled_from(GRANULARITIES),
     st.booleans(), st.integers(1, 17), st.integers(0, 3), st.sampled_from([np.float32, np.float16]),
-    st.integers(0, 2**31 - 1),
+    st.sampled_from(list(SymmetricRule)), st.integers(0, 2**31 - 1),
 )
-def test_fast_matches_the_reference(k, n, bits, symmetric, granularity, act_order, block, dead, scale_dtype, seed):
+def test_fast_matches_the_reference(k, n, bits, symmetric, granularity, act_order, block, dead, scale_dtype, rule,
+                                    seed):
     """Same codes, scales and zero points as the textbook loop, for every granularity,
-    bit width, act-order, block size, dead channels and scale dtype."""
+    bit width, symmetric rule, act-order, block size, dead channels and scale dtype."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = calibration_rows(rng, 3 * k + 5, k, outliers=min(2, k), dead=min(dead, k))
     h = x.T @ x / x.shape[0]
-    config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric)
+    config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric, symmetric_rule=rule)
     ref = gptq_reference(w, h, config, scale_dtype, act_order=act_order)
     fast = gptq_quantize(w, h, config, scale_dtype, act_order=act_order, block=block)
     np.testing.assert_array_equal(fast.codes, ref.codes)
