@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ox_quant.algorithms.base import SiteStats
 from ox_quant.algorithms.gptq import GPTQ, gptq_quantize, gptq_reference, lower_inverse, upper_inverse_cholesky
 from ox_quant.algorithms.registry import get_quantizer
-from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig
+from ox_quant.core.config import Block, ChannelGroup, Format, PerChannel, PerTensor, QuantConfig, SymmetricRule
 from ox_quant.core.quantize import quantize
 from ox_quant.errors import OxQuantError
 from ox_quant.pipeline.convert import ConvertOptions, convert
@@ -44,16 +44,17 @@ def output_error(x: np.ndarray, w: np.ndarray, q) -> float:
 @given(
     st.integers(1, 40), st.integers(1, 9), st.integers(2, 8), st.booleans(), st.sampled_from(GRANULARITIES),
     st.booleans(), st.integers(1, 17), st.integers(0, 3), st.sampled_from([np.float32, np.float16]),
-    st.integers(0, 2**31 - 1),
+    st.sampled_from(list(SymmetricRule)), st.integers(0, 2**31 - 1),
 )
-def test_fast_matches_the_reference(k, n, bits, symmetric, granularity, act_order, block, dead, scale_dtype, seed):
+def test_fast_matches_the_reference(k, n, bits, symmetric, granularity, act_order, block, dead, scale_dtype, rule,
+                                    seed):
     """Same codes, scales and zero points as the textbook loop, for every granularity,
-    bit width, act-order, block size, dead channels and scale dtype."""
+    bit width, symmetric rule, act-order, block size, dead channels and scale dtype."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float32)
     x = calibration_rows(rng, 3 * k + 5, k, outliers=min(2, k), dead=min(dead, k))
     h = x.T @ x / x.shape[0]
-    config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric)
+    config = QuantConfig(bits=bits, granularity=granularity, symmetric=symmetric, symmetric_rule=rule)
     ref = gptq_reference(w, h, config, scale_dtype, act_order=act_order)
     fast = gptq_quantize(w, h, config, scale_dtype, act_order=act_order, block=block)
     np.testing.assert_array_equal(fast.codes, ref.codes)
@@ -103,12 +104,16 @@ def test_gptq_reduces_the_calibration_output_error(granularity, bits, symmetric)
     assert ordered < plain
 
 
-def test_registered_and_needs_calibration(tmp_path):
+def test_registered_and_without_statistics_rounds_to_nearest(tmp_path):
+    """A weight with no statistics (embedding, Conv, unobservable input) is rounded to nearest;
+    convert refuses GPTQ with no calibration at all (tests below)."""
     assert isinstance(get_quantizer("gptq"), GPTQ) and get_quantizer("gptq").act_order
     assert not get_quantizer("gptq-noact").act_order  # type: ignore[attr-defined]
-    with pytest.raises(OxQuantError, match=r"--algorithm gptq needs calibration data \(--calibration\)"):
-        get_quantizer("gptq").quantize(np.ones((4, 4), np.float32), QuantConfig(granularity=PerChannel()),
-                                       np.dtype(np.float32), None)
+    w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    config = QuantConfig(granularity=PerChannel())
+    for stats in (None, SiteStats(np.ones(16), 3)):
+        got = get_quantizer("gptq").quantize(w, config, np.dtype(np.float32), stats)
+        np.testing.assert_array_equal(got.codes, quantize(w, config).codes)
     with pytest.raises(OxQuantError, match=r"Hessian is \[3, 3\] but the weight has K=4"):
         gptq_quantize(np.ones((4, 2)), np.eye(3), QuantConfig(granularity=PerChannel()))
 
@@ -181,7 +186,11 @@ def test_cli_gptq_without_calibration_is_one_line(tmp_path, capsys):
     from tests.helpers import random_weights, run_cli
     from tests.verify_support import assert_one_line_error
 
-    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 128, 32))
+    src = matmul_model(tmp_path / "m.onnx", random_weights(np.random.default_rng(0), 128, 128, 32))
     code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--algorithm", "gptq")
     assert_one_line_error(code, err, "--algorithm gptq needs calibration data (--calibration)")
     assert not (tmp_path / "o.onnx").exists()
+    recipe = tmp_path / "r.yaml"  # one layer by recipe: refused alike
+    recipe.write_text("rules:\n  - match: W1\n    algorithm: gptq\n")
+    code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe))
+    assert_one_line_error(code, err, "--algorithm gptq needs calibration data (--calibration)")

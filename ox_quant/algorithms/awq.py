@@ -235,15 +235,19 @@ class AWQ:
         self, weights: Sequence[np.ndarray], configs: Sequence[QuantConfig], scale_dtypes: Sequence[DTypeLike],
         stats: SiteStats | None,
     ) -> np.ndarray | None:
-        s, alpha, _ = search_scales(weights, configs, scale_dtypes, _needs(stats, "mean |activation| of each input"))
+        if stats is None or stats.hessian is None or stats.input_abs_mean is None:
+            return None  # no statistics for this input: nothing to scale by
+        s, alpha, _ = search_scales(weights, configs, scale_dtypes, stats)
         return None if alpha == 0 else s
 
     def quantize(
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
     ) -> QuantizedWeight:
-        st = _needs(stats, "Hessian of each weight's inputs")
-        assert st.hessian is not None
-        return clip_search(weight, config, scale_dtype, st.hessian)
+        """Clipping search on ``stats.hessian``; without one (an embedding table, a Conv, an input
+        that cannot be observed) round to nearest (``convert`` refuses AWQ with no calibration at all)."""
+        if stats is None or stats.hessian is None:
+            return quantize(weight, config, scale_dtype=scale_dtype)
+        return clip_search(weight, config, scale_dtype, stats.hessian)
 
     def choose_qparams(
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None

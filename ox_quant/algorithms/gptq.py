@@ -35,7 +35,7 @@ from numpy.typing import DTypeLike
 
 from ox_quant.algorithms.base import Needs, SiteStats
 from ox_quant.core.config import Block, QuantConfig
-from ox_quant.core.quantize import QParams, QuantizedWeight, choose_qparams, quantize_with
+from ox_quant.core.quantize import QParams, QuantizedWeight, choose_qparams, quantize, quantize_with
 from ox_quant.errors import OxQuantError
 
 DEFAULT_DAMP = 0.01
@@ -272,16 +272,15 @@ class GPTQ:
         self.act_order = act_order
         self.block = block
 
-    def _hessian(self, stats: SiteStats | None) -> np.ndarray:
-        if stats is None or stats.hessian is None:
-            raise OxQuantError(f"--algorithm {self.name} needs calibration data (--calibration): "
-                               "it uses the Hessian of each weight's inputs")
-        return stats.hessian
-
     def quantize(
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None
     ) -> QuantizedWeight:
-        return gptq_quantize(weight, self._hessian(stats), config, scale_dtype, self.damp, self.act_order, self.block)
+        """GPTQ on ``stats.hessian``; a weight without one (an embedding table, a Conv, a weight
+        whose input cannot be observed) is rounded to nearest (``convert`` refuses GPTQ with no
+        calibration at all)."""
+        if stats is None or stats.hessian is None:
+            return quantize(weight, config, scale_dtype=scale_dtype)
+        return gptq_quantize(weight, stats.hessian, config, scale_dtype, self.damp, self.act_order, self.block)
 
     def choose_qparams(
         self, weight: np.ndarray, config: QuantConfig, scale_dtype: np.dtype, stats: SiteStats | None

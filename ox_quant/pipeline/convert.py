@@ -497,6 +497,17 @@ def _all_names(model: ir.Model) -> set[str]:
     return names
 
 
+def _check_calibration_given(plan: Plan, options: ConvertOptions) -> None:
+    """An algorithm that needs calibration statistics, with no calibration at all, is an error
+    (a weight whose activation cannot be observed, under a calibration, is rounded to nearest)."""
+    if options.calibration is not None or options.calibration_data is not None:
+        return
+    needing = sorted({c.algorithm for _, c, _, _ in plan if get_quantizer(c.algorithm).needs is not Needs.NONE})
+    if needing:
+        raise OxQuantError(f"--algorithm {needing[0]} needs calibration data (--calibration): it uses statistics "
+                           "of each weight's inputs; nothing written")
+
+
 def convert(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,
@@ -542,6 +553,7 @@ def convert(
     for fmt in formats:
         if fmt.domain:
             model.opset_imports[fmt.domain] = fmt.opset
+    _check_calibration_given(plan, options)
 
     stage: Calibration | None = None
     feeds: FeedSource | None = None

@@ -20,7 +20,6 @@ from ox_quant.calibration.observe import Observer
 from ox_quant.calibration.sites import activations
 from ox_quant.calibration.stats import Accumulator, merge
 from ox_quant.core.config import QuantConfig
-from ox_quant.errors import OxQuantError
 from ox_quant.formats.writers import SCALE_DTYPES
 from ox_quant.ir.input_scales import apply_input_scales, input_groups
 from ox_quant.ir.sites import WeightSite
@@ -69,8 +68,8 @@ def scale_inputs(
     """Apply input scales for the planned weights whose algorithm is an ``InputScaler``.
 
     Returns the statistics to quantize with (scaled entries replaced), what was scaled, and
-    the weights that asked for scales but could not take them (with the reason). Raises
-    ``OxQuantError`` when such a weight has no calibration statistics.
+    the weights that asked for scales but could not take them (with the reason; e.g. no
+    statistics of their input).
     """
     configs = {site.name: config for site, config in planned}
     wanting = [site for site, config in planned if isinstance(get_quantizer(config.algorithm), InputScaler)]
@@ -83,8 +82,9 @@ def scale_inputs(
         assert isinstance(scaler, InputScaler)
         group_stats = stats.get(first.name)
         if group_stats is None:
-            raise OxQuantError(f"--algorithm {configs[first.name].algorithm} needs calibration statistics for "
-                               f"{first.name} (--calibration); nothing written")
+            for site in group.sites:
+                left_out[site.name] = "no calibration statistics of its input"
+            continue
         weights = []
         for site in group.sites:
             assert site.value.const_value is not None
