@@ -228,9 +228,6 @@ class AWQ:
     needs = Needs.HESSIAN
     sequential = False  # scales are searched on the float model, as AWQ does; they change no float output
 
-    needs = Needs.HESSIAN
-    sequential = False  # one calibration pass over the float model (as merged; calib's driver may change it)
-
     def input_scales(
         self, weights: Sequence[np.ndarray], configs: Sequence[QuantConfig], scale_dtypes: Sequence[DTypeLike],
         stats: SiteStats | None,

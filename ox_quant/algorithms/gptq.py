@@ -262,9 +262,6 @@ class GPTQ:
     needs = Needs.HESSIAN
     sequential = True
 
-    needs = Needs.HESSIAN
-    sequential = False  # one calibration pass over the float model (as merged; calib's driver may change it)
-
     def __init__(self, name: str = "gptq", damp: float = DEFAULT_DAMP, act_order: bool = False,
                  block: int = DEFAULT_BLOCK):
         self.name = name

@@ -48,7 +48,7 @@ from ox_quant.ir.wire import load_attribute_tensors
 from ox_quant.pipeline.activations import ActivationEntry, ActivationOptions, SmoothedInput
 from ox_quant.pipeline.activations import prepare as prepare_activations
 from ox_quant.pipeline.activations import write as write_activations
-from ox_quant.pipeline.input_scaling import ScaledInput, scale_inputs
+from ox_quant.pipeline.input_scaling import ScaledInput, float_input_stats, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
 from ox_quant.pipeline.selection import Selection, first_matching_rule
@@ -557,16 +557,28 @@ def convert(
 
     stage: Calibration | None = None
     feeds: FeedSource | None = None
+    targets: list[Target] = []
     if options.calibration_data is not None:
         targets = [Target(site, config, get_quantizer(config.algorithm)) for site, config, _, _ in plan]
         data = options.calibration_data
         feeds = data if isinstance(data, FeedSource) else data(model)
-        # with --activations, data-free weight algorithms need no per-weight stage (the feeds calibrate activations)
-        if options.activations is None or any(t.quantizer.needs is not Needs.NONE for t in targets):
-            stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
+    calibration = options.calibration
+    scaled: list[ScaledInput] = []
+    unscaled: dict[str, str] = {}
+    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
+        # before the calibration stage: it then gathers the statistics of the scaled inputs
+        planned = [(site, config) for site, config, _, _ in plan]
+        if feeds is not None:
+            before = float_input_stats(model, planned, feeds, calibration_progress)
+            _, scaled, unscaled = scale_inputs(planned, before, _all_names(model))
+        else:
+            calibration, scaled, unscaled = scale_inputs(planned, calibration or {}, _all_names(model))
+    # with --activations, data-free weight algorithms need no per-weight stage (the feeds calibrate activations)
+    if feeds is not None and (options.activations is None or any(t.quantizer.needs is not Needs.NONE for t in targets)):
+        stage = calibrate(model, targets, feeds, progress=calibration_progress, workdir=out.resolve().parent)
     try:
         return _write(model, src, out, plan, skips, changes, formats, options, progress, input_is_external, stage,
-                      feeds)
+                      calibration, (tuple(scaled), tuple(unscaled.items())), feeds)
     finally:
         if stage is not None:
             stage.close()  # its scratch folder, once the writers have read it
@@ -574,15 +586,13 @@ def convert(
 
 def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip], changes: list[VersionChange],
            formats: set[QuantFormat], options: ConvertOptions, progress: Callable[[str, int, int], None] | None,
-           input_is_external: bool, stage: Calibration | None, feeds: FeedSource | None = None) -> ConvertReport:
+           input_is_external: bool, stage: Calibration | None, given: Mapping[str, SiteStats] | None,
+           scaling: tuple[tuple[ScaledInput, ...], tuple[tuple[str, str], ...]],
+           feeds: FeedSource | None = None) -> ConvertReport:
     """Rewrite every planned site (with the calibration stage's results, if any) and save."""
     used_names = _all_names(model)
-    calibration: Mapping[str, SiteStats] = options.calibration or (stage.stats if stage is not None else {})
-    scaled: list[ScaledInput] = []
-    unscaled: dict[str, str] = {}
-    if any(isinstance(get_quantizer(config.algorithm), InputScaler) for _, config, _, _ in plan):
-        calibration, scaled, unscaled = scale_inputs([(site, config) for site, config, _, _ in plan], calibration,
-                                                     used_names)
+    calibration: Mapping[str, SiteStats] = stage.stats if stage is not None else (given or {})
+    scaled, unscaled = scaling
     prepared = None
     if options.activations is not None:
         wanted = [(site, choice.format, _activations_wanted(site, options.selection)) for site, _, choice, _ in plan]
@@ -659,8 +669,8 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         output_bytes=model_bytes(out),
         version_changes=tuple(changes),
         policy=options.policy.describe(options.config),
-        scaled_inputs=tuple(scaled),
-        unscaled=tuple(unscaled.items()),
+        scaled_inputs=scaled,
+        unscaled=unscaled,
         calibration=stage.as_dict() if stage is not None else None,
         activations=tuple(activations.entries) if activations else (),
         activation_skips=tuple(activations.skipped) if activations else (),
