@@ -11,7 +11,9 @@ from hypothesis.extra.numpy import arrays
 from ox_quant.core.calibrate import (
     Calibrator,
     RangeStats,
+    calibrated_range,
     clipped_range,
+    entropy_range_reference,
     entropy_threshold,
     entropy_threshold_reference,
     kl_divergence,
@@ -134,3 +136,50 @@ def test_parse_calibrator():
     for bad in ("kl", "percentile:x", "percentile:0", "minmax:3"):
         with pytest.raises(OxQuantError):
             parse_calibrator(bad)
+
+
+def _long_tail(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A one-sided long tail: exponential, scale 1 (max about 12 for 80000 values)."""
+    return rng.exponential(1.0, n).astype(np.float32)
+
+
+def test_entropy_positive_threshold_ignores_a_mass_of_small_negatives():
+    """Hardswish-like data: a long positive tail plus many values in (-0.3, 0). The positive
+    threshold is searched on the positive side alone, so adding the negatives leaves it unchanged
+    (a KL search on |x| folds them into the first bins and moves the positive threshold: 9.87 against 9.27 here)."""
+    rng = np.random.default_rng(2)
+    pos_only, mixed = RangeStats(), RangeStats()
+    for _ in range(4):
+        x = _long_tail(rng, 20000)
+        neg = -rng.uniform(0.0, 0.3, 60000).astype(np.float32)
+        pos_only.update(x)
+        mixed.update(np.concatenate([x, neg]))
+    lo_p, hi_p = calibrated_range(pos_only, Calibrator("entropy"), "int8")
+    lo_m, hi_m = calibrated_range(mixed, Calibrator("entropy"), "int8")
+    assert lo_p == pos_only.min and lo_m >= mixed.min
+    assert hi_m == hi_p
+    assert np.mean(np.concatenate([x]) > hi_p) < 1e-2  # the tail is kept, not clipped away
+
+
+def test_entropy_one_sided_uint8_uses_all_256_levels():
+    """One-sided data in uint8 has 256 levels over [min, hi]: the threshold is at least int8's (128 levels)."""
+    rng = np.random.default_rng(3)
+    stats = RangeStats()
+    for _ in range(4):
+        stats.update(_long_tail(rng, 20000))
+    lo8, hi8 = calibrated_range(stats, Calibrator("entropy"), "int8")
+    lou, hiu = calibrated_range(stats, Calibrator("entropy"), "uint8")
+    assert lo8 == lou == stats.min
+    assert hiu >= hi8
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=batches(), dtype=st.sampled_from(["int8", "uint8"]))
+def test_entropy_range_equals_reference(data, dtype):
+    """The per-side entropy range from the streamed histograms equals the all-at-once reference."""
+    stats = RangeStats(256)
+    for batch in data:
+        stats.update(batch)
+    everything = np.concatenate(data)
+    assert calibrated_range(stats, Calibrator("entropy"), dtype) == entropy_range_reference(everything, 256, dtype)
+    np.testing.assert_array_equal(stats.neg + (stats.hist - stats.neg), stats.hist)

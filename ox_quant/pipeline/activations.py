@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from ox_quant.calibration.observe import observe
 from ox_quant.core.act_quant import act_qparams
-from ox_quant.core.calibrate import DEFAULT_BINS, INT8_LEVELS, Calibrator, RangeStats, clipped_range, threshold
+from ox_quant.core.calibrate import DEFAULT_BINS, Calibrator, RangeStats, calibrated_range
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.activation_qdq import (
     ActivationSite,
@@ -281,8 +281,7 @@ def prepare(model: ir.Model, planned: Sequence[tuple[WeightSite, str, bool]], op
         scale, zp = act_qparams(lo, hi, options.mode)
         params[name] = (scale, zp, None)
     for name, stats in per_tensor.items():
-        t = threshold(stats, options.calibrator, INT8_LEVELS)
-        lo_t, hi_t = clipped_range(stats, t)
+        lo_t, hi_t = calibrated_range(stats, options.calibrator, options.mode)
         scale, zp = act_qparams(lo_t, hi_t, options.mode)
         params[name] = (scale, zp, (lo_t, hi_t))
     return _Prepared(sites, params, result)
