@@ -26,7 +26,8 @@ of positive levels of the target code (128 for int8), the thresholds are:
   (first on ties).
 * ``mse``:           ``T = j * R/B`` (``j = 1..B``) of least expected squared error of
   symmetric rounding to step ``s = T/(qlevels - 1)``, over bin centres ``c`` with weights
-  ``hist``: ``err(c) = (c - s*round(c/s))**2`` for ``c <= T``, ``(c - T)**2`` above.
+  ``hist``: ``err(c) = (c - s*round(c/s))**2`` for ``c <= T``, ``(c - T)**2`` above; for a
+  ``uint8`` code ``s = (min(max, T) - max(min, -T)) / 255``, the step it really has.
 
 ``*_reference`` functions are the slow, obvious forms (loops, all data in memory) the fast
 ones are held to by tests.
@@ -161,8 +162,13 @@ def calibrated_range(stats: RangeStats, calibrator: Calibrator, dtype: str = "ui
     ``neg`` for ``x < 0``), as TensorRT and ONNX Runtime search the signed range: a mass of small
     negatives (Hardswish, GELU) must not pull the positive threshold in. A side's level count is
     the code's: one-sided data (``min >= 0``) in ``uint8`` has 256 levels, otherwise each side 128.
-    The other calibrators threshold ``|x|`` (:func:`threshold`, :func:`clipped_range`).
+    ``mse`` in ``uint8`` models the step the code really has, ``(min(max, T) - max(min, -T)) / 255``
+    (256 levels over the clipped range; ``T / 255`` for one-sided data), not int8's ``T / 127``,
+    which overstates rounding error on lopsided data and clips too much. The other cases threshold ``|x|`` (:func:`threshold`, :func:`clipped_range`).
     """
+    if stats.count and stats.range and calibrator.method == "mse" and dtype == "uint8":
+        t = mse_threshold(stats.hist, stats.width, INT8_LEVELS, span=(stats.min, stats.max))
+        return clipped_range(stats, t)
     if calibrator.method != "entropy" or stats.count == 0 or stats.range == 0.0:
         return clipped_range(stats, threshold(stats, calibrator, INT8_LEVELS))
     pos = stats.hist - stats.neg
@@ -282,18 +288,28 @@ def entropy_threshold(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS
 # ------------------------------------------------------------------------------ mse
 
 
-def _sq_error(c: float, t: float, qlevels: int) -> float:
+def _step(t: float, qlevels: int, span: tuple[float, float] | None) -> float:
+    """``t / (qlevels - 1)`` (symmetric), or with ``span = (min, max)`` the uint8 step of the clipped range."""
+    if span is None:
+        return t / (qlevels - 1)
+    return (min(span[1], t) - max(span[0], -t)) / 255.0
+
+
+def _sq_error(c: float, t: float, qlevels: int, span: tuple[float, float] | None = None) -> float:
     if t <= 0:
         return c * c
     if c > t:
         return (c - t) ** 2
-    s = t / (qlevels - 1)
+    s = _step(t, qlevels, span)
+    if s <= 0:
+        return c * c
     return (c - s * math.floor(c / s + 0.5)) ** 2
 
 
-def mse_error(hist: np.ndarray, width: float, t: float, qlevels: int = INT8_LEVELS) -> float:
+def mse_error(hist: np.ndarray, width: float, t: float, qlevels: int = INT8_LEVELS,
+              span: tuple[float, float] | None = None) -> float:
     """Expected squared error (times the count) of threshold ``t`` over the histogram."""
-    return sum(float(hist[b]) * _sq_error((b + 0.5) * width, t, qlevels) for b in range(len(hist)) if hist[b])
+    return sum(float(hist[b]) * _sq_error((b + 0.5) * width, t, qlevels, span) for b in range(len(hist)) if hist[b])
 
 
 def kl_divergence(hist: np.ndarray, width: float, t: float, qlevels: int = INT8_LEVELS) -> float:
@@ -301,19 +317,21 @@ def kl_divergence(hist: np.ndarray, width: float, t: float, qlevels: int = INT8_
     return _kl_candidate_reference(hist, round(t / width), qlevels)
 
 
-def mse_threshold_reference(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS) -> float:
+def mse_threshold_reference(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS,
+                            span: tuple[float, float] | None = None) -> float:
     """The MSE threshold by looping over candidates ``j * width`` and bins (slow)."""
     best_t, best = len(hist) * width, math.inf
     for j in range(1, len(hist) + 1):
         t = j * width
-        err = mse_error(hist, width, t, qlevels)
+        err = mse_error(hist, width, t, qlevels, span)
         if err < best:
             best_t, best = t, err
     return best_t
 
 
-def mse_threshold(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS, chunk: int = 256) -> float:
-    """The MSE threshold, vectorised over (candidates x non-empty bins) in chunks."""
+def mse_threshold(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS, chunk: int = 256,
+                  span: tuple[float, float] | None = None) -> float:
+    """The MSE threshold, vectorised over (candidates x non-empty bins) in chunks (``span``: :func:`_step`)."""
     nz = np.nonzero(hist)[0]
     c = (nz + 0.5) * width
     w = hist[nz].astype(np.float64)
@@ -321,8 +339,9 @@ def mse_threshold(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS, ch
     errors = np.empty(n)
     for start in range(0, n, chunk):
         t = (np.arange(start + 1, min(start + chunk, n) + 1) * width)[:, None]
-        s = t / (qlevels - 1)
-        inside = (c[None, :] - s * np.floor(c[None, :] / s + 0.5)) ** 2
+        s = t / (qlevels - 1) if span is None else (np.minimum(span[1], t) - np.maximum(span[0], -t)) / 255.0
+        safe = np.where(s > 0, s, 1.0)
+        inside = np.where(s > 0, (c[None, :] - safe * np.floor(c[None, :] / safe + 0.5)) ** 2, c[None, :] ** 2)
         err = np.where(c[None, :] > t, (c[None, :] - t) ** 2, inside)
         errors[start:start + t.shape[0]] = err @ w
     return (int(np.argmin(errors)) + 1) * width
