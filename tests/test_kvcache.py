@@ -83,6 +83,27 @@ def test_folder_layout_axes_and_gqa(folder):
     assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
 
 
+def test_cached_graph_is_compact(folder):
+    """The decoder step is written for ONNX Runtime's per-node cost: no repeated keys (GQA meets
+    each key-value head once), no per-layer shape arithmetic, constant reshape shapes."""
+    from collections import Counter
+
+    graph = onnx.load(str(folder[0] / "model.onnx")).graph
+    ops = Counter(n.op_type for n in graph.node if n.op_type != "Constant")
+    assert ops["Expand"] <= 1 and ops["Shape"] <= 6  # the step's mask and positions only, not per layer
+    assert ops["Reshape"] == 4 * 2  # per layer: split q/k/v heads, group queries, ungroup, merge heads
+    assert sum(ops.values()) <= 46 * 2 + 60, ops  # 2 layers; the earlier layout exported 119 nodes per layer
+
+
+def test_zero_token_step_keeps_the_cache(folder):
+    decoder = _decoder(folder[0])
+    logits, cache = decoder.step(np.array([[3, 4, 5]], dtype=np.int64), decoder.empty_cache())
+    empty, same = decoder.step(np.zeros((1, 0), dtype=np.int64), cache)
+    assert empty.shape == (1, 0, logits.shape[-1]) and same.length == cache.length
+    for a, b in zip(same.tensors, cache.tensors, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_prefill_and_four_decode_steps_match_pytorch(folder, toy):
     module, ids = toy
     ids = torch.cat([ids, ids.flip(1)])[:, :12]  # batch 2
