@@ -75,6 +75,10 @@ def print_summary(report: ConvertReport, elapsed: float) -> None:
         for group in group_skips(report.skipped):
             more = f", ... (+{group.count - len(group.names)})" if group.count > len(group.names) else ""
             console.print(f"  {group.count:>4}  {group.reason}: {', '.join(group.names)}{more}")
+    if report.merged:
+        removed = sum(len(g.nodes) - 1 for g in report.merged)
+        console.print(f"merged {len(report.merged)} groups of sibling MatMulNBits ({removed} fewer kernels; "
+                      "--no-merge-siblings keeps one node per weight)")
     for change in report.version_changes:
         console.print(f"note: {change.describe()}")
     bpw = report.bits_per_weight
@@ -259,6 +263,10 @@ def config_reasons(quantized: Sequence[QuantizedEntry]) -> list[str]:
               help="Weights in OUTPUT.data beside the model, or inside the .onnx (default: external from 32 MiB of "
               "weights, or when the input's are: ONNX Runtime memory-maps the file instead of copying the weights "
               "onto its heap, about a third of the peak memory; one file holds at most 2 GiB).")
+@click.option("--merge-siblings/--no-merge-siblings", "merge_siblings", default=None,
+              help="Write MatMulNBits weights that read the same input (a decoder's q/k/v, gate/up) as one node "
+              "of their stacked rows, split after: the same bytes, fewer kernels (default: on for an LLM folder, "
+              "off for a model file).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the summary.")
 def convert(
     input_path: str,
@@ -289,6 +297,7 @@ def convert(
     min_elements: int,
     recipe: str | None,
     external_data: bool | None,
+    merge_siblings: bool | None,
     as_json: bool,
 ) -> None:
     """Quantize the weights of the ONNX model INPUT (MatMul, Gemm, Gather, Conv).
@@ -383,7 +392,7 @@ def convert(
     elif tokenizer is not None or calibration_samples is not None or calibration_seq_len is not None:
         raise OxQuantError("--tokenizer, --calibration-samples and --calibration-seq-len need --calibration PATH")
     options = ConvertOptions(config=config, selection=selection, policy=policy, calibration_data=calibration_data,
-                             activations=act_options, external_data=external_data)
+                             activations=act_options, external_data=external_data, merge_siblings=merge_siblings)
 
     def calibration_progress(line: str) -> None:
         if sys.stderr.isatty():  # as the quantizing bar: a log keeps only the one-line result

@@ -35,6 +35,7 @@ from ox_quant.formats.registry import format_named
 from ox_quant.formats.tied import TIED_FORMAT, TIED_FORMATS, plan_tied, write_tied
 from ox_quant.formats.writers import matmulnbits_blocker
 from ox_quant.ir.fold import fold_constant_weights
+from ox_quant.ir.merge_siblings import MergedGroup, merge_siblings
 from ox_quant.ir.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
@@ -82,6 +83,9 @@ class ConvertOptions:
     """Weights in ``<output>.data`` (True) or inside the .onnx (False); None: external when the input's
     are or the weights reach ``EXTERNAL_DATA_THRESHOLD`` (ONNX Runtime maps such a file instead of
     holding a copy on its heap)."""
+    merge_siblings: bool | None = None
+    """Merge MatMulNBits nodes that read one input into one node (``ox_quant.ir.merge_siblings``:
+    q/k/v, gate/up); None: off for a model file, on for an LLM folder (``convert_folder``)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,8 @@ class ConvertReport:
     calibration_feeds: int = 0
     kernels: tuple[tuple[str, int], ...] = ()
     """Integer kernels ONNX Runtime's CPU optimizer made of the written model (activation mode only)."""
+    merged: tuple[MergedGroup, ...] = ()
+    """Sibling MatMulNBits nodes written as one (``ConvertOptions.merge_siblings``)."""
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -237,6 +243,7 @@ class ConvertReport:
                 "calibration_feeds": self.calibration_feeds,
                 "ort_kernels": dict(self.kernels),
             } if self.activation_mode else None,
+            "merged_siblings": [g.as_dict() for g in self.merged],
         }
 
 
@@ -638,6 +645,7 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         activations = write_activations(model, prepared, options.activations, used_names)
         if _default_opset(model) < ACTIVATION_MIN_OPSET:
             _ensure_opset(model, ACTIVATION_MIN_OPSET)
+    merged = tuple(merge_siblings(model, used_names)) if options.merge_siblings else ()
     needed_ir = max([model.ir_version] + [f.min_ir_version for f in formats])
     old_ir = model.ir_version
     model.ir_version = min(max(model.ir_version, needed_ir), max_ir_version())  # what the installed ORT loads
@@ -678,4 +686,5 @@ def _write(model: ir.Model, src: Path, out: Path, plan: Plan, skips: list[Skip],
         activation_mode=options.activations.describe() if options.activations else "",
         calibration_feeds=activations.feeds_seen if activations else 0,
         kernels=kernels,
+        merged=merged,
     )

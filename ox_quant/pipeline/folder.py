@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ox_quant.errors import OxQuantError
@@ -29,6 +30,9 @@ def convert_folder(
     """Quantize ``input_dir``'s model into ``output_dir`` (must not exist, or be an empty folder)
     and copy the other files. Returns the model's report and the names of the copied files."""
     folder = read_folder(input_dir)
+    options = options or ConvertOptions()
+    if options.merge_siblings is None:  # a decoder's q/k/v and gate/up: one kernel each (docs/llm-deploy.md)
+        options = replace(options, merge_siblings=True)
     src, out = Path(input_dir), Path(output_dir)
     if out.exists() and out.resolve() == src.resolve():
         raise OxQuantError(f"output folder is the input folder ({src}): choose another -o")
@@ -54,6 +58,4 @@ def convert_folder(
             shutil.rmtree(scratch, ignore_errors=True)
     final = out / folder.model.name
     data = report.external_data and out / report.external_data.name
-    from dataclasses import replace
-
     return replace(report, output=final, external_data=data or None), copied
