@@ -211,16 +211,23 @@ def run_study(options: StudyOptions, out_dir: str | os.PathLike, progress: Study
                 raise OxQuantError(f"the calibration text {source} is also scored: score another text "
                                    f"(e.g. --text with a different file)")
         scorer = Scorer(options.model, metric, task_options, options.provider)
+        pending = len(options.configs()) * (len(options.algorithms) + len(options.peer_methods))
+
+        def measured(row: Row) -> None:  # written at once: a stopped study keeps the rows it measured
+            algorithm_rows.append(row)
+            partial = result(*in_order())
+            write_partial(out, StudyResult(**{**partial.__dict__, "algorithm_rows": tuple(algorithm_rows),
+                                              "calibration": description}), pending - len(algorithm_rows))
+
         for config in options.configs():
             label = config_label(config)
             for algorithm in options.algorithms:
                 progress(f"{label}: ox-quant {algorithm}", total, total)
-                algorithm_rows.append(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds,
-                                               description))
+                measured(ours_row(config, algorithm, src, work, options, scorer, fp32.value, feeds, description))
             for method in options.peer_methods:
                 progress(f"{label}: MatMulNBitsQuantizer {method}", total, total)
-                algorithm_rows.append(peer_method_row(config, method, src, work, options.keep_models, scorer,
-                                                      fp32.value, feeds, description))
+                measured(peer_method_row(config, method, src, work, options.keep_models, scorer, fp32.value, feeds,
+                                         description))
     progress("done", total, total)
     if not options.keep_models:
         remove_model(src)
