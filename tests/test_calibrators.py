@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -101,6 +101,7 @@ def test_mse_fast_equals_reference(hist, levels):
 
 @settings(max_examples=100, deadline=None)
 @given(hist=hists, lo=st.floats(-64.0, 0.0), hi=st.floats(0.0, 64.0))
+@example(hist=np.ones(16, dtype=np.int64), lo=-2.225073858507e-311, hi=0.0)  # a subnormal span: c/step overflows
 def test_mse_uint8_span_fast_equals_reference(hist, lo, hi):
     """The uint8 step model (clipped span / 255): fast search equals the loop."""
     width, span = 0.25, (lo, hi)

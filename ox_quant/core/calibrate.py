@@ -301,7 +301,7 @@ def _sq_error(c: float, t: float, qlevels: int, span: tuple[float, float] | None
     if c > t:
         return (c - t) ** 2
     s = _step(t, qlevels, span)
-    if s <= 0:
+    if s <= 0 or not math.isfinite(c / s):  # no step, or one so small (a subnormal span) that c/s overflows: all at 0
         return c * c
     return (c - s * math.floor(c / s + 0.5)) ** 2
 
@@ -341,7 +341,10 @@ def mse_threshold(hist: np.ndarray, width: float, qlevels: int = INT8_LEVELS, ch
         t = (np.arange(start + 1, min(start + chunk, n) + 1) * width)[:, None]
         s = t / (qlevels - 1) if span is None else (np.minimum(span[1], t) - np.maximum(span[0], -t)) / 255.0
         safe = np.where(s > 0, s, 1.0)
-        inside = np.where(s > 0, (c[None, :] - safe * np.floor(c[None, :] / safe + 0.5)) ** 2, c[None, :] ** 2)
+        with np.errstate(over="ignore"):
+            ratio = c[None, :] / safe
+        usable = (s > 0) & np.isfinite(ratio)
+        inside = np.where(usable, (c[None, :] - safe * np.floor(np.where(usable, ratio, 0.0) + 0.5)) ** 2, c[None, :] ** 2)
         err = np.where(c[None, :] > t, (c[None, :] - t) ** 2, inside)
         errors[start:start + t.shape[0]] = err @ w
     return (int(np.argmin(errors)) + 1) * width
