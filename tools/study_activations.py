@@ -94,8 +94,27 @@ def ppocr_feeds(count: int = 8) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
+SMOLLM2_TEXT = "ox_quant/data/text/prideprejudice.txt.gz"
+"""SmolLM2's scored text: never the calibration text (emma.txt, the study's calibration source)."""
+
+
+def smollm2_feeds(count: int = 8, length: int = 128) -> list[dict[str, np.ndarray]]:
+    """``count`` windows of ``length`` tokens of the study's calibration text (emma.txt)."""
+    from ox_quant_models.tasks import TASKS
+
+    facts = TASKS["smollm2"].study
+    assert facts is not None
+    calib = facts.calibration_feeds(count, length)
+    assert calib is not None
+    source, _, feeds = calib
+    assert Path(source).name not in Path(SMOLLM2_TEXT).name, "calibration and scored text must differ"
+    return feeds
+
+
 MODELS: dict[str, Callable[[], list[dict[str, np.ndarray]]]] = {
-    "minilm": minilm_feeds, "crepe-tiny": crepe_feeds, "ppocr-rec": ppocr_feeds}
+    "minilm": minilm_feeds, "crepe-tiny": crepe_feeds, "ppocr-rec": ppocr_feeds, "smollm2": smollm2_feeds}
+#: Task options per model (SmolLM2: 1024 tokens of a text the calibration does not read, windows of 256).
+TASK_OPTIONS: dict[str, dict[str, Any]] = {"smollm2": {"text": SMOLLM2_TEXT, "max_tokens": 1024, "context": 256}}
 
 
 def _inputs_of(path: Path) -> list[str]:
@@ -183,7 +202,7 @@ def study(model: str, work: Path, feeds: list[dict[str, np.ndarray]]) -> dict[st
     facts = TASKS[model].study
     assert facts is not None
     src = facts.export(work / f"{model}.fp32.onnx")
-    extras = facts.task_extras()
+    extras = {**facts.task_extras(), **TASK_OPTIONS.get(model, {})}
     names = _inputs_of(src)
     feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
     rows: list[dict[str, Any]] = [{"row": "fp32", **measure(model, src, extras)}]
@@ -219,7 +238,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     lines = ["# Activation quantization: ox-quant against ONNX Runtime's quantize_static / quantize_dynamic", "",
              "Measured by `tools/study_activations.py` in one run (command below); every number is from that run.",
              "Calibration feeds are held out from the evaluation data (MiniLM: Austen sentences, 8 batches of 8; "
-             "CREPE: 8 batches of 4 frames of tones of another seed); the same feeds go to ox-quant and to "
+             "CREPE: 8 batches of 4 frames of tones of another seed; SmolLM2: 8 windows of 128 tokens of emma.txt, "
+             "scored on 1024 tokens of prideprejudice.txt in windows of 256); the same feeds go to ox-quant and to "
              "quantize_static.", ""]
     for res in results:
         metric = res["metric"]
