@@ -30,7 +30,8 @@ from ox_quant.formats.base import node_input as _input
 from ox_quant.formats.base import proto_attr as _attr
 from ox_quant.formats.base import proto_input as _proto_input
 from ox_quant.formats.matmulnbits import MIN_BLOCK_SIZE, ms_block_op_rejects, valid_block_size
-from ox_quant.formats.writers import ProgressHook, Writer, _fresh_name
+from ox_quant.formats.writers import ProgressHook, Writer
+from ox_quant.ir.names import fresh_name
 from ox_quant.ir.sites import WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
 
@@ -80,7 +81,7 @@ def write_gather_block_quantized(
         node = use.node
         node_inputs = list(inputs)
         node_inputs[1] = node.inputs[1]
-        name = _fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
+        name = fresh_name(used_names, (node.name or site.name) + "_GatherBlockQuantized")
         new = ir.node("GatherBlockQuantized", node_inputs, attributes, domain=MS_DOMAIN, name=name)
         w.replace_node(node, new)
     return w.finish()

@@ -35,7 +35,8 @@ from ox_quant.core.packing import pack_bitstream
 from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.formats.choice import TIED_FORMAT, FormatChoice, choose_qdq_only, matmulnbits_rejects
 from ox_quant.formats.matmulnbits import matmulnbits_attributes, matmulnbits_shapes, pack_for_matmulnbits
-from ox_quant.formats.writers import ProgressHook, Writer, _fresh_name, _initializer, replace_nbits_uses
+from ox_quant.formats.writers import ProgressHook, Writer, _initializer, replace_nbits_uses
+from ox_quant.ir.names import fresh_name
 from ox_quant.ir.sites import Skip, WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
 
@@ -69,7 +70,7 @@ def _constant(w: Writer, array: np.ndarray, suffix: str) -> ir.Value:
 def _node(w: Writer, op: str, inputs: list[ir.Value | None], suffix: str, **attributes: object) -> ir.Node:
     domain = MS_DOMAIN if op == "GatherBlockQuantized" else ""
     node = ir.node(op, inputs, attributes, domain=domain, name=w.name(suffix))  # type: ignore[arg-type]
-    node.outputs[0].name = _fresh_name(w.used_names, f"{node.name}_out")
+    node.outputs[0].name = fresh_name(w.used_names, f"{node.name}_out")
     return node
 
 

@@ -21,6 +21,7 @@ from ox_quant.algorithms.base import Quantizer, SiteStats
 from ox_quant.core.config import QuantConfig
 from ox_quant.core.quantize import QuantizedWeight
 from ox_quant.errors import OxQuantError
+from ox_quant.ir.names import fresh_name
 from ox_quant.ir.sites import WeightSite
 from ox_quant.ir.validate import MS_DOMAIN
 
@@ -119,17 +120,6 @@ class LazyQuantizedArrays:
         return ir.LazyTensor(load, dtype, ir.Shape(shape), name=name)
 
 
-def _fresh_name(used: set[str], base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``...: the first not in ``used`` (which it joins)."""
-    name = base
-    i = 1
-    while name in used:
-        name = f"{base}_{i}"
-        i += 1
-    used.add(name)
-    return name
-
-
 def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
     value = ir.Value(name=tensor.name, shape=tensor.shape, type=  # type: ignore[arg-type]  # stub: a tensor's shape is an ir.Shape
                      ir.TensorType(tensor.dtype), const_value=tensor)
@@ -169,7 +159,7 @@ class Writer:
         self.created: list[ir.Value] = []
 
     def name(self, suffix: str) -> str:
-        return _fresh_name(self.used_names, self.site.name + suffix)
+        return fresh_name(self.used_names, self.site.name + suffix)
 
     def lazy(self, packer: Packer) -> LazyQuantizedArrays:
         return LazyQuantizedArrays(self.site, self.config, packer, self._on_done, self.quantizer, self.stats)
@@ -278,7 +268,7 @@ def _replace_by_nbits(
     while new_inputs[-1] is None:
         new_inputs.pop()
     prefix = "" if domain == MS_DOMAIN else domain + "_"
-    name = _fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
+    name = fresh_name(w.used_names, f"{node.name or w.site.name}_{prefix}{op_type}")
     if isinstance(bias, str):  # alpha, transA or a bias MatMulNBits cannot take
         nodes = _gemm_nodes(w, node, new_inputs, lambda inputs: ir.node(op_type, inputs, attributes, domain=domain, name=name))
         ir.convenience.replace_nodes_and_values(node.graph or w.graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
@@ -301,7 +291,7 @@ def _gemm_nodes(
 
     def step(op: str, inputs: list[ir.Value | None], **attributes: object) -> ir.Value:
         node = ir.node(op, inputs, attributes, name=w.name(f"_gemm_{op}"))  # type: ignore[arg-type]
-        node.outputs[0].name = _fresh_name(w.used_names, (node.name or op) + "_out")
+        node.outputs[0].name = fresh_name(w.used_names, (node.name or op) + "_out")
         nodes.append(node)
         return node.outputs[0]
 
@@ -311,7 +301,7 @@ def _gemm_nodes(
     if "transA" in attrs and attrs["transA"].as_int():
         nbits_inputs[0] = step("Transpose", [nbits_inputs[0]], perm=[1, 0])
     nbits = make_nbits(nbits_inputs)
-    nbits.outputs[0].name = _fresh_name(w.used_names, (nbits.name or "MatMulNBits") + "_out")
+    nbits.outputs[0].name = fresh_name(w.used_names, (nbits.name or "MatMulNBits") + "_out")
     nodes.append(nbits)
     y = nbits.outputs[0]
     if alpha != 1.0:

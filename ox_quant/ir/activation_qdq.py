@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ox_quant.core.act_quant import TINY
+from ox_quant.ir.names import fresh_name
 
 ACT_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -101,11 +102,7 @@ class _Names:
         self.used = used
 
     def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, base)
 
 
 def _const(graph: ir.Graph, names: _Names, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:

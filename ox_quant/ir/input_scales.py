@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ox_quant.ir.names import fresh_name
 from ox_quant.ir.sites import WeightSite
 
 NORM_OPS = {("", "LayerNormalization"), ("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
@@ -191,14 +192,6 @@ def _fold_into_producer(x: ir.Value, s: np.ndarray) -> str | None:
     return None
 
 
-def _unique(name: str, used: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in used:
-        candidate, i = f"{name}_{i}", i + 1
-    used.add(candidate)
-    return candidate
-
-
 def _insert_mul(group: InputGroup, s: np.ndarray, used_names: set[str]) -> str:
     """``x_s = Mul(x, 1/s)`` before the group's first node; the group's nodes read ``x_s``."""
     x = group.tensor
@@ -206,12 +199,12 @@ def _insert_mul(group: InputGroup, s: np.ndarray, used_names: set[str]) -> str:
     dtype = x.dtype or group.sites[0].value.dtype
     assert dtype is not None
     base = x.name or group.sites[0].name
-    inv = ir.Value(name=_unique(f"{base}.inv_input_scale", used_names), shape=ir.Shape([s.size]),
+    inv = ir.Value(name=fresh_name(used_names, f"{base}.inv_input_scale"), shape=ir.Shape([s.size]),
                    type=ir.TensorType(dtype))
     inv.const_value = ir.Tensor((1.0 / s).astype(dtype.numpy()), name=inv.name)
     graph.register_initializer(inv)
-    out = ir.Value(name=_unique(f"{base}.input_scaled", used_names), shape=x.shape, type=x.type)
-    mul = ir.Node("", "Mul", [x, inv], outputs=[out], name=_unique(f"{base}.input_scale_mul", used_names))
+    out = ir.Value(name=fresh_name(used_names, f"{base}.input_scaled"), shape=x.shape, type=x.type)
+    mul = ir.Node("", "Mul", [x, inv], outputs=[out], name=fresh_name(used_names, f"{base}.input_scale_mul"))
     readers = {id(u.node) for site in group.sites for u in site.uses}
     first = next(node for node in graph if id(node) in readers)
     graph.insert_before(first, mul)

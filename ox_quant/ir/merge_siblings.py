@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ox_quant.ir.names import fresh_name
+
 DOMAIN = "com.microsoft"
 #: Attributes that must agree for two MatMulNBits nodes to share one kernel.
 SHARED_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
@@ -118,14 +120,6 @@ def _stacked(parts: list[ir.Value], name: str) -> ir.Value:
     return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(first.dtype), const_value=tensor)
 
 
-def _fresh(used: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in used:
-        name, i = f"{base}_{i}", i + 1
-    used.add(name)
-    return name
-
-
 def _joining_concat(outputs: list[ir.Value]) -> ir.Node | None:
     """The Concat that joins exactly ``outputs``, in order, on the last axis, and is their only use."""
     users = {id(use.node): use.node for out in outputs for use in out.uses()}
@@ -152,14 +146,14 @@ def merge_group(graph: ir.Graph, nodes: list[ir.Node], used_names: set[str], ops
         if parts[0] is None:
             weights.append(None)
             continue
-        value = _stacked([p for p in parts if p is not None], _fresh(used_names, f"{parts[0].name}_merged"))
+        value = _stacked([p for p in parts if p is not None], fresh_name(used_names, f"{parts[0].name}_merged"))
         graph.register_initializer(value)
         weights.append(value)
     attributes = {name: attr.value for name, attr in first.attributes.items()}
     attributes["N"] = sum(ns)
     merged = ir.node("MatMulNBits", weights, attributes=attributes, domain=DOMAIN,
-                     name=_fresh(used_names, f"{base}_merged"))
-    merged.outputs[0].name = _fresh(used_names, f"{base}_merged_out")
+                     name=fresh_name(used_names, f"{base}_merged"))
+    merged.outputs[0].name = fresh_name(used_names, f"{base}_merged_out")
     graph.insert_before(first, merged)
     outputs = [n.outputs[0] for n in nodes]
     concat = _joining_concat(outputs)
@@ -167,16 +161,16 @@ def merge_group(graph: ir.Graph, nodes: list[ir.Node], used_names: set[str], ops
         concat.outputs[0].replace_all_uses_with(merged.outputs[0])
         graph.remove(concat, safe=True)
     else:
-        sizes = ir.Value(name=_fresh(used_names, f"{base}_merged_split"), shape=ir.Shape([len(ns)]),
+        sizes = ir.Value(name=fresh_name(used_names, f"{base}_merged_split"), shape=ir.Shape([len(ns)]),
                          type=ir.TensorType(ir.DataType.INT64),
                          const_value=ir.Tensor(np.asarray(ns, dtype=np.int64)))
         if opset >= 13:
             graph.register_initializer(sizes)
             split = ir.node("Split", [merged.outputs[0], sizes], attributes={"axis": -1},
-                            num_outputs=len(ns), name=_fresh(used_names, f"{base}_merged_split"))
+                            num_outputs=len(ns), name=fresh_name(used_names, f"{base}_merged_split"))
         else:
             split = ir.node("Split", [merged.outputs[0]], attributes={"axis": -1, "split": ns},
-                            num_outputs=len(ns), name=_fresh(used_names, f"{base}_merged_split"))
+                            num_outputs=len(ns), name=fresh_name(used_names, f"{base}_merged_split"))
         graph.insert_after(merged, split)
         for old, new in zip(outputs, split.outputs, strict=True):
             old.replace_all_uses_with(new, replace_graph_outputs=True)
