@@ -301,9 +301,10 @@ def _sq_error(c: float, t: float, qlevels: int, span: tuple[float, float] | None
     if c > t:
         return (c - t) ** 2
     s = _step(t, qlevels, span)
-    if s <= 0 or not math.isfinite(c / s):  # no step, or one so small (a subnormal span) that c/s overflows: all at 0
+    ratio = c / s if s > 0 else math.inf
+    if not math.isfinite(ratio):  # no step, or one so small (a subnormal span) that c/s overflows: all at 0
         return c * c
-    return (c - s * math.floor(c / s + 0.5)) ** 2
+    return (c - s * math.floor(ratio + 0.5)) ** 2
 
 
 def mse_error(hist: np.ndarray, width: float, t: float, qlevels: int = INT8_LEVELS,

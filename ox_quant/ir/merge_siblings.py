@@ -106,18 +106,19 @@ def sibling_groups(graph: ir.Graph) -> list[list[ir.Node]]:
 
 def _stacked(parts: list[ir.Value], name: str) -> ir.Value:
     """A lazy initializer: the parts' tensors concatenated along axis 0."""
-    tensors = [p.const_value for p in parts]
-    assert all(t is not None for t in tensors)
-    first = tensors[0]
-    assert first is not None
-    dims = [tuple(t.shape.numpy()) for t in tensors if t is not None]
-    shape = (sum(int(d[0]) for d in dims), *(int(d) for d in dims[0][1:]))
+    tensors = []
+    for part in parts:
+        assert part.const_value is not None  # why_not_mergeable: every part is an initializer
+        tensors.append(part.const_value)
+    dtype = tensors[0].dtype
+    dims = [tuple(t.shape.numpy()) for t in tensors]
+    shape = ir.Shape((sum(d[0] for d in dims), *dims[0][1:]))
 
     def load() -> ir.Tensor:
-        return ir.Tensor(np.concatenate([t.numpy() for t in tensors if t is not None], axis=0), dtype=first.dtype, name=name)
+        return ir.Tensor(np.concatenate([t.numpy() for t in tensors], axis=0), dtype=dtype, name=name)
 
-    tensor = ir.LazyTensor(load, first.dtype, ir.Shape(shape), name=name)
-    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(first.dtype), const_value=tensor)
+    return ir.Value(name=name, shape=shape, type=ir.TensorType(dtype),
+                    const_value=ir.LazyTensor(load, dtype, shape, name=name))
 
 
 def _joining_concat(outputs: list[ir.Value]) -> ir.Node | None:
@@ -161,16 +162,16 @@ def merge_group(graph: ir.Graph, nodes: list[ir.Node], used_names: set[str], ops
         concat.outputs[0].replace_all_uses_with(merged.outputs[0])
         graph.remove(concat, safe=True)
     else:
-        sizes = ir.Value(name=fresh_name(used_names, f"{base}_merged_split"), shape=ir.Shape([len(ns)]),
-                         type=ir.TensorType(ir.DataType.INT64),
-                         const_value=ir.Tensor(np.asarray(ns, dtype=np.int64)))
-        if opset >= 13:
+        split_name = fresh_name(used_names, f"{base}_merged_split")
+        if opset >= 13:  # split sizes an input from opset 13, an attribute before
+            sizes = ir.Value(name=fresh_name(used_names, f"{split_name}_sizes"), shape=ir.Shape([len(ns)]),
+                             type=ir.TensorType(ir.DataType.INT64), const_value=ir.Tensor(np.asarray(ns, dtype=np.int64)))
             graph.register_initializer(sizes)
             split = ir.node("Split", [merged.outputs[0], sizes], attributes={"axis": -1},
-                            num_outputs=len(ns), name=fresh_name(used_names, f"{base}_merged_split"))
+                            num_outputs=len(ns), name=split_name)
         else:
             split = ir.node("Split", [merged.outputs[0]], attributes={"axis": -1, "split": ns},
-                            num_outputs=len(ns), name=fresh_name(used_names, f"{base}_merged_split"))
+                            num_outputs=len(ns), name=split_name)
         graph.insert_after(merged, split)
         for old, new in zip(outputs, split.outputs, strict=True):
             old.replace_all_uses_with(new, replace_graph_outputs=True)
