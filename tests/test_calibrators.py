@@ -142,6 +142,25 @@ def test_entropy_ignores_the_relu_zero_spike():
     assert 2.0 < t <= stats.max
 
 
+def test_entropy_clips_at_most_a_thousandth_of_a_spiky_histogram(monkeypatch):
+    """Half the values sit on 10 constants (a padded region's constant activations), the rest
+    |N(0, 1)|: the bare KL search clips 31 % of them; the guard raises the threshold until at
+    most 0.1 % are clipped."""
+    from ox_quant.core import calibrate
+
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_normal(40000)).astype(np.float32)
+    x[:20000] = np.repeat(rng.uniform(0, 0.5, 10).astype(np.float32), 2000)
+    stats = RangeStats()
+    stats.update(x)
+    guarded = threshold(stats, Calibrator("entropy"))
+    assert np.mean(x >= guarded) <= calibrate.ENTROPY_MAX_CLIPPED
+    assert np.mean(x >= guarded - stats.width) > calibrate.ENTROPY_MAX_CLIPPED  # the least such threshold
+    monkeypatch.setattr(calibrate, "ENTROPY_MAX_CLIPPED", 1.0)
+    bare = threshold(stats, Calibrator("entropy"))
+    assert np.mean(x >= bare) > 0.3 and bare < guarded
+
+
 def test_parse_calibrator():
     assert parse_calibrator("percentile:99.9") == Calibrator("percentile", 99.9)
     assert str(parse_calibrator("entropy")) == "entropy"
