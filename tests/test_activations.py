@@ -275,6 +275,42 @@ def test_recipe_rule_leaves_an_activation_float(tmp_path, capsys):
     assert make_session(tmp_path / "q.onnx").run(None, feeds_for(src)[0])
 
 
+def test_position_rules_leave_the_first_and_last_layer_float(tmp_path, capsys):
+    """``position: first`` / ``last`` name the weights read first and last in graph order (w1,
+    the Gemm's w3), with no pattern to write; a ``match`` narrows the weights they count."""
+    import json
+
+    src = mlp_model(tmp_path / "m.onnx")
+    (tmp_path / "cal").mkdir()
+    for i, feed in enumerate(feeds_for(src)):
+        np.savez(tmp_path / "cal" / f"f{i}.npz", **feed)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rules": [{"position": "first", "activations": False},
+                                            {"position": "last", "activations": False},
+                                            {"match": "^w[24]$", "position": "last", "bits": 4, "block_size": 16}]}))
+    code, out, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "q.onnx"), "--activations", "uint8",
+                             "--calibration", str(tmp_path / "cal"), "--recipe", str(recipe), "--gemm-bits", "8", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    left_float = {s["name"] for s in report["activations"]["skipped"] if "recipe" in s["reason"]}
+    assert left_float == {"w1", "w3"}
+    bits = {q["name"]: q["bits"] for q in report["quantized"]}
+    assert bits["w4"] == 4 and bits["w2"] == 8  # the last of w2, w4 in graph order
+    assert make_session(tmp_path / "q.onnx").run(None, feeds_for(src)[0])
+
+
+@pytest.mark.parametrize("rule, message", [({"position": "middle"}, "position must be one of first, last"),
+                                           ({"bits": 4}, "a 'match' regex or a 'position'")])
+def test_bad_position_rule_is_one_line(tmp_path, capsys, rule, message):
+    import json
+
+    src = mlp_model(tmp_path / "m.onnx")
+    (tmp_path / "r.json").write_text(json.dumps({"rules": [rule]}))
+    code, _, err = run_cli(capsys, "convert", str(src), "-o", str(tmp_path / "q.onnx"), "--recipe", str(tmp_path / "r.json"))
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def _bad_feeds(tmp_path: Path, kind: str) -> Path:
     d = tmp_path / f"cal_{kind}"
     d.mkdir()

@@ -52,7 +52,7 @@ from ox_quant.pipeline.activations import write as write_activations
 from ox_quant.pipeline.input_scaling import ScaledInput, float_input_stats, scale_inputs
 from ox_quant.pipeline.load import load_model
 from ox_quant.pipeline.policy import POLICY_SKIP, Policy, config_for_site, plan_with_fallback
-from ox_quant.pipeline.selection import Selection, first_matching_rule
+from ox_quant.pipeline.selection import Selection, first_matching_rule, graph_order, resolve_positions
 from ox_quant.runtime.loadable import check_runnable
 from ox_quant.runtime.session import max_ir_version
 
@@ -445,6 +445,17 @@ def _nothing_selected(model: ir.Model, selection: Selection) -> OxQuantError | N
     )
 
 
+def _with_positions_resolved(model: ir.Model, options: ConvertOptions) -> ConvertOptions:
+    """``options`` with the recipe's ``position`` rules bound to the weights they name."""
+    selection = options.selection
+    if not any(rule.position for rule in selection.rules):
+        return options
+    found, _ = find_sites(model, selection.include_ops)
+    sites, _ = _select(found, selection)
+    rules = resolve_positions(selection.rules, sites, graph_order(sites))
+    return replace(options, selection=replace(selection, rules=rules))
+
+
 def _plan(model: ir.Model, options: ConvertOptions) -> tuple[Plan, list[Skip]]:
     """Every weight site with its config, format and why that config, and the skips (with reasons).
 
@@ -541,6 +552,7 @@ def convert(
     input_is_external = bool(external_files(model) - {src.resolve()})  # not its own embedded weights
 
     fold_constant_weights(model)
+    options = _with_positions_resolved(model, options)
     plan, skips = _plan(model, options)
     formats = {f for _, _, choice, _ in plan for f in formats_written(choice.format)}
     changes: list[VersionChange] = []

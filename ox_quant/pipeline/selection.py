@@ -16,9 +16,15 @@ A recipe (JSON or YAML) maps name patterns to per-weight configs, for mixed prec
         symmetric: false            # or symmetric_rule: min-error | signed | absmax
         algorithm: rtn              # the quantizer (ox_quant.algorithms.registry)
         activations: false          # with --activations: leave this weight's input float
+      - position: last              # the last weight in graph order (``first`` too); with a
+        activations: false          # ``match``, the first/last of the weights it matches
 
 The first rule that matches a weight wins; its fields override the command-line config.
-A weight no rule matches keeps the command-line config.
+A weight no rule matches keeps the command-line config. ``position`` counts the weights the
+selection keeps (``--include``/``--exclude``/``--min-elements``, the rule's ``op``) in the order
+their first (``first``) or last (``last``) reading node comes in the graph: ``first`` is the
+model's first layer, ``last`` its last (a tied embedding's last reader is the output
+projection).
 """
 
 from __future__ import annotations
@@ -34,16 +40,24 @@ from ox_quant.core.config import DEFAULT_BLOCK_SIZE, Format, QuantConfig, Symmet
 from ox_quant.errors import OxQuantError
 from ox_quant.ir.sites import QUANTIZABLE_OPS, WeightSite, name_matches
 
-RULE_KEYS = {"match", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "symmetric_rule",
+RULE_KEYS = {"match", "position", "op", "skip", "bits", "block_size", "granularity", "format", "symmetric", "symmetric_rule",
              "accuracy_level", "algorithm", "activations"}
+
+
+POSITIONS = ("first", "last")
 
 
 @dataclass(frozen=True)
 class Rule:
+    """``pattern`` (and ``op``) select weights; ``position`` keeps the first or last of them in
+    graph order, and ``resolve_positions`` turns it into ``names``, the weights it matches."""
+
     pattern: re.Pattern[str]
     op: str | None
     skip: bool
     overrides: dict[str, Any]
+    position: str | None = None
+    names: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,17 +124,60 @@ def load_recipe(path: str | Path) -> tuple[Rule, ...]:
     rules = []
     for i, raw in enumerate(raw_rules):
         where = f"recipe {path.name}, rule {i + 1}"
-        if not isinstance(raw, dict) or "match" not in raw:
-            raise OxQuantError(f"{where}: each rule is a mapping with a 'match' regex")
+        if not isinstance(raw, dict) or not ("match" in raw or "position" in raw):
+            raise OxQuantError(f"{where}: each rule is a mapping with a 'match' regex or a 'position'")
         unknown = set(raw) - RULE_KEYS
         if unknown:
             raise OxQuantError(f"{where}: unknown keys {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(RULE_KEYS))})")
         op = raw.get("op")
         if op is not None and op not in QUANTIZABLE_OPS:
             raise OxQuantError(f"{where}: op must be one of {', '.join(QUANTIZABLE_OPS)}")
-        overrides = {k: v for k, v in raw.items() if k not in ("match", "op", "skip")}
-        rules.append(Rule(_compile(str(raw["match"]), where), op, bool(raw.get("skip", False)), overrides))
+        position = raw.get("position")
+        if position is not None and position not in POSITIONS:
+            raise OxQuantError(f"{where}: position must be one of {', '.join(POSITIONS)}, got {position!r}")
+        overrides = {k: v for k, v in raw.items() if k not in ("match", "position", "op", "skip")}
+        rules.append(Rule(_compile(str(raw.get("match", ".")), where), op, bool(raw.get("skip", False)), overrides,
+                          position))
     return tuple(rules)
+
+
+def resolve_positions(rules: tuple[Rule, ...], sites: list[WeightSite], graph_order: dict[int, int]) -> tuple[Rule, ...]:
+    """``rules`` with each ``position`` rule bound to the one weight it names among ``sites``
+    (those the selection keeps): of the sites its pattern and op match, the one whose first
+    (``first``) or last (``last``) reading node comes first or last in ``graph_order``
+    (``id(node) -> index``). No such site: the rule matches nothing."""
+    resolved = []
+    for rule in rules:
+        if rule.position is None:
+            resolved.append(rule)
+            continue
+        matching = [s for s in sites if _rule_matches(rule, s)]
+        names: frozenset[str] = frozenset()
+        if matching:
+            if rule.position == "first":
+                site = min(matching, key=lambda s: min(graph_order.get(id(u.node), 0) for u in s.uses))
+            else:
+                site = max(matching, key=lambda s: max(graph_order.get(id(u.node), 0) for u in s.uses))
+            names = frozenset([site.name])
+        resolved.append(replace(rule, position=None, names=names))
+    return tuple(resolved)
+
+
+def graph_order(sites: list[WeightSite]) -> dict[int, int]:
+    """``id(node) -> index`` of every node of the graphs holding ``sites``, in graph order."""
+    order: dict[int, int] = {}
+    for graph in {id(s.graph): s.graph for s in sites}.values():
+        for node in graph:
+            order.setdefault(id(node), len(order))
+    return order
+
+
+def _rule_matches(rule: Rule, site: WeightSite) -> bool:
+    if rule.op is not None and rule.op not in site.op.split("+"):
+        return False
+    if rule.names is not None:
+        return site.name in rule.names
+    return name_matches([rule.pattern], site) is not None
 
 
 def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "recipe") -> QuantConfig:
@@ -164,9 +221,8 @@ def apply_overrides(base: QuantConfig, overrides: dict[str, Any], where: str = "
 def first_matching_rule(site: WeightSite, rules: tuple[Rule, ...]) -> tuple[int, Rule] | None:
     """``(index, rule)`` of the first recipe rule whose op and pattern match ``site`` (first match wins)."""
     for i, rule in enumerate(rules):
-        if rule.op is not None and rule.op not in site.op.split("+"):
-            continue
-        if name_matches([rule.pattern], site) is None:
-            continue
-        return i, rule
+        if rule.position is not None:
+            raise ValueError("resolve_positions first: a position rule names no weight yet")
+        if _rule_matches(rule, site):
+            return i, rule
     return None
