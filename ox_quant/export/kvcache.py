@@ -36,6 +36,7 @@ from ox_quant.runtime.llm_folder import (
     TOKENIZER,
     TOKENIZER_CONFIG,
     genai_config,
+    presents_share_buffers,
 )
 
 LAYOUT_KEYS = ("layers", "heads", "kv_heads", "head_dim", "hidden", "vocab_size", "context_length")
@@ -106,6 +107,8 @@ class FolderReport:
     layout: dict[str, Any]
     export: ExportReport
     tokenizer: bool
+    attention: str = "plain"
+    """``group-query`` when every ``present`` comes from a GroupQueryAttention node, else ``plain``."""
 
 
 def export_kv_folder(module: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *,
@@ -130,7 +133,8 @@ def export_kv_folder(module: Any, out_dir: str | os.PathLike, tokenizer: Any = N
         if not report.check_passed:
             worst = min(report.check, key=lambda m: m.sqnr_db)
             raise OxQuantError(f"the cache export does not match PyTorch: {worst.name} SQNR {worst.sqnr_db:.1f} dB")
-        (scratch / "genai_config.json").write_text(json.dumps(genai_config(layout), indent=2) + "\n")
+        shared = presents_share_buffers(scratch / MODEL, output_names(layout["layers"])[1:])
+        (scratch / "genai_config.json").write_text(json.dumps(genai_config(layout, share_buffer=shared), indent=2) + "\n")
         if tokenizer is not None:
             write_tokenizer(tokenizer, scratch, layout)
         if out.exists():
@@ -142,7 +146,9 @@ def export_kv_folder(module: Any, out_dir: str | os.PathLike, tokenizer: Any = N
     files = tuple(sorted(p.name for p in out.iterdir()))
     from dataclasses import replace
 
-    return FolderReport(str(out), files, layout, replace(report, output=str(out / MODEL)), tokenizer is not None)
+    attention = "group-query" if shared else "plain"
+    return FolderReport(str(out), files, layout, replace(report, output=str(out / MODEL)), tokenizer is not None,
+                        attention)
 
 
 def write_tokenizer(tokenizer: Any, folder: Path, layout: dict[str, Any]) -> None:
@@ -179,9 +185,17 @@ def spec_tokenizer(spec: str) -> Any:
         raise OxQuantError(f"building the tokenizer of {spec!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def export_kv_spec(spec: str, out_dir: str | os.PathLike, **options: Any) -> FolderReport:
-    """``export_kv_folder`` on the module of a model SPEC, with its tokenizer when it has one."""
+def export_kv_spec(spec: str, out_dir: str | os.PathLike, fused_attention: bool | None = None,
+                   **options: Any) -> FolderReport:
+    """``export_kv_folder`` on the module of a model SPEC, with its tokenizer when it has one.
+    ``fused_attention`` (None: the module's default) sets the module's ``fused_attention``
+    switch (the zoo's Llama: GroupQueryAttention or plain operators)."""
     from ox_quant.export.spec import load_spec
 
     module, _ = load_spec(spec)
+    if fused_attention is not None:
+        if not hasattr(module, "fused_attention"):
+            raise OxQuantError(f"{type(module).__name__} has no fused_attention switch: its attention is exported "
+                               "as its forward_cached writes it")
+        module.fused_attention = fused_attention
     return export_kv_folder(module, out_dir, spec_tokenizer(spec), **options)

@@ -57,14 +57,32 @@ class LLMFolder:
         return [n % i for i in range(self.layers) for n in (self.present_key, self.present_value)]
 
 
+SHARED_BUFFER_OPS = {("com.microsoft", "GroupQueryAttention")}
+"""Ops whose ``present`` may be the ``past`` buffer itself (written in place)."""
+
+
+def presents_share_buffers(model: str | os.PathLike, present_names: list[str]) -> bool:
+    """True when every name of ``present_names`` is an output of a node in ``SHARED_BUFFER_OPS``
+    (reads the graph, not the weights): then a decoder may bind each ``past`` buffer as its
+    own ``present``."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    producer = {out: (node.domain, node.op_type) for node in proto.graph.node for out in node.output}
+    return bool(present_names) and all(producer.get(name) in SHARED_BUFFER_OPS for name in present_names)
+
+
 def is_llm_folder(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / CONFIG).is_file()
 
 
-def genai_config(layout: dict[str, Any], *, use_position_ids: bool = True, model_type: str = "llama") -> dict[str, Any]:
+def genai_config(layout: dict[str, Any], *, use_position_ids: bool = True, model_type: str = "llama",
+                 share_buffer: bool = False) -> dict[str, Any]:
     """The ``genai_config.json`` content for a cache export of ``layout`` (layers, heads,
-    kv_heads, head_dim, hidden, vocab_size, context_length, bos/eos_token_id)."""
+    kv_heads, head_dim, hidden, vocab_size, context_length, bos/eos_token_id).
+    ``share_buffer``: ONNX Runtime GenAI's ``past_present_share_buffer`` (true where the
+    presents come from GroupQueryAttention, ``presents_share_buffers``)."""
     eos = layout.get("eos_token_id")
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE}
@@ -94,7 +112,7 @@ def genai_config(layout: dict[str, Any], *, use_position_ids: bool = True, model
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
