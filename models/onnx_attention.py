@@ -9,8 +9,12 @@ arithmetic. ``GroupQueryAttention`` does all of it in one kernel.
 The kernel takes ``seqlens_k`` (per row, the total length - 1) and a causal flag instead of a
 padding mask. Here every row is given the full length ``P + T`` and the padding and causal
 mask come in as ``attention_bias`` (additive, ``[B, 1, T, P + T]``), so left-padded batches
-keep their exact meaning. Rotary embedding stays outside (the kernel's own rotary reads its
-positions from the row lengths, not from ``position_ids`` on a first prompt).
+keep their exact meaning; ``query_seqlens`` (``T`` per row) lets several rows take several new
+tokens after a cache, which the kernel refuses without it. Rotary embedding stays outside (the
+kernel's own rotary reads its positions from the row lengths, not from ``position_ids`` on a
+first prompt). Bound by I/O binding so that each ``past`` buffer (longer than ``P``) is also
+its ``present``, the kernel writes the new rows in place (ONNX Runtime's shared past/present
+buffer; ``P`` must then come from the mask, as ``cache_lengths`` takes it).
 """
 
 from __future__ import annotations
