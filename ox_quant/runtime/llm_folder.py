@@ -63,13 +63,12 @@ SHARED_BUFFER_OPS = {("com.microsoft", "GroupQueryAttention")}
 
 def presents_share_buffers(model: str | os.PathLike, present_names: list[str]) -> bool:
     """True when every name of ``present_names`` is an output of a node in ``SHARED_BUFFER_OPS``
-    (reads the graph, not the weights): then a decoder may bind each ``past`` buffer as its
-    own ``present``."""
-    import onnx
+    (reads the graph, not the weights; ``session.graph_facts``): then a decoder may bind each
+    ``past`` buffer as its own ``present``."""
+    from ox_quant.runtime.session import graph_facts
 
-    proto = onnx.load(str(model), load_external_data=False)
-    producer = {out: (node.domain, node.op_type) for node in proto.graph.node for out in node.output}
-    return bool(present_names) and all(producer.get(name) in SHARED_BUFFER_OPS for name in present_names)
+    _, producers = graph_facts(model)
+    return bool(present_names) and all(producers.get(name) in SHARED_BUFFER_OPS for name in present_names)
 
 
 def is_llm_folder(path: str | os.PathLike) -> bool:

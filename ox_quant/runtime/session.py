@@ -87,15 +87,31 @@ def onnxruntime_supports_opset(opset: int) -> bool:
     return True
 
 
-def model_domains(model_path: str | os.PathLike) -> set[str]:
-    """Operator domains used by a model's nodes (reads the graph, not the weights)."""
+@functools.lru_cache(maxsize=8)
+def _graph_facts(path: str, mtime_ns: int, size: int) -> tuple[frozenset[str], dict[str, tuple[str, str]]]:
     import onnx
 
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = onnx.load(path, load_external_data=False)
     domains = {node.domain for node in proto.graph.node}
     for fn in proto.functions:
         domains.update(node.domain for node in fn.node)
-    return domains
+    producers = {out: (node.domain, node.op_type) for node in proto.graph.node for out in node.output}
+    return frozenset(domains), producers
+
+
+def graph_facts(model_path: str | os.PathLike) -> tuple[frozenset[str], dict[str, tuple[str, str]]]:
+    """``(domains, producers)`` of a model file: the operator domains its nodes use (functions
+    included) and, per main-graph node output name, the ``(domain, op_type)`` producing it.
+    Parsed once per file version (path, mtime, size): the graph, not the weights, though a
+    single-file model's proto holds them, so a session and a decoder share one read."""
+    path = Path(model_path).resolve()
+    stat = path.stat()
+    return _graph_facts(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def model_domains(model_path: str | os.PathLike) -> set[str]:
+    """Operator domains used by a model's nodes (reads the graph, not the weights)."""
+    return set(graph_facts(model_path)[0])
 
 
 def make_session_options(exact: bool = True, threads: int | None = None):
